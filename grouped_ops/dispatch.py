@@ -1,0 +1,492 @@
+"""The one path every op call takes: forced impl, cached choice, disk, tuning, default rule.
+
+Precedence for ``impl="auto"``: a ``use_impl`` scope, then ``GROUPED_OPS_IMPL``, then the
+in-memory table, the user's disk cache, the shipped tables, then tuning (when allowed), and
+when tuning is not allowed a stale entry, the nearest tuned batch size, or the op's default rule.
+
+The hot path (a decided signature) is: describe the arguments, one dict lookup, call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._errors import GroupedOpsError
+from .ops import SPECS
+from .ops._spec import OpSpec
+from .registry import _forced, forced_impl
+from .signature import Signature, bucketing_mode
+from .tuning import store as _store
+from .tuning.settings import Settings, memory_budget, settings
+from .tuning.timer import Timer, timer_for
+from .tuning.tuner import tune
+
+log = logging.getLogger("grouped_ops")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which implementation a signature uses, and why.
+
+    source: ``"cache"`` (memory, disk or a shipped table), ``"tuned"`` (this call timed it),
+    ``"forced"`` (a ``use_impl`` scope), ``"env"`` (GROUPED_OPS_IMPL), ``"broadcast"`` (taken
+    from rank 0 under torch.distributed), ``"stale"`` (an entry from other library/torch versions,
+    used because tuning is not allowed here), ``"nearest"`` (the decision of the nearest tuned batch
+    size) or ``"default"`` (the op's documented rule).
+    timings: median seconds per call of each timed candidate; skipped: why the others were not timed.
+    """
+
+    impl: str
+    source: str
+    timings: Mapping[str, float] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    signature: Signature | None = None
+
+    def __str__(self) -> str:
+        return f"{self.impl} ({self.source})" + (f" for {self.signature}" if self.signature else "")
+
+    def table(self) -> str:
+        """Every candidate's timing or the reason it was not timed, fastest first."""
+        rows = []
+        best = min(self.timings.values(), default=None)
+        for name, t in sorted(self.timings.items(), key=lambda kv: kv[1]):
+            mark = "*" if name == self.impl else " "
+            rows.append(f" {mark} {name:<14} {t * 1e6:>12.1f} us   x{t / best:.2f}" if best else "")
+        for name, why in self.skipped.items():
+            if name not in self.timings:
+                rows.append(f"   {name:<14} {'-':>12}      {why}")
+            else:
+                rows.append(f"   {'':<14} {'':>12}      ({name}: {why})")
+        return "\n".join(rows)
+
+
+# (op, argument description) -> implementation function, for validated and decided calls
+_AUTO: dict[str, dict[Hashable, Callable[..., Any]]] = {op: {} for op in SPECS}
+_FORCED: dict[str, dict[Hashable, Callable[..., Any]]] = {op: {} for op in SPECS}
+# persistent signature key -> decision; family key -> {batch: decision} for nearest-neighbour answers
+_DECISIONS: dict[str, Decision] = {}
+_FAMILIES: dict[str, dict[int, Decision]] = {}
+_LOCK = threading.Lock()
+_KEY_LOCKS: dict[str, threading.Lock] = {}
+_RECORDERS: list[Recorder] = []
+_TIMER: list[Timer] = []  # a test's injected timer, innermost last
+
+
+def call(spec: OpSpec, args: tuple[Any, ...], impl: str) -> torch.Tensor:
+    m = spec.meta(*args)
+    if impl == "auto" and _forced.get() is None and not _RECORDERS:
+        fn = _AUTO[spec.name].get(m)
+        if fn is not None:
+            return fn(*args)
+    elif impl != "auto" and not _RECORDERS:
+        fn = _FORCED[spec.name].get((m, impl))
+        if fn is not None:
+            return fn(*args)
+    return _call_slow(spec, args, m, impl)
+
+
+def _call_slow(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: str) -> torch.Tensor:
+    spec.validate(*args)
+    if m is None:  # validate() accepted what meta() could not describe: a bug, never a silent answer
+        raise GroupedOpsError(f"{spec.name}: could not describe the arguments {args!r}")
+    sig = spec.signature(m, bucketing_mode() == "pow2")
+    for rec in _RECORDERS:
+        rec._add(sig)
+    if impl == "auto":
+        impl = forced_impl(spec.name) or "auto"
+    if impl == "auto":
+        decision, keep = _decide(spec, sig, args)
+        fn = spec.registry[decision.impl].fn
+        if keep:
+            _AUTO[spec.name][m] = fn
+        return fn(*args)
+    fn = checked_impl(spec, sig, impl)
+    _FORCED[spec.name][(m, impl)] = fn
+    return fn(*args)
+
+
+def checked_impl(spec: OpSpec, sig: Signature, impl: str) -> Callable[..., Any]:
+    """The function of a forced implementation, or an error listing why it cannot run ``sig``."""
+    implementation = spec.registry[impl]  # unknown names raise, listing the valid ones
+    reasons = implementation.not_supported_reasons(sig)
+    if reasons:
+        raise GroupedOpsError(f"{spec.name}: impl {impl!r} does not support {sig}: " + "; ".join(reasons))
+    return implementation.fn
+
+
+# ---- deciding ------------------------------------------------------------------------------------
+
+def decision_for(spec: OpSpec, args: tuple[Any, ...], *, tune_allowed: bool = True) -> Decision | None:
+    """The decision ``auto`` uses for these arguments (tuning if allowed and needed); None if only
+    looking and nothing is known. Used by ``prewarm`` and ``lookup``."""
+    spec.validate(*args)
+    m = spec.meta(*args)
+    sig = spec.signature(m, bucketing_mode() == "pow2")
+    scoped = forced_impl(spec.name)
+    if scoped:
+        checked_impl(spec, sig, scoped)
+        return Decision(scoped, "forced", signature=sig)
+    if not tune_allowed:
+        return known_decision(spec, sig)
+    decision, keep = _decide(spec, sig, args)
+    if keep:
+        _AUTO[spec.name][m] = spec.registry[decision.impl].fn
+    return decision
+
+
+def decide_signature(spec: OpSpec, sig: Signature) -> Decision:
+    """Decide a signature with no caller tensors at hand (prewarm from a recorded file)."""
+    return _decide(spec, sig, None)[0]
+
+
+def known_decision(spec: OpSpec, sig: Signature) -> Decision | None:
+    """Memory, disk or shipped decision for ``sig`` if there is a current one; never tunes."""
+    key = sig.key()
+    if key in _DECISIONS:
+        return _with_source(_DECISIONS[key], "cache")
+    found = _from_disk(spec, sig)
+    return found
+
+
+def _decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None) -> tuple[Decision, bool]:
+    """(decision, whether to remember it). Thread-safe: one tuning per signature."""
+    key = sig.key()
+    known = _DECISIONS.get(key)
+    if known is not None:
+        return _with_source(known, "cache"), True
+    env = _env_impl(spec, sig)
+    if env is not None:
+        return env, True
+    with _LOCK:
+        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        known = _DECISIONS.get(key)
+        if known is not None:
+            return _with_source(known, "cache"), True
+        s = settings()
+        blocker, transient = _tuning_blocker(sig, args, s)
+        if not transient and _distributed(s):
+            decision = _agree_across_ranks(spec, sig, s, blocker)
+        else:
+            decision = _resolve(spec, sig, s, blocker)
+        if transient:
+            return decision, False
+        _DECISIONS[key] = decision
+        _FAMILIES.setdefault(sig.family_key(), {})[sig.dim("batch")] = decision
+        _announce(decision, s)
+        return decision, True
+
+
+def _resolve(spec: OpSpec, sig: Signature, s: Settings, blocker: str | None) -> Decision:
+    found = _from_disk(spec, sig, allow_stale=blocker is not None)
+    if found is not None and found.source == "cache":
+        return found
+    if blocker is None:
+        return _tune(spec, sig, s)
+    if found is not None:
+        return found  # stale, but better than a guess when we may not tune
+    near = _nearest(spec, sig)
+    if near is not None:
+        return near
+    return Decision(spec.default_impl(sig), "default", skipped={"(tuning)": blocker}, signature=sig)
+
+
+def _from_disk(spec: OpSpec, sig: Signature, allow_stale: bool = False) -> Decision | None:
+    key = sig.key()
+    current = _store.fingerprint(_impl_set_version(spec))
+    stale: Decision | None = None
+    for entry in (_store.DiskStore().get(key), _store.shipped_entries().get(key)):
+        if entry is None or entry["impl"] not in spec.registry:
+            continue
+        if not spec.registry[entry["impl"]].supports(sig):
+            continue
+        fresh = entry.get("fingerprint") == current
+        decision = Decision(entry["impl"], "cache" if fresh else "stale",
+                            {k: float(v) for k, v in entry.get("timings", {}).items()},
+                            dict(entry.get("skipped", {})), sig)
+        if fresh:
+            return decision
+        stale = stale or decision
+    return stale if allow_stale else None
+
+
+def _nearest(spec: OpSpec, sig: Signature) -> Decision | None:
+    family = _FAMILIES.get(sig.family_key())
+    if not family:
+        return None
+    target = math.log2(max(sig.dim("batch"), 1))
+    batch = min(family, key=lambda b: (abs(math.log2(max(b, 1)) - target), b))
+    d = family[batch]
+    return Decision(d.impl, "nearest", d.timings, {"(nearest)": f"tuned at batch={batch}"}, sig)
+
+
+def _tuning_blocker(sig: Signature, args: tuple[Any, ...] | None, s: Settings) -> tuple[str | None, bool]:
+    """(why tuning is not allowed here or None, whether that reason passes)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return "tracing (torch.compile / torch.jit)", True
+    if sig.device_type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "capturing a CUDA graph", True
+    if args is not None and _has_fake(args):
+        return "fake tensors", True
+    if not s.autotune:
+        return "autotune switched off (GROUPED_OPS_AUTOTUNE=0)", False
+    if sig.device_type not in ("cpu", "cuda"):
+        return f"no timer for device type {sig.device_type!r}", False
+    if any(v == 0 for _, v in sig.dims):
+        return "empty input: nothing to time", False
+    return None, False
+
+
+def _has_fake(args: tuple[Any, ...]) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover - very old or very new torch
+        return False
+    flat = [a for x in args for a in (x if isinstance(x, (list, tuple)) else (x,))]
+    return any(isinstance(a, FakeTensor) for a in flat)
+
+
+def _env_impl(spec: OpSpec, sig: Signature) -> Decision | None:
+    """GROUPED_OPS_IMPL=bmm (every op that has it) or GROUPED_OPS_IMPL=grouped_linear=loop,weighted_combine=bmm."""
+    raw = os.environ.get("GROUPED_OPS_IMPL", "").strip()
+    if not raw:
+        return None
+    chosen = None
+    for part in raw.split(","):
+        op, _, name = part.strip().rpartition("=")
+        if op in ("", spec.name) and name in spec.registry:
+            chosen = name
+        elif op not in ("", *SPECS) or (op == spec.name and name not in spec.registry):
+            raise GroupedOpsError(f"GROUPED_OPS_IMPL={raw!r}: cannot use {part!r}; {spec.name} "
+                                  f"implementations are {list(spec.registry)}")
+    if chosen is None:
+        return None
+    checked_impl(spec, sig, chosen)
+    return Decision(chosen, "env", signature=sig)
+
+
+# ---- tuning --------------------------------------------------------------------------------------
+
+_TOLERANCE = {torch.float64: 1e-7, torch.float32: 5e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def _compare(dtype: torch.dtype) -> Callable[[Any, Any], str | None]:
+    tol = _TOLERANCE.get(dtype, 1e-2)
+
+    def check(ref: Any, got: Any) -> str | None:
+        for i, (a, b) in enumerate(zip(ref, got, strict=False)):
+            if a.shape != b.shape:
+                return f"result {i} has shape {tuple(b.shape)}, expected {tuple(a.shape)}"
+            if a.numel() == 0:
+                continue
+            a64, b64 = a.detach().double(), b.detach().double()
+            err = (a64 - b64).norm() / a64.norm().clamp_min(1e-30)
+            if not bool(err <= tol):  # also false for nan
+                return f"relative error {float(err):.2e} in result {i} (tolerance {tol:g})"
+        return None
+
+    return check
+
+
+def _tune(spec: OpSpec, sig: Signature, s: Settings) -> Decision:
+    skipped: dict[str, str] = {}
+    budget = memory_budget(sig.device, s)
+    candidates = []
+    for name, implementation in spec.registry.items():
+        reasons = implementation.not_supported_reasons(sig)
+        if reasons:
+            skipped[name] = "unsupported: " + "; ".join(reasons)
+        elif (need := implementation.extra_memory(sig)) > budget:
+            skipped[name] = (f"needs {need / 2**30:.2f} GiB of workspace, over the tuning memory budget "
+                             f"of {budget / 2**30:.2f} GiB (GROUPED_OPS_TUNE_MEMORY_FRACTION/_BYTES)")
+        else:
+            candidates.append(name)
+    if len(candidates) <= 1:
+        impl = candidates[0] if candidates else spec.default_impl(sig)
+        return _persist(spec, Decision(impl, "tuned" if candidates else "default", {}, skipped, sig), s)
+
+    generator = torch.Generator(device=sig.device).manual_seed(0)  # private: the caller's RNG is untouched
+    with torch.autocast(sig.device_type, enabled=False):
+        args = spec.make_inputs(sig, generator)
+        targets = spec.grad_args(sig, args)
+        grad_out: list[torch.Tensor] = []
+
+        def make_run(name: str) -> Callable[[], Any]:
+            fn = spec.registry[name].fn
+            if not sig.needs_grad:
+                def run() -> Any:
+                    with torch.no_grad():
+                        return (fn(*args),)
+                return run
+
+            def run_with_grad() -> Any:
+                with torch.enable_grad():
+                    out = fn(*args)
+                    if not grad_out:
+                        grad_out.append(torch.randn(out.shape, dtype=out.dtype, device=out.device,
+                                                    generator=generator))
+                    grads = torch.autograd.grad(out, targets, grad_out[0])
+                return (out.detach(), *grads)
+            return run_with_grad
+
+        result = tune(
+            candidates,
+            make_run=make_run,
+            timer=_TIMER[-1] if _TIMER else timer_for(sig.device),
+            check=_compare(sig.dtype),
+            work_factor={n: spec.registry[n].work_factor(sig) for n in candidates},
+            budget_s=s.budget_s,
+            max_reps=s.max_reps,
+            on_error=lambda e: _after_error(sig, e),
+        )
+    skipped.update(result.skipped)
+    for name, why in result.skipped.items():
+        if why.startswith(("disagrees", "raised")):
+            log.warning("grouped_ops: %s: excluded %s while tuning %s: %s", spec.name, name, sig, why)
+    if result.winner is None:
+        return Decision(spec.default_impl(sig), "default", {}, skipped, sig)
+    return _persist(spec, Decision(result.winner, "tuned", result.timings, skipped, sig), s)
+
+
+def _after_error(sig: Signature, e: BaseException) -> None:
+    if sig.device_type == "cuda" and isinstance(e, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+
+
+def _persist(spec: OpSpec, decision: Decision, s: Settings) -> Decision:
+    if not s.autotune or decision.signature is None or _rank() not in (None, 0):
+        return decision
+    _store.DiskStore().put(entry_for(spec, decision))
+    return decision
+
+
+def entry_for(spec: OpSpec, decision: Decision) -> dict[str, Any]:
+    sig = decision.signature
+    assert sig is not None
+    return {
+        "key": sig.key(),
+        "signature": sig.to_spec(),
+        "impl": decision.impl,
+        "timings": dict(decision.timings),
+        "skipped": dict(decision.skipped),
+        "fingerprint": _store.fingerprint(_impl_set_version(spec)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _impl_set_version(spec: OpSpec) -> str:
+    return f"{spec.name}:v{spec.registry.version}:{','.join(spec.registry)}"
+
+
+def _with_source(d: Decision, source: str) -> Decision:
+    return d if d.source == source else Decision(d.impl, source, d.timings, d.skipped, d.signature)
+
+
+def _announce(d: Decision, s: Settings) -> None:
+    line = f"grouped_ops: {d.signature} -> {d.impl} ({d.source})"
+    log.info(line)
+    if s.verbose:
+        print(line, file=sys.stderr)
+
+
+# ---- distributed: every rank uses rank 0's choice -------------------------------------------------
+
+def _rank() -> int | None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank())
+    return None
+
+
+def _distributed(s: Settings) -> bool:
+    dist = torch.distributed
+    return s.distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _agree_across_ranks(spec: OpSpec, sig: Signature, s: Settings, blocker: str | None) -> Decision:
+    # Each process reaches here exactly once per signature (its first sight of it), whatever its own
+    # caches hold, so the ranks meet in the same collective. Rank 0 decides; the others adopt it.
+    dist = torch.distributed
+    rank = dist.get_rank()
+    box: list[Any] = [None]
+    if rank == 0:
+        d = _resolve(spec, sig, s, blocker)
+        box[0] = json.dumps({"impl": d.impl, "source": d.source, "timings": dict(d.timings),
+                             "skipped": dict(d.skipped)})
+    dist.broadcast_object_list(box, src=0)
+    data = json.loads(box[0])
+    source = data["source"] if rank == 0 else "broadcast"
+    return Decision(data["impl"], source, data["timings"], data["skipped"], sig)
+
+
+# ---- test and recording hooks --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def use_timer(timer: Timer) -> Iterator[None]:
+    """Time candidates with ``timer`` inside the block (tests use a fake one: deterministic, no GPU)."""
+    _TIMER.append(timer)
+    try:
+        yield
+    finally:
+        _TIMER.remove(timer)
+
+
+def clear_memory() -> None:
+    """Forget every in-memory decision (the disk cache is untouched)."""
+    with _LOCK:
+        for table in (*_AUTO.values(), *_FORCED.values()):
+            table.clear()
+        _DECISIONS.clear()
+        _FAMILIES.clear()
+        _KEY_LOCKS.clear()
+    _store.shipped_entries.cache_clear()
+
+
+class Recorder:
+    """Collects the signatures of every op call made while it is active (see :func:`record`)."""
+
+    def __init__(self) -> None:
+        self.signatures: list[Signature] = []
+        self._seen: set[Signature] = set()
+        self._lock = threading.Lock()
+
+    def _add(self, sig: Signature) -> None:
+        with self._lock:
+            if sig not in self._seen:
+                self._seen.add(sig)
+                self.signatures.append(sig)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the signatures as JSON lines, for ``python -m grouped_ops prewarm --from FILE``."""
+        with open(path, "w", encoding="utf-8") as f:
+            for sig in self.signatures:
+                f.write(json.dumps(sig.to_spec()) + "\n")
+
+
+@contextlib.contextmanager
+def record() -> Iterator[Recorder]:
+    """Capture every signature the ops see inside the block.
+
+    Example:
+        >>> with grouped_ops.record() as rec:
+        ...     model(example_batch)
+        >>> rec.save("signatures.jsonl")   # later: python -m grouped_ops prewarm --from signatures.jsonl
+    """
+    rec = Recorder()
+    _RECORDERS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDERS.remove(rec)

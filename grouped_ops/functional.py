@@ -1,0 +1,110 @@
+"""The public ops. Each validates once, follows autocast, and hands over to the dispatcher."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from ._compile import traced_call
+from ._errors import GroupedOpsError
+from .ops import SPECS
+
+_GL = SPECS["grouped_linear"]
+_WC = SPECS["weighted_combine"]
+
+
+def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl: str = "auto") -> Tensor:
+    """n independent linear layers in one call.
+
+    ``input [..., n, in]`` (any number of leading dims, or none), ``weight [n, out, in]``
+    (nn.Linear's layout per group), ``bias [n, out]`` or None -> ``[..., n, out]``. The same result
+    as ``torch.stack([F.linear(input[..., i, :], weight[i], bias[i]) for i in range(n)], -2)``.
+    Any strides work, e.g. ``W.transpose(1, 2)`` of a ``[n, in, out]`` tensor.
+
+    Example:
+        >>> x = torch.randn(8, 4, 16)                  # batch 8, 4 groups, 16 features each
+        >>> w, b = torch.randn(4, 32, 16), torch.randn(4, 32)
+        >>> grouped_linear(x, w, b).shape
+        torch.Size([8, 4, 32])
+
+    Args:
+        input: ``[..., n, in]``.
+        weight: ``[n, out, in]``.
+        bias: ``[n, out]`` or None.
+        impl: ``"auto"`` (the tuned choice) or one of ``implementations("grouped_linear")``.
+
+    Returns:
+        ``[..., n, out]`` in the input's dtype (the autocast dtype under ``torch.autocast``).
+
+    Raises:
+        GroupedOpsError: wrong ranks or sizes, mixed dtypes or devices, an unknown ``impl`` or one
+            that does not support these inputs (the message lists why).
+    """
+    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+        input, weight, bias = _autocast(input.device.type, input, weight, bias)
+    if torch.compiler.is_compiling():
+        return traced_call("grouped_linear", (input, weight, bias), impl)
+    return dispatch.call(_GL, (input, weight, bias), impl)
+
+
+def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, impl: str = "auto") -> Tensor:
+    """Per-sample weighted sum of k branch outputs: ``out[b] = sum_k weights[b, k] * inputs[b, k]``.
+
+    ``inputs`` is a stacked tensor ``[b, k, *f]`` or a list/tuple of k tensors ``[b, *f]`` (the
+    outputs of k parallel convolutions or experts; a list is never stacked by ``loop``),
+    ``weights [b, k]`` -> ``[b, *f]``. Gradients flow to every input and to the weights.
+
+    Example:
+        >>> outs = [torch.randn(16, 32, 8, 8) for _ in range(4)]   # 4 conv branches
+        >>> w = torch.softmax(torch.randn(16, 4), dim=-1)
+        >>> weighted_combine(outs, w).shape
+        torch.Size([16, 32, 8, 8])
+
+    Args:
+        inputs: ``[b, k, *f]``, or a list/tuple of k tensors ``[b, *f]`` of one shape.
+        weights: ``[b, k]``.
+        impl: ``"auto"`` or one of ``implementations("weighted_combine")``.
+
+    Returns:
+        ``[b, *f]``.
+
+    Raises:
+        GroupedOpsError: wrong ranks or sizes, ragged or empty lists, mixed dtypes or devices, an
+            unknown or unsupported ``impl``.
+    """
+    if isinstance(inputs, list):
+        inputs = tuple(inputs)
+    if isinstance(weights, Tensor) and torch.is_autocast_enabled(weights.device.type):
+        inputs, weights = _autocast_combine(weights.device.type, inputs, weights)
+    if torch.compiler.is_compiling():
+        return traced_call("weighted_combine", (inputs, weights), impl)
+    return dispatch.call(_WC, (inputs, weights), impl)
+
+
+def implementations(op: str) -> tuple[str, ...]:
+    """The implementation names of ``op`` ("grouped_linear" or "weighted_combine"), in preference order."""
+    if op not in SPECS:
+        raise GroupedOpsError(f"implementations: unknown op {op!r}; valid ops are {sorted(SPECS)}")
+    return tuple(SPECS[op].registry)
+
+
+def _cast(t: object, dtype: torch.dtype) -> object:
+    return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+
+def _autocast(device_type: str, *tensors: object) -> tuple:
+    # What nn.Linear does under autocast: compute in the autocast dtype (float16/bfloat16).
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(_cast(t, dtype) for t in tensors)
+
+
+def _autocast_combine(device_type: str, inputs: object, weights: Tensor) -> tuple:
+    dtype = torch.get_autocast_dtype(device_type)
+    if isinstance(inputs, tuple):
+        inputs = tuple(_cast(t, dtype) for t in inputs)
+    else:
+        inputs = _cast(inputs, dtype)
+    return inputs, _cast(weights, dtype)

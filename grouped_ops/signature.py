@@ -1,0 +1,142 @@
+"""Signatures: what the tuner keys its decisions on.
+
+A :class:`Signature` says everything about a call that can change which implementation is fastest:
+the op, its sizes (leading dims folded into one batch size, bucketed by default), dtype, device,
+layout class and which arguments need gradients. It is hashable, printable and JSON-able.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._errors import GroupedOpsError
+
+
+def bucket(size: int) -> int:
+    """The power of two at or above ``size``: batch sizes 1..512 fall into ten buckets."""
+    return 1 << (size - 1).bit_length() if size > 0 else 0
+
+
+def bucketing_mode() -> str:
+    """``pow2`` (default) or ``exact``, from ``GROUPED_OPS_BUCKETS``."""
+    mode = os.environ.get("GROUPED_OPS_BUCKETS", "pow2").strip().lower() or "pow2"
+    if mode not in ("pow2", "exact"):
+        raise GroupedOpsError(f"GROUPED_OPS_BUCKETS must be 'pow2' or 'exact', got {mode!r}")
+    return mode
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """A stable name for the hardware behind ``device``: the GPU model and compute capability, or the CPU model."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"{torch.cuda.get_device_name(index)} sm{major}{minor}"
+    if device.type == "cpu":
+        return f"{_cpu_model()} x{torch.get_num_threads()}"
+    return device.type
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise GroupedOpsError(f"unknown dtype {name!r}; use e.g. 'float32', 'bfloat16', 'float16'")
+    return dtype
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A tuning key. ``dims``, ``layout`` are ordered (name, value) pairs; ``grad`` names the
+    arguments that need gradients (empty for inference)."""
+
+    op: str
+    dims: tuple[tuple[str, int], ...]
+    dtype: torch.dtype
+    device: torch.device
+    layout: tuple[tuple[str, str], ...]
+    grad: tuple[str, ...]
+
+    def dim(self, name: str) -> int:
+        return dict(self.dims)[name]
+
+    def layout_of(self, name: str) -> str:
+        return dict(self.layout)[name]
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def needs_grad(self) -> bool:
+        return bool(self.grad)
+
+    def with_dim(self, name: str, value: int) -> Signature:
+        return Signature(
+            self.op,
+            tuple((k, value if k == name else v) for k, v in self.dims),
+            self.dtype, self.device, self.layout, self.grad,
+        )
+
+    def key(self) -> str:
+        """The persistent key: device *model*, not index, so identical GPUs share decisions."""
+        return f"{self.family_key()} batch={self.dim('batch')}"
+
+    def family_key(self) -> str:
+        """The key without the batch size: signatures that differ only in batch are neighbours."""
+        dims = ",".join(f"{k}={v}" for k, v in self.dims if k != "batch")
+        layout = ",".join(f"{k}={v}" for k, v in self.layout)
+        grad = ",".join(self.grad) or "-"
+        return (f"{self.op}({dims}) {_dtype_name(self.dtype)} {self.device.type}[{device_name(self.device)}]"
+                f" {layout} grad={grad}")
+
+    def __str__(self) -> str:
+        dims = ", ".join(f"{k}={v}" for k, v in self.dims)
+        layout = ", ".join(f"{k}={v}" for k, v in self.layout)
+        grad = ",".join(self.grad) or "none"
+        return f"{self.op}({dims}; {_dtype_name(self.dtype)} on {self.device}; {layout}; grad={grad})"
+
+    def to_spec(self) -> dict[str, Any]:
+        """A JSON-able description that :meth:`from_spec` turns back into this signature."""
+        return {
+            "op": self.op,
+            "dims": dict(self.dims),
+            "dtype": _dtype_name(self.dtype),
+            "device": str(self.device),
+            "layout": dict(self.layout),
+            "grad": list(self.grad),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Signature:
+        try:
+            return cls(
+                op=str(spec["op"]),
+                dims=tuple((str(k), int(v)) for k, v in spec["dims"].items()),
+                dtype=parse_dtype(spec.get("dtype", "float32")),
+                device=torch.device(spec.get("device", "cpu")),
+                layout=tuple((str(k), str(v)) for k, v in spec.get("layout", {}).items()),
+                grad=tuple(spec.get("grad", ())),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise GroupedOpsError(f"not a signature spec ({e}): {spec!r}") from None

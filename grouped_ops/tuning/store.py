@@ -1,0 +1,169 @@
+"""Where decisions live on disk: the user's cache folder and the shipped tables.
+
+The user cache holds one small JSON file per signature, written atomically (temp file + rename),
+so concurrent writers never clobber each other's entries and a reader never sees half a file.
+A corrupted file is reported by name and ignored; the next write for that key heals it.
+
+Shipped tables (``tuning_cache/*.json`` in the repo, installed as ``grouped_ops.tuning_cache``)
+and exports share one format: ``{"format": 1, "entries": [entry, ...]}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import torch
+
+log = logging.getLogger("grouped_ops")
+FORMAT = 1
+_warned_unwritable: set[str] = set()
+
+
+def cache_dir() -> Path:
+    """``GROUPED_OPS_CACHE_DIR``, else the platform's user cache folder for grouped_ops."""
+    env = os.environ.get("GROUPED_OPS_CACHE_DIR", "").strip()
+    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("grouped_ops"))
+
+
+def fingerprint(op_version: str) -> dict[str, str]:
+    """What an entry's validity depends on; an entry whose fingerprint differs is re-tuned alone."""
+    from .. import __version__
+
+    return {
+        "grouped_ops": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "cuda": str(torch.version.cuda),
+        "impls": op_version,
+    }
+
+
+class DiskStore:
+    """One JSON file per decision under ``root/v1``."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = (root or cache_dir()) / f"v{FORMAT}"
+
+    def path_for(self, key: str) -> Path:
+        return self.root / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self.path_for(key)
+        entry = _read_entry(path)
+        if entry is not None and entry.get("key") != key:
+            return None  # a hash collision, in theory; treat as a miss
+        return entry
+
+    def put(self, entry: dict[str, Any]) -> bool:
+        """Write atomically; on an unwritable folder warn once and return False."""
+        path = self.path_for(entry["key"])
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(entry, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as e:
+            if str(self.root) not in _warned_unwritable:
+                _warned_unwritable.add(str(self.root))
+                log.warning("grouped_ops: cannot write the tuning cache at %s (%s); decisions are kept "
+                            "in memory only. Set GROUPED_OPS_CACHE_DIR to a writable folder.", self.root, e)
+            return False
+        return True
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        if not self.root.is_dir():
+            return
+        for path in sorted(self.root.glob("*.json")):
+            entry = _read_entry(path)
+            if entry is not None:
+                yield entry
+
+    def clear(self) -> int:
+        removed = 0
+        if self.root.is_dir():
+            for path in self.root.glob("*.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
+    def merge(self, entries: Iterable[dict[str, Any]]) -> int:
+        """Import entries (e.g. from another machine's export); returns how many were written."""
+        return sum(self.put(e) for e in entries if _valid_entry(e))
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("key"), str)
+            and isinstance(entry.get("impl"), str) and isinstance(entry.get("timings", {}), dict))
+
+
+def _read_entry(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            entry = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        log.warning("grouped_ops: ignoring unreadable tuning cache file %s (%s); it will be rewritten "
+                    "the next time this signature is tuned", path, e)
+        return None
+    if not _valid_entry(entry):
+        log.warning("grouped_ops: ignoring malformed tuning cache file %s", path)
+        return None
+    return entry
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """Entries of a shipped or exported table; a broken file is reported and yields nothing."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        entries = data["entries"] if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError("no 'entries' list")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("grouped_ops: ignoring tuning table %s (%s)", path, e)
+        return []
+    return [e for e in entries if _valid_entry(e)]
+
+
+def write_table(path: Path, entries: Iterable[dict[str, Any]]) -> int:
+    rows = sorted(entries, key=lambda e: e["key"])
+    Path(path).write_text(json.dumps({"format": FORMAT, "entries": rows}, indent=1, sort_keys=True) + "\n",
+                          encoding="utf-8")
+    return len(rows)
+
+
+def shipped_dir() -> Path:
+    try:
+        root = resources.files("grouped_ops.tuning_cache")
+        return Path(str(root))
+    except ModuleNotFoundError:  # running from a source checkout that was never installed
+        return Path(__file__).resolve().parents[2] / "tuning_cache"
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_entries() -> dict[str, dict[str, Any]]:
+    """Every shipped table's entries by key (read once per process)."""
+    table: dict[str, dict[str, Any]] = {}
+    folder = shipped_dir()
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.json")):
+            for entry in read_table(path):
+                table[entry["key"]] = entry
+    return table
