@@ -92,11 +92,16 @@ def implementations(op: str) -> tuple[str, ...]:
 
 
 def _cast(t: object, dtype: torch.dtype) -> object:
-    return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+    # Autocast's own eligibility rule: floating-point tensors other than float64 are cast.
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
 
 
 def _autocast(device_type: str, *tensors: object) -> tuple:
-    # What nn.Linear does under autocast: compute in the autocast dtype (float16/bfloat16).
+    # What nn.Linear (a matmul on autocast's lower-precision list) does: compute in the autocast
+    # dtype (CUDA float16/bfloat16, CPU bfloat16); float64 stays float64. The casts are ordinary
+    # differentiable ops, so float32 parameters get float32 gradients.
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(_cast(t, dtype) for t in tensors)
 
