@@ -63,7 +63,8 @@ class Decision:
         best = min(self.timings.values(), default=None)
         for name, t in sorted(self.timings.items(), key=lambda kv: kv[1]):
             mark = "*" if name == self.impl else " "
-            rows.append(f" {mark} {name:<14} {t * 1e6:>12.1f} us   x{t / best:.2f}" if best else "")
+            ratio = f"x{t / best:.2f}" if best else ""
+            rows.append(f" {mark} {name:<14} {t * 1e6:>12.1f} us   {ratio}")
         for name, why in self.skipped.items():
             if name not in self.timings:
                 rows.append(f"   {name:<14} {'-':>12}      {why}")
@@ -86,12 +87,12 @@ _TIMER: list[Timer] = []  # a test's injected timer, innermost last
 
 def call(spec: OpSpec, args: tuple[Any, ...], impl: str) -> torch.Tensor:
     m = spec.meta(*args)
-    if impl == "auto" and _forced.get() is None and not _RECORDERS:
-        fn = _AUTO[spec.name].get(m)
-        if fn is not None:
-            return fn(*args)
-    elif impl != "auto" and not _RECORDERS:
-        fn = _FORCED[spec.name].get((m, impl))
+    if impl == "auto":
+        scope = _forced.get()
+        if scope is not None:
+            impl = scope.get(spec.name, "auto")
+    if not _RECORDERS:
+        fn = _AUTO[spec.name].get(m) if impl == "auto" else _FORCED[spec.name].get((m, impl))
         if fn is not None:
             return fn(*args)
     return _call_slow(spec, args, m, impl)
@@ -104,8 +105,6 @@ def _call_slow(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: st
     sig = spec.signature(m, bucketing_mode() == "pow2")
     for rec in _RECORDERS:
         rec._add(sig)
-    if impl == "auto":
-        impl = forced_impl(spec.name) or "auto"
     if impl == "auto":
         decision, keep = _decide(spec, sig, args)
         fn = spec.registry[decision.impl].fn
@@ -139,7 +138,7 @@ def decision_for(spec: OpSpec, args: tuple[Any, ...], *, tune_allowed: bool = Tr
         checked_impl(spec, sig, scoped)
         return Decision(scoped, "forced", signature=sig)
     if not tune_allowed:
-        return known_decision(spec, sig)
+        return _env_impl(spec, sig) or known_decision(spec, sig)
     decision, keep = _decide(spec, sig, args)
     if keep:
         _AUTO[spec.name][m] = spec.registry[decision.impl].fn
@@ -152,29 +151,36 @@ def decide_signature(spec: OpSpec, sig: Signature) -> Decision:
 
 
 def known_decision(spec: OpSpec, sig: Signature) -> Decision | None:
-    """Memory, disk or shipped decision for ``sig`` if there is a current one; never tunes."""
+    """Memory, disk or shipped decision for ``sig`` if there is a current one; never tunes.
+
+    Under torch.distributed only the in-memory table counts: it holds what the ranks agreed on,
+    while each rank's disk may differ. (torch.compile asks this at trace time; a rank that inlined
+    its own disk's choice while another emitted the tuning custom op would leave that one waiting
+    in a collective forever.)
+    """
     key = sig.key()
     if key in _DECISIONS:
-        return _with_source(_DECISIONS[key], "cache")
-    found = _from_disk(spec, sig)
-    return found
+        return _recalled(_DECISIONS[key])
+    if _distributed(settings()):
+        return None
+    return _from_disk(spec, sig)
 
 
 def _decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None) -> tuple[Decision, bool]:
     """(decision, whether to remember it). Thread-safe: one tuning per signature."""
+    env = _env_impl(spec, sig)  # documented to win over every remembered decision
+    if env is not None:
+        return env, True
     key = sig.key()
     known = _DECISIONS.get(key)
     if known is not None:
-        return _with_source(known, "cache"), True
-    env = _env_impl(spec, sig)
-    if env is not None:
-        return env, True
+        return _recalled(known), True
     with _LOCK:
         lock = _KEY_LOCKS.setdefault(key, threading.Lock())
     with lock:
         known = _DECISIONS.get(key)
         if known is not None:
-            return _with_source(known, "cache"), True
+            return _recalled(known), True
         s = settings()
         blocker, transient = _tuning_blocker(sig, args, s)
         if not transient and _distributed(s):
@@ -184,9 +190,13 @@ def _decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None) -> tuple
         if transient:
             return decision, False
         _DECISIONS[key] = decision
-        _FAMILIES.setdefault(sig.family_key(), {})[sig.dim("batch")] = decision
+        if decision.source in _MEASURED:  # guesses must not seed further guesses
+            _FAMILIES.setdefault(sig.family_key(), {})[sig.dim("batch")] = decision
         _announce(decision, s)
         return decision, True
+
+
+_MEASURED = frozenset({"tuned", "cache", "broadcast"})
 
 
 def _resolve(spec: OpSpec, sig: Signature, s: Settings, blocker: str | None) -> Decision:
@@ -197,7 +207,7 @@ def _resolve(spec: OpSpec, sig: Signature, s: Settings, blocker: str | None) -> 
         return _tune(spec, sig, s)
     if found is not None:
         return found  # stale, but better than a guess when we may not tune
-    near = _nearest(spec, sig)
+    near = _nearest(spec, sig, s)
     if near is not None:
         return near
     return Decision(spec.default_impl(sig), "default", skipped={"(tuning)": blocker}, signature=sig)
@@ -222,13 +232,17 @@ def _from_disk(spec: OpSpec, sig: Signature, allow_stale: bool = False) -> Decis
     return stale if allow_stale else None
 
 
-def _nearest(spec: OpSpec, sig: Signature) -> Decision | None:
+def _nearest(spec: OpSpec, sig: Signature, s: Settings) -> Decision | None:
     family = _FAMILIES.get(sig.family_key())
     if not family:
         return None
     target = math.log2(max(sig.dim("batch"), 1))
     batch = min(family, key=lambda b: (abs(math.log2(max(b, 1)) - target), b))
     d = family[batch]
+    implementation = spec.registry[d.impl]
+    # workspace can grow with the batch (weighted_combine's masked_dense is quadratic in it)
+    if not implementation.supports(sig) or implementation.extra_memory(sig) > memory_budget(sig.device, s):
+        return None
     return Decision(d.impl, "nearest", d.timings, {"(nearest)": f"tuned at batch={batch}"}, sig)
 
 
@@ -240,6 +254,8 @@ def _tuning_blocker(sig: Signature, args: tuple[Any, ...] | None, s: Settings) -
         return "capturing a CUDA graph", True
     if args is not None and _has_fake(args):
         return "fake tensors", True
+    if sig.device_type == "meta":  # shape-only runs (e.g. building a model on meta): nothing to time
+        return "meta tensors", True
     if not s.autotune:
         return "autotune switched off (GROUPED_OPS_AUTOTUNE=0)", False
     if sig.device_type not in ("cpu", "cuda"):
@@ -268,7 +284,8 @@ def _env_impl(spec: OpSpec, sig: Signature) -> Decision | None:
         op, _, name = part.strip().rpartition("=")
         if op in ("", spec.name) and name in spec.registry:
             chosen = name
-        elif op not in ("", *SPECS) or (op == spec.name and name not in spec.registry):
+        elif (op not in ("", *SPECS) or (op == spec.name and name not in spec.registry)
+              or (op == "" and not any(name in s.registry for s in SPECS.values()))):  # a typo
             raise GroupedOpsError(f"GROUPED_OPS_IMPL={raw!r}: cannot use {part!r}; {spec.name} "
                                   f"implementations are {list(spec.registry)}")
     if chosen is None:
@@ -394,6 +411,12 @@ def _with_source(d: Decision, source: str) -> Decision:
     return d if d.source == source else Decision(d.impl, source, d.timings, d.skipped, d.signature)
 
 
+def _recalled(d: Decision) -> Decision:
+    """A remembered decision as a later call reports it: what this process tuned now comes from the
+    cache; a guess (default, nearest, stale) or rank 0's broadcast keeps saying what it is."""
+    return _with_source(d, "cache") if d.source == "tuned" else d
+
+
 def _announce(d: Decision, s: Settings) -> None:
     line = f"grouped_ops: {d.signature} -> {d.impl} ({d.source})"
     log.info(line)
@@ -421,12 +444,26 @@ def _agree_across_ranks(spec: OpSpec, sig: Signature, s: Settings, blocker: str 
     dist = torch.distributed
     rank = dist.get_rank()
     box: list[Any] = [None]
+    failure: BaseException | None = None
     if rank == 0:
-        d = _resolve(spec, sig, s, blocker)
-        box[0] = json.dumps({"impl": d.impl, "source": d.source, "timings": dict(d.timings),
-                             "skipped": dict(d.skipped)})
+        try:
+            d = _resolve(spec, sig, s, blocker)
+            box[0] = json.dumps({"impl": d.impl, "source": d.source, "timings": dict(d.timings),
+                                 "skipped": dict(d.skipped)})
+        except BaseException as e:  # the other ranks are already waiting: tell them, then raise
+            failure = e
+            box[0] = json.dumps({"error": f"{type(e).__name__}: {e}"})
     dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
     data = json.loads(box[0])
+    if "error" in data:
+        raise GroupedOpsError(f"{spec.name}: rank 0 failed to decide {sig}: {data['error']}")
+    if rank != 0 and not spec.registry[data["impl"]].supports(sig):
+        # a rank on different hardware: keep working, on its own choice
+        log.warning("grouped_ops: %s: rank 0 chose %s for %s, which this rank cannot run; deciding locally",
+                    spec.name, data["impl"], sig)
+        return _resolve(spec, sig, s, blocker)
     source = data["source"] if rank == 0 else "broadcast"
     return Decision(data["impl"], source, data["timings"], data["skipped"], sig)
 

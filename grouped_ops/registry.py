@@ -71,6 +71,11 @@ class Registry(Mapping[str, Implementation]):
                 f"{self.op}: unknown impl {name!r}; valid options are {['auto', *self._impls]}"
             ) from None
 
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default asks __getitem__ and expects KeyError; ours raises GroupedOpsError,
+        # which would turn every `name in registry` for an unknown name into an error.
+        return name in self._impls
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._impls)
 

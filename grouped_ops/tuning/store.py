@@ -69,7 +69,8 @@ class DiskStore:
         path = self.path_for(entry["key"])
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
+            # the temp name must not match "*.json": a concurrent `entries()` would read it half-written
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".partial")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     json.dump(entry, f, indent=1, sort_keys=True)
@@ -90,6 +91,8 @@ class DiskStore:
         if not self.root.is_dir():
             return
         for path in sorted(self.root.glob("*.json")):
+            if path.name.startswith("."):
+                continue
             entry = _read_entry(path)
             if entry is not None:
                 yield entry
@@ -103,21 +106,30 @@ class DiskStore:
                     removed += 1
         return removed
 
-    def merge(self, entries: Iterable[dict[str, Any]]) -> int:
-        """Import entries (e.g. from another machine's export); returns how many were written."""
-        return sum(self.put(e) for e in entries if _valid_entry(e))
+    def merge(self, entries: Iterable[dict[str, Any]], *, overwrite: bool = True) -> int:
+        """Import entries (e.g. from another machine's export); returns how many were written.
+
+        An imported entry replaces the local one of the same key unless ``overwrite`` is false.
+        """
+        return sum(self.put(e) for e in entries
+                   if _valid_entry(e) and (overwrite or self.get(e["key"]) is None))
 
 
 def _valid_entry(entry: Any) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("key"), str)
-            and isinstance(entry.get("impl"), str) and isinstance(entry.get("timings", {}), dict))
+    """What a reader relies on: a string key and impl, numeric timings, string reasons."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("key"), str) and isinstance(entry.get("impl"), str)):
+        return False
+    timings, skipped = entry.get("timings", {}), entry.get("skipped", {})
+    return (isinstance(timings, dict) and isinstance(skipped, dict)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in timings.values())
+            and all(isinstance(v, str) for v in skipped.values()))
 
 
 def _read_entry(path: Path) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
             entry = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a miss; an unusable folder is reported on write
         return None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         log.warning("grouped_ops: ignoring unreadable tuning cache file %s (%s); it will be rewritten "
@@ -136,6 +148,8 @@ def read_table(path: Path) -> list[dict[str, Any]]:
         entries = data["entries"] if isinstance(data, dict) else None
         if not isinstance(entries, list):
             raise ValueError("no 'entries' list")
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, this version reads format {FORMAT}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("grouped_ops: ignoring tuning table %s (%s)", path, e)
         return []
@@ -143,9 +157,19 @@ def read_table(path: Path) -> list[dict[str, Any]]:
 
 
 def write_table(path: Path, entries: Iterable[dict[str, Any]]) -> int:
-    rows = sorted(entries, key=lambda e: e["key"])
-    Path(path).write_text(json.dumps({"format": FORMAT, "entries": rows}, indent=1, sort_keys=True) + "\n",
-                          encoding="utf-8")
+    """Write entries as a table (the shipped/export format), atomically; returns how many."""
+    path = Path(path)
+    rows = sorted((e for e in entries if _valid_entry(e)), key=lambda e: e["key"])
+    text = json.dumps({"format": FORMAT, "entries": rows}, indent=1, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return len(rows)
 
 

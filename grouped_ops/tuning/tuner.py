@@ -16,7 +16,8 @@ from typing import Any
 from .timer import Timer
 
 MIN_SAMPLE_S = 2e-4  # repeat a fast candidate inside one sample until the sample lasts this long
-LOSER_FACTOR = 3.0  # a candidate this many times slower than the leader is not timed again
+LOSER_FACTOR = 3.0  # a candidate whose best of 3+ samples is this many times the leader's median is cut
+HOPELESS_FACTOR = 10.0  # ... and after 2 samples when this many times
 TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the winner's own spread, clamped to 1%..5%
 
 
@@ -53,7 +54,7 @@ def tune(
     runs: dict[str, Callable[[], Any]] = {}
     number: dict[str, int] = {}
     reference: Any = None
-    has_reference = False
+    reference_name: str | None = None  # the first candidate that ran; the others must agree with it
 
     for name in order:
         leader = min((s[0] for s in samples.values()), default=None)
@@ -65,17 +66,17 @@ def tune(
         try:
             run = make_run(name)
             out = run()  # warm-up; also the numerical check
-            if has_reference:
+            if reference_name is not None:
                 problem = check(reference, out)
                 if problem:
-                    result.skipped[name] = f"disagrees with {order[0]}: {problem}"
+                    result.skipped[name] = f"disagrees with {reference_name}: {problem}"
                     continue
             else:
-                reference, has_reference = out, True
+                reference, reference_name = out, name
             first = timer(name, run, 1)
         except Exception as e:  # CUDA OOM included: skip the candidate, keep tuning
             on_error(e)
-            result.skipped[name] = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            result.skipped[name] = _raised(e)
             continue
         runs[name], samples[name] = run, [first]
         number[name] = max(1, min(1000, math.ceil(MIN_SAMPLE_S / max(first, 1e-9))))
@@ -86,14 +87,20 @@ def tune(
             break
         leader = min(statistics.median(s) for s in samples.values())
         for name in list(runs):
-            if statistics.median(samples[name]) > LOSER_FACTOR * leader:
-                del runs[name]  # a clear loser: its timing so far stands
+            # A clear loser stops being timed (its timing so far stands). Judged by its best
+            # sample, never by one alone: on a busy machine a preempted sample can be 10-100x
+            # slow (an OpenMP barrier waiting on a descheduled thread), and the first sample is
+            # a single call.
+            mine, count = min(samples[name]), len(samples[name])
+            if (count >= 2 and mine > HOPELESS_FACTOR * leader) or (count >= 3 and mine > LOSER_FACTOR * leader):
+                del runs[name]
                 continue
             try:
                 samples[name].append(timer(name, runs[name], number[name]))
-            except Exception as e:
+            except Exception as e:  # a candidate that fails at any point must not win
                 on_error(e)
-                del runs[name]
+                del runs[name], samples[name]
+                result.skipped[name] = _raised(e)
 
     result.timings = {n: statistics.median(s) for n, s in samples.items()}
     if result.timings:
@@ -102,6 +109,11 @@ def tune(
         band = min(TIE_MAX, max(TIE_MIN, _spread(samples[best_name])))
         result.winner = next(n for n in candidates if n in result.timings and result.timings[n] <= best * (1 + band))
     return result
+
+
+def _raised(e: BaseException) -> str:
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    return f"raised {type(e).__name__}: {first_line}"[:300]
 
 
 def _spread(values: list[float]) -> float:
