@@ -43,7 +43,7 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
         GroupedOpsError: wrong ranks or sizes, mixed dtypes or devices, an unknown ``impl`` or one
             that does not support these inputs (the message lists why).
     """
-    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+    if _any_autocast() and isinstance(input, Tensor) and _autocast_on(input.device.type):
         input, weight, bias = _autocast(input.device.type, input, weight, bias)
     if torch.compiler.is_compiling():
         return traced_call("grouped_linear", (input, weight, bias), impl)
@@ -77,7 +77,7 @@ def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, impl
     """
     if isinstance(inputs, list):
         inputs = tuple(inputs)
-    if isinstance(weights, Tensor) and torch.is_autocast_enabled(weights.device.type):
+    if _any_autocast() and isinstance(weights, Tensor) and _autocast_on(weights.device.type):
         inputs, weights = _autocast_combine(weights.device.type, inputs, weights)
     if torch.compiler.is_compiling():
         return traced_call("weighted_combine", (inputs, weights), impl)
@@ -96,6 +96,18 @@ def _cast(t: object, dtype: torch.dtype) -> object:
     if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
         return t.to(dtype)
     return t
+
+
+# One cheap global check keeps the common no-autocast call fast (and meta tensors out of the
+# per-device query below, which rejects device types autocast does not know).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # e.g. "meta": autocast has no such device type, so it is not on
+        return False
 
 
 def _autocast(device_type: str, *tensors: object) -> tuple:
