@@ -42,6 +42,8 @@ def check_dtypes_devices(op: str, named: dict[str, torch.Tensor], shapes: dict[s
 
 def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """``Tensor.is_contiguous()`` from a shape and strides (dims of size 1 may have any stride)."""
+    if 0 in shape:  # as torch says: an empty tensor is contiguous whatever its strides
+        return True
     expected = 1
     for size, step in zip(reversed(shape), reversed(stride), strict=False):
         if size != 1 and step != expected:

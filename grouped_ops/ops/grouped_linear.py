@@ -58,9 +58,9 @@ def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 def loop(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    lead, _, n, out, _ = _split(x, w)
-    if n == 0:
-        return x.new_empty(*lead, 0, out)
+    n = w.shape[0]
+    if n == 0:  # nothing to stack; bmm's empty result stays in the autograd graph
+        return bmm(x, w, b)
     return torch.stack(
         [F.linear(x[..., i, :], w[i], None if b is None else b[i]) for i in range(n)], dim=-2
     )
@@ -79,10 +79,21 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _aligned(t: Tensor) -> Tensor:
+    # On CUDA grouped_mm refuses data pointers that are not 16-byte aligned, which a view into a
+    # flat buffer (or a slice) can have while its strides look fine; copy those. (The check uses
+    # storage_offset, not data_ptr, so that it traces under torch.compile.)
+    if t.is_cuda and (t.storage_offset() * t.element_size()) % 16:
+        return t.clone()
+    return t
+
+
 def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     lead, rows, n, out, inn = _split(x, w)
+    if 0 in (rows, n, out, inn):  # grouped_mm's stride checks reject empty operands, forward and backward
+        return bmm(x, w, b)
     xt = x.reshape(rows, n, inn).transpose(0, 1).contiguous()  # grouped_mm wants [n, rows, in] row-major
-    y = _ContiguousGrad.apply(F.grouped_mm(xt, w.transpose(1, 2)))  # [n, rows, out]
+    y = _ContiguousGrad.apply(F.grouped_mm(_aligned(xt), _aligned(w.transpose(1, 2))))  # [n, rows, out]
     if b is not None:
         y = y + b.unsqueeze(1)
     return y.transpose(0, 1).reshape(*lead, n, out)

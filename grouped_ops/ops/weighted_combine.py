@@ -60,8 +60,8 @@ def loop(inputs: Inputs, weights: Tensor) -> Tensor:
     f = _features(inputs)
     parts = inputs if isinstance(inputs, tuple) else inputs.unbind(1)
     scale = (b,) + (1,) * len(f)
-    if k == 0:
-        return weights.new_zeros(b, *f)
+    if k == 0:  # only stacked inputs can have no branches; bmm's zeros stay in the autograd graph
+        return bmm(inputs, weights)
     out = parts[0] * weights[:, 0].reshape(scale)
     for i in range(1, k):
         out = out.addcmul(parts[i], weights[:, i].reshape(scale))
