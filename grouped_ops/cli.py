@@ -38,7 +38,7 @@ OPS = tuple(SPECS)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"] and isinstance(bench := _load_bench(), str):
+    if "bench" in argv and isinstance(bench := _load_bench(), str):
         print(f"grouped_ops: the benchmark sweep is not available in this build ({bench})", file=sys.stderr)
         return 2
     parser = build_parser(argv)
@@ -132,7 +132,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cache_import)
 
     bench = sub.add_parser("bench", help="benchmark sweep (tables, CSV/JSON, plots)")
-    if argv[:1] == ["bench"] and not isinstance(module := _load_bench(), str):
+    if "bench" in argv and not isinstance(module := _load_bench(), str):
         # imported only for `bench`: the other commands start faster and work without it
         module.configure_parser(bench)
         bench.set_defaults(func=module.run)
