@@ -165,6 +165,7 @@ def write_table(path: Path, entries: Iterable[dict[str, Any]]) -> int:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # a table is for sharing; mkstemp's 0600 would hide it from others
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
