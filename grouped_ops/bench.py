@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -405,22 +406,26 @@ def _measure(variants: list[Variant], env: Env, pass_: str, dtype: torch.dtype) 
         number[v.name] = max(1, min(100_000, math.ceil(env.min_sample / max(est, 1e-9))))
         samples[v.name] = []
 
-    # Round-robin: one sample of every live variant per round, the order rotating. Each variant has
+    # Round-robin: one sample of every live variant per round, in a fresh shuffled order each round
+    # (seeded). A rotation is not enough: it keeps the cyclic order, so a variant would always follow
+    # the same neighbour (e.g. auto after masked_dense's large allocations) and carry its cache and
+    # allocator after-effects in every sample (measured: a 1.6x bias on one cell). Each variant has
     # an equal share of the cell's time cap; one whose next sample would overrun its share sits out
     # (after its first sample), so a slow column cannot starve the fast ones of samples.
     names = list(live)
     share = env.cell_time / max(len(names), 1)
     spent = dict.fromkeys(names, 0.0)
     last = dict.fromkeys(names, 0.0)
+    order = random.Random(env.seed)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for rep in range(env.reps):
+        for _ in range(env.reps):
             active = [n for n in names if not samples[n] or spent[n] + last[n] <= share]
             if not active:
                 break
-            shift = rep % len(active)
-            for name in active[shift:] + active[:shift]:  # rotate so no variant always runs first
+            order.shuffle(active)
+            for name in active:
                 t0 = time.perf_counter()
                 try:
                     samples[name].append(sample(live[name], number[name]))

@@ -20,6 +20,9 @@ DEVICES = ["cpu", "cuda"] if CUDA else ["cpu"]
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GROUPED_OPS_CACHE_DIR", str(tmp_path / "cache"))
+    # The shipped tables match this project's own machines (CI too): tests must tune, not read them.
+    (tmp_path / "no-shipped-tables").mkdir()
+    monkeypatch.setenv("GROUPED_OPS_SHIPPED_DIR", str(tmp_path / "no-shipped-tables"))
     for var in ("GROUPED_OPS_AUTOTUNE", "GROUPED_OPS_IMPL", "GROUPED_OPS_BUCKETS", "GROUPED_OPS_VERBOSE"):
         monkeypatch.delenv(var, raising=False)
     # Small tuning budget: tests check behaviour, not speed.

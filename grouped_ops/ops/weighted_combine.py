@@ -96,7 +96,7 @@ REGISTRY = Registry(OP, [
     Implementation("masked_dense", masked_dense,
                    extra_memory=lambda sig: _block_bytes(sig) + _stack_bytes(sig),
                    work_factor=lambda sig: float(sig.dim("batch"))),
-], version=1)
+], version=2)  # v2: training timed with AccumulateGrad's layout copies
 
 
 # ---- validation, signature, private inputs -------------------------------------------------------

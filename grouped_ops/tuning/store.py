@@ -175,6 +175,11 @@ def write_table(path: Path, entries: Iterable[dict[str, Any]]) -> int:
 
 
 def shipped_dir() -> Path:
+    """``GROUPED_OPS_SHIPPED_DIR`` if set (your own reference tables, or an empty folder to use
+    none), else the tables installed with the package."""
+    env = os.environ.get("GROUPED_OPS_SHIPPED_DIR", "").strip()
+    if env:
+        return Path(env).expanduser()
     try:
         root = resources.files("grouped_ops.tuning_cache")
         return Path(str(root))

@@ -1,0 +1,121 @@
+"""Is `auto` within 5% of the fastest implementation? Pairwise, interleaved, per cell.
+
+A crowded benchmark cell (every implementation round-robin) carries each variant's after-effects into
+the next (masked_dense's large allocations slow whatever follows), which biases single columns by
+10-60% on a 2-core VM. This check isolates the question: for every cell of a bench --json run, `auto`
+(after prewarm) is timed against each implementation that was within 1.3x of that cell's fastest,
+two at a time, alternating, with the median of many samples.
+
+    python3 scripts/auto_check.py docs/benchmarks/auto-check.json [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+import grouped_ops
+
+os.environ.setdefault("GROUPED_OPS_CACHE_DIR", tempfile.mkdtemp())
+
+
+def inputs(cell: dict, gen: torch.Generator) -> tuple:
+    dt, d = getattr(torch, cell["dtype"]), cell["dims"]
+    grad = cell["pass"] == "fwdbwd"
+    if cell["op"] == "grouped_linear":
+        shapes = [(d["batch"], d["n"], d["in"]), (d["n"], d["out"], d["in"]), (d["n"], d["out"])]
+        return tuple(torch.randn(s, dtype=dt, generator=gen).requires_grad_(grad) for s in shapes)
+    f = d["features"]
+    if d["layout"] == "stacked":
+        x = torch.randn(d["batch"], d["k"], *f, dtype=dt, generator=gen).requires_grad_(grad)
+    else:
+        x = [torch.randn(d["batch"], *f, dtype=dt, generator=gen).requires_grad_(grad) for _ in range(d["k"])]
+    return (x, torch.randn(d["batch"], d["k"], dtype=dt, generator=gen).softmax(-1).requires_grad_(grad))
+
+
+def runner(op: Callable, args: tuple, impl: str, grad: bool) -> Callable[[], None]:
+    if not grad:
+        def fwd() -> None:
+            with torch.no_grad():
+                op(*args, impl=impl)
+        return fwd
+
+    # A dense incoming gradient, as a layer inside a network receives (not .sum()'s stride-0 one).
+    grad_out: list[torch.Tensor] = []
+
+    def fwdbwd() -> None:
+        out = op(*args, impl=impl)
+        if not grad_out:
+            grad_out.append(torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1)))
+        out.backward(grad_out[0])
+    return fwdbwd
+
+
+def timed(fn: Callable[[], None], number: int) -> float:
+    t = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t) / number
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("json")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--samples", type=int, default=21)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    with open(a.json, encoding="utf-8") as f:
+        cells = [c for c in json.load(f)["cells"] if c.get("auto_over_best")]
+    ratios: dict[tuple[str, str], list[float]] = {}
+    worst: list[tuple[float, str]] = []
+    for cell in cells:
+        op = getattr(grouped_ops, cell["op"])
+        grad = cell["pass"] == "fwdbwd"
+        args = inputs(cell, torch.Generator().manual_seed(0))
+        times = {n: r["median_s"] for n, r in cell["results"].items()
+                 if r.get("kind") == "impl" and r.get("status") == "ok"}
+        best = min(times.values())
+        rivals = [n for n, t in times.items() if t <= 1.3 * best]
+        with torch.set_grad_enabled(grad):
+            grouped_ops.prewarm(cell["op"], *args)
+        auto = runner(op, args, "auto", grad)
+        per_rival = {}
+        for name in rivals:
+            forced = runner(op, args, name, grad)
+            for f in (auto, forced, auto, forced):
+                f()
+            number = max(1, int(2e-3 / max(timed(forced, 1), 1e-7)))
+            sa, sf = [], []
+            for i in range(a.samples):
+                pair = ((auto, sa), (forced, sf)) if i % 2 else ((forced, sf), (auto, sa))
+                for fn, out in pair:
+                    out.append(timed(fn, number))
+            per_rival[name] = statistics.median(sf), statistics.median(sa)
+        fastest = min(per_rival, key=lambda n: per_rival[n][0])
+        t_forced, t_auto = per_rival[fastest]
+        ratio = t_auto / t_forced
+        ratios.setdefault((cell["op"], cell["pass"]), []).append(ratio)
+        worst.append((ratio, f"{cell['op']} {cell['dtype']} {cell['pass']} {cell['label']}: "
+                             f"auto {t_auto * 1e6:.1f}us vs {fastest} {t_forced * 1e6:.1f}us"))
+    print(f"torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}")
+    print("| op | pass | cells | auto / fastest, geometric mean | worst |")
+    print("|---|---|---:|---:|---:|")
+    for (op, pass_), r in ratios.items():
+        print(f"| {op} | {pass_} | {len(r)} | {statistics.geometric_mean(r):.3f} | {max(r):.3f} |")
+    every = [r for rs in ratios.values() for r in rs]
+    print(f"| all | | {len(every)} | {statistics.geometric_mean(every):.3f} | {max(every):.3f} |")
+    print("\nworst cells:")
+    for r, what in sorted(worst, reverse=True)[:5]:
+        print(f"  {r:.3f}  {what}")
+
+
+if __name__ == "__main__":
+    main()
