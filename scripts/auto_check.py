@@ -50,7 +50,11 @@ def runner(op: Callable, args: tuple, impl: str, grad: bool) -> Callable[[], Non
     # A dense incoming gradient, as a layer inside a network receives (not .sum()'s stride-0 one).
     grad_out: list[torch.Tensor] = []
 
+    leaves = [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+
     def fwdbwd() -> None:
+        for t in leaves:  # optimizer.zero_grad()'s default (set_to_none): each step starts clean
+            t.grad = None
         out = op(*args, impl=impl)
         if not grad_out:
             grad_out.append(torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1)))

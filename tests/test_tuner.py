@@ -28,6 +28,7 @@ from grouped_ops import GroupedOpsError, dispatch, use_impl
 from grouped_ops.ops import SPECS
 from grouped_ops.signature import Signature
 from grouped_ops.tuning import store
+from grouped_ops.tuning import tuner as tuner_module
 from grouped_ops.tuning.tuner import tune
 
 GL, WC = SPECS["grouped_linear"], SPECS["weighted_combine"]
@@ -272,7 +273,8 @@ def test_unsupported_candidates_are_not_timed_and_say_why():
 def test_clear_losers_are_cut_early(monkeypatch):
     monkeypatch.setenv("GROUPED_OPS_TUNE_BUDGET_S", "30")  # only the cuts, not the clock, stop timing
     monkeypatch.setenv("GROUPED_OPS_TUNE_REPS", "25")
-    timer = FakeTimer({"bmm": 1e-5, "einsum": 1.1e-5, "grouped_mm": 4e-5, "loop": 1e-3, "masked_dense": 1e-5})
+    # einsum 20% behind bmm: outside the close-call band, so no confirmation samples are added
+    timer = FakeTimer({"bmm": 1e-5, "einsum": 1.2e-5, "grouped_mm": 4e-5, "loop": 1e-3, "masked_dense": 1e-4})
     with dispatch.use_timer(timer):
         d = grouped_ops.prewarm("grouped_linear", *gl_args())
     assert d.impl == "bmm"
@@ -315,7 +317,7 @@ def test_one_slow_sample_does_not_cut_a_candidate():
 
 def test_the_time_budget_stops_the_timing_rounds_by_the_clock():
     clock = iter(range(1000))  # every look at the clock: one second later
-    timer = FakeTimer()
+    timer = FakeTimer({"a": 1e-4, "b": 2e-4})  # b 2x behind: no close-call confirmation
     tune(["a", "b"], make_run=lambda name: lambda: (torch.ones(1),), timer=timer,
          check=lambda ref, got: None, budget_s=1.5, max_reps=25, clock=lambda: float(next(clock)))
     # the first sample each, one round within the budget, then the next look at the clock ends it
@@ -643,7 +645,8 @@ def test_the_env_wins_over_a_remembered_decision(monkeypatch):
 
 def test_threads_first_calling_one_signature_tune_it_once(monkeypatch, count_tunings):
     monkeypatch.setenv("GROUPED_OPS_TUNE_REPS", "1")
-    timer = FakeTimer(sleep=0.005)  # widen the window in which a second tuning could start
+    # sleep: widen the window in which a second tuning could start; bmm far ahead: no confirmation
+    timer = FakeTimer({"bmm": 1e-6}, default=1e-3, sleep=0.005)
     barrier = threading.Barrier(8)
     results: list[torch.Tensor] = []
     errors: list[BaseException] = []
@@ -786,3 +789,15 @@ def test_decisions_are_logged_and_printed_on_request(monkeypatch, capsys, caplog
     line = "-> einsum (tuned)"
     assert line in capsys.readouterr().err
     assert any(line in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+
+
+def test_a_close_call_gets_paired_confirmation_samples():
+    # einsum looks 10% behind in the rounds but is faster in the paired confirmation samples
+    def einsum_time(count: int) -> float:
+        return 1.1e-5 if count <= 25 else 0.5e-5
+    timer = FakeTimer({"bmm": 1e-5, "einsum": einsum_time, "grouped_mm": 1e-3, "loop": 1e-3,
+                       "masked_dense": 1e-3})
+    with dispatch.use_timer(timer):
+        d = grouped_ops.prewarm("grouped_linear", *gl_args())
+    assert timer.calls["bmm"] == timer.calls["einsum"] == 25 + tuner_module.CONFIRM_SAMPLES
+    assert d.impl == "einsum"
