@@ -32,6 +32,12 @@ def _private_cache(tmp_path, monkeypatch):
     dispatch.clear_memory()
 
 
+@pytest.fixture
+def shipped_tables(tmp_path):
+    """The empty folder GROUPED_OPS_SHIPPED_DIR points at: a test puts reference tables here."""
+    return tmp_path / "no-shipped-tables"
+
+
 def pytest_collection_modifyitems(config, items):
     if CUDA:
         return

@@ -34,16 +34,6 @@ def fake_timer(times: dict[str, float] | None = None, calls: collections.Counter
     return timer
 
 
-@pytest.fixture(autouse=True)
-def _no_shipped_tables(tmp_path, monkeypatch):
-    empty = tmp_path / "shipped"
-    empty.mkdir()
-    monkeypatch.setattr(store, "shipped_dir", lambda: empty)
-    store.shipped_entries.cache_clear()
-    yield empty
-    store.shipped_entries.cache_clear()
-
-
 def gl_args(batch: int = 8, n: int = 4, f: int = 8):
     g = torch.Generator().manual_seed(n)
     return torch.randn(batch, n, f, generator=g), torch.randn(n, f, f, generator=g), torch.randn(n, f, generator=g)
@@ -204,10 +194,10 @@ def test_half_written_temp_files_are_not_entries(caplog):
     assert warnings_in(caplog) == []
 
 
-def test_a_corrupted_shipped_table_warns_and_is_ignored(_no_shipped_tables, caplog):
-    bad = _no_shipped_tables / "broken.json"
+def test_a_corrupted_shipped_table_warns_and_is_ignored(shipped_tables, caplog):
+    bad = shipped_tables / "broken.json"
     bad.write_text('{"format": 1, "entries": [')
-    future = _no_shipped_tables / "future.json"
+    future = shipped_tables / "future.json"
     future.write_text(json.dumps({"format": 99, "entries": []}))
     store.shipped_entries.cache_clear()
     with caplog.at_level(logging.WARNING, logger="grouped_ops"), dispatch.use_timer(fake_timer()):
@@ -252,10 +242,10 @@ def _entry(impl: str, args, *, fresh: bool = True) -> dict[str, Any]:
     return entry
 
 
-def test_shipped_tables_are_consulted_after_the_user_cache(_no_shipped_tables, monkeypatch):
+def test_shipped_tables_are_consulted_after_the_user_cache(shipped_tables, monkeypatch):
     args = gl_args()
     monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")
-    store.write_table(_no_shipped_tables / "reference-cpu.json", [_entry("loop", args)])
+    store.write_table(shipped_tables / "reference-cpu.json", [_entry("loop", args)])
     monkeypatch.delenv("GROUPED_OPS_AUTOTUNE")
     dispatch.clear_memory()
     calls: collections.Counter = collections.Counter()
@@ -270,10 +260,10 @@ def test_shipped_tables_are_consulted_after_the_user_cache(_no_shipped_tables, m
         assert grouped_ops.prewarm("grouped_linear", *args).impl == "masked_dense"  # the user's wins
 
 
-def test_a_fresh_shipped_entry_beats_a_stale_user_entry(_no_shipped_tables, monkeypatch):
+def test_a_fresh_shipped_entry_beats_a_stale_user_entry(shipped_tables, monkeypatch):
     args = gl_args()
     monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")
-    store.write_table(_no_shipped_tables / "reference-cpu.json", [_entry("loop", args)])
+    store.write_table(shipped_tables / "reference-cpu.json", [_entry("loop", args)])
     store.DiskStore().put(_entry("einsum", args, fresh=False))
     dispatch.clear_memory()
     monkeypatch.delenv("GROUPED_OPS_AUTOTUNE")
@@ -283,10 +273,10 @@ def test_a_fresh_shipped_entry_beats_a_stale_user_entry(_no_shipped_tables, monk
     assert (d.impl, d.source) == ("loop", "cache") and not calls
 
 
-def test_autotune_off_uses_a_shipped_table(_no_shipped_tables, monkeypatch):
+def test_autotune_off_uses_a_shipped_table(shipped_tables, monkeypatch):
     monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")
     args = gl_args()
-    store.write_table(_no_shipped_tables / "reference-cpu.json", [_entry("einsum", args)])
+    store.write_table(shipped_tables / "reference-cpu.json", [_entry("einsum", args)])
     dispatch.clear_memory()
     d = grouped_ops.prewarm("grouped_linear", *args)
     assert (d.impl, d.source) == ("einsum", "cache")

@@ -30,14 +30,9 @@ def fake_timer(name, fn, number):
 
 
 @pytest.fixture(autouse=True)
-def _quiet_and_fake(tmp_path, monkeypatch):
-    empty = tmp_path / "shipped"
-    empty.mkdir()
-    monkeypatch.setattr(store, "shipped_dir", lambda: empty)
-    store.shipped_entries.cache_clear()
+def _fake_timer():
     with dispatch.use_timer(fake_timer):
-        yield empty
-    store.shipped_entries.cache_clear()
+        yield
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -192,7 +187,7 @@ def test_explain_over_the_memory_budget(capsys, monkeypatch):
 
 # ---- cache -------------------------------------------------------------------------------------------
 
-def test_cache_list_show_clear_export_import(tmp_path, capsys, _quiet_and_fake):
+def test_cache_list_show_clear_export_import(tmp_path, capsys, shipped_tables):
     run(capsys, "prewarm", *GL_FLAGS[:3], "1", "100", *GL_FLAGS[3:], "--no-progress")
     run(capsys, "prewarm", *WC_FLAGS, "--no-progress")
     root = store.DiskStore().root
@@ -222,7 +217,7 @@ def test_cache_list_show_clear_export_import(tmp_path, capsys, _quiet_and_fake):
     assert code == 2 and "no such file" in err
 
     # the same file as a shipped table
-    (_quiet_and_fake / "reference.json").write_bytes(table.read_bytes())
+    (shipped_tables / "reference.json").write_bytes(table.read_bytes())
     code, out, _ = run(capsys, "cache", "list", "--shipped")
     assert code == 0 and "reference.json: 3 entries" in out
     assert run(capsys, "cache", "show", "--shipped", "weighted")[1].startswith("weighted_combine")

@@ -63,17 +63,6 @@ class FakeTimer:
         return t(count) if callable(t) else t
 
 
-@pytest.fixture(autouse=True)
-def _no_shipped_tables(tmp_path, monkeypatch):
-    """Tables shipped in the repo must not answer for this test's signatures."""
-    empty = tmp_path / "shipped"
-    empty.mkdir()
-    monkeypatch.setattr(store, "shipped_dir", lambda: empty)
-    store.shipped_entries.cache_clear()
-    yield
-    store.shipped_entries.cache_clear()
-
-
 @pytest.fixture
 def count_tunings(monkeypatch):
     """How many times the dispatcher really tuned (timed candidates for) a signature."""
