@@ -245,7 +245,7 @@ def _run_tuned(op: str, args: tuple[Any, ...], grad_mask: int, count: int, impl:
     if fn is None:
         sig = spec.signature(m, bucketing_mode() == "pow2")
         with _autograd_reenabled():
-            decision, keep = dispatch._decide(spec, sig, args)
+            decision, keep = dispatch._decide(spec, sig, args, at=spec.signature(m, False))
         fn = spec.registry[decision.impl].fn
         if keep:
             table[m] = fn

@@ -106,7 +106,7 @@ def _call_slow(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: st
     for rec in _RECORDERS:
         rec._add(sig)
     if impl == "auto":
-        decision, keep = _decide(spec, sig, args)
+        decision, keep = _decide(spec, sig, args, at=spec.signature(m, False))
         fn = spec.registry[decision.impl].fn
         if keep:
             _AUTO[spec.name][m] = fn
@@ -139,7 +139,7 @@ def decision_for(spec: OpSpec, args: tuple[Any, ...], *, tune_allowed: bool = Tr
         return Decision(scoped, "forced", signature=sig)
     if not tune_allowed:
         return _env_impl(spec, sig) or known_decision(spec, sig)
-    decision, keep = _decide(spec, sig, args)
+    decision, keep = _decide(spec, sig, args, at=spec.signature(m, False))
     if keep:
         _AUTO[spec.name][m] = spec.registry[decision.impl].fn
     return decision
@@ -166,8 +166,14 @@ def known_decision(spec: OpSpec, sig: Signature) -> Decision | None:
     return _from_disk(spec, sig)
 
 
-def _decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None) -> tuple[Decision, bool]:
-    """(decision, whether to remember it). Thread-safe: one tuning per signature."""
+def _decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None,
+            at: Signature | None = None) -> tuple[Decision, bool]:
+    """(decision, whether to remember it). Thread-safe: one tuning per signature.
+
+    ``at`` is the exact signature of the call that asks (its real batch size): if the bucket must be
+    tuned, it is timed there. Timing at the bucket's edge instead misjudged calls near a crossover
+    inside the bucket (measured: 1.34x off at batch 384 tuned as 512).
+    """
     env = _env_impl(spec, sig)  # documented to win over every remembered decision
     if env is not None:
         return env, True
@@ -184,9 +190,9 @@ def _decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None) -> tuple
         s = settings()
         blocker, transient = _tuning_blocker(sig, args, s)
         if not transient and _distributed(s):
-            decision = _agree_across_ranks(spec, sig, s, blocker)
+            decision = _agree_across_ranks(spec, sig, s, blocker, at)
         else:
-            decision = _resolve(spec, sig, s, blocker)
+            decision = _resolve(spec, sig, s, blocker, at)
         if transient:
             return decision, False
         _DECISIONS[key] = decision
@@ -199,12 +205,13 @@ def _decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None) -> tuple
 _MEASURED = frozenset({"tuned", "cache", "broadcast"})
 
 
-def _resolve(spec: OpSpec, sig: Signature, s: Settings, blocker: str | None) -> Decision:
+def _resolve(spec: OpSpec, sig: Signature, s: Settings, blocker: str | None,
+             at: Signature | None = None) -> Decision:
     found = _from_disk(spec, sig, allow_stale=blocker is not None)
     if found is not None and found.source == "cache":
         return found
     if blocker is None:
-        return _tune(spec, sig, s)
+        return _tune(spec, sig, s, at)
     if found is not None:
         return found  # stale, but better than a guess when we may not tune
     near = _nearest(spec, sig, s)
@@ -317,7 +324,8 @@ def _compare(dtype: torch.dtype) -> Callable[[Any, Any], str | None]:
     return check
 
 
-def _tune(spec: OpSpec, sig: Signature, s: Settings) -> Decision:
+def _tune(spec: OpSpec, sig: Signature, s: Settings, at: Signature | None = None) -> Decision:
+    timed = at if at is not None and at.dim("batch") > 0 else sig  # what the candidates run on
     skipped: dict[str, str] = {}
     budget = memory_budget(sig.device, s)
     candidates = []
@@ -325,7 +333,7 @@ def _tune(spec: OpSpec, sig: Signature, s: Settings) -> Decision:
         reasons = implementation.not_supported_reasons(sig)
         if reasons:
             skipped[name] = "unsupported: " + "; ".join(reasons)
-        elif (need := implementation.extra_memory(sig)) > budget:
+        elif (need := implementation.extra_memory(timed)) > budget:
             skipped[name] = (f"needs {need / 2**30:.2f} GiB of workspace, over the tuning memory budget "
                              f"of {budget / 2**30:.2f} GiB (GROUPED_OPS_TUNE_MEMORY_FRACTION/_BYTES)")
         else:
@@ -336,8 +344,8 @@ def _tune(spec: OpSpec, sig: Signature, s: Settings) -> Decision:
 
     generator = torch.Generator(device=sig.device).manual_seed(0)  # private: the caller's RNG is untouched
     with torch.autocast(sig.device_type, enabled=False):
-        args = spec.make_inputs(sig, generator)
-        targets = spec.grad_args(sig, args)
+        args = spec.make_inputs(timed, generator)
+        targets = spec.grad_args(timed, args)
         grad_out: list[torch.Tensor] = []
 
         def make_run(name: str) -> Callable[[], Any]:
@@ -369,7 +377,7 @@ def _tune(spec: OpSpec, sig: Signature, s: Settings) -> Decision:
             make_run=make_run,
             timer=_TIMER[-1] if _TIMER else timer_for(sig.device),
             check=_compare(sig.dtype),
-            work_factor={n: spec.registry[n].work_factor(sig) for n in candidates},
+            work_factor={n: spec.registry[n].work_factor(timed) for n in candidates},
             budget_s=s.budget_s,
             max_reps=s.max_reps,
             on_error=lambda e: _after_error(sig, e),
@@ -444,7 +452,8 @@ def _distributed(s: Settings) -> bool:
     return s.distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _agree_across_ranks(spec: OpSpec, sig: Signature, s: Settings, blocker: str | None) -> Decision:
+def _agree_across_ranks(spec: OpSpec, sig: Signature, s: Settings, blocker: str | None,
+                        at: Signature | None = None) -> Decision:
     # Each process reaches here exactly once per signature (its first sight of it), whatever its own
     # caches hold, so the ranks meet in the same collective. Rank 0 decides; the others adopt it.
     dist = torch.distributed
@@ -453,7 +462,7 @@ def _agree_across_ranks(spec: OpSpec, sig: Signature, s: Settings, blocker: str 
     failure: BaseException | None = None
     if rank == 0:
         try:
-            d = _resolve(spec, sig, s, blocker)
+            d = _resolve(spec, sig, s, blocker, at)
             box[0] = json.dumps({"impl": d.impl, "source": d.source, "timings": dict(d.timings),
                                  "skipped": dict(d.skipped)})
         except BaseException as e:  # the other ranks are already waiting: tell them, then raise

@@ -80,6 +80,7 @@ def main() -> None:
         cells = [c for c in json.load(f)["cells"] if c.get("auto_over_best")]
     ratios: dict[tuple[str, str], list[float]] = {}
     worst: list[tuple[float, str]] = []
+    wrong: list[float] = []  # ratios of the cells where auto picked another implementation
     for cell in cells:
         op = getattr(grouped_ops, cell["op"])
         grad = cell["pass"] == "fwdbwd"
@@ -89,7 +90,7 @@ def main() -> None:
         best = min(times.values())
         rivals = [n for n, t in times.items() if t <= 1.3 * best]
         with torch.set_grad_enabled(grad):
-            grouped_ops.prewarm(cell["op"], *args)
+            picked = grouped_ops.prewarm(cell["op"], *args).impl
         auto = runner(op, args, "auto", grad)
         per_rival = {}
         for name in rivals:
@@ -107,8 +108,10 @@ def main() -> None:
         t_forced, t_auto = per_rival[fastest]
         ratio = t_auto / t_forced
         ratios.setdefault((cell["op"], cell["pass"]), []).append(ratio)
+        if picked != fastest:
+            wrong.append(ratio)
         worst.append((ratio, f"{cell['op']} {cell['dtype']} {cell['pass']} {cell['label']}: "
-                             f"auto {t_auto * 1e6:.1f}us vs {fastest} {t_forced * 1e6:.1f}us"))
+                             f"auto ({picked}) {t_auto * 1e6:.1f}us vs {fastest} {t_forced * 1e6:.1f}us"))
     print(f"torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}")
     print("| op | pass | cells | auto / fastest, geometric mean | worst |")
     print("|---|---|---:|---:|---:|")
@@ -116,6 +119,9 @@ def main() -> None:
         print(f"| {op} | {pass_} | {len(r)} | {statistics.geometric_mean(r):.3f} | {max(r):.3f} |")
     every = [r for rs in ratios.values() for r in rs]
     print(f"| all | | {len(every)} | {statistics.geometric_mean(every):.3f} | {max(every):.3f} |")
+    print(f"\nauto picked the fastest implementation in {len(every) - len(wrong)} of {len(every)} cells; "
+          f"where it picked another, the worst ratio was {max(wrong, default=1.0):.3f}. Where it picked the "
+          "fastest, a ratio other than 1 is this machine's noise between two runs of one function.")
     print("\nworst cells:")
     for r, what in sorted(worst, reverse=True)[:5]:
         print(f"  {r:.3f}  {what}")

@@ -363,11 +363,11 @@ def no_tuning_while_capturing(monkeypatch):
     calls = []
     real = dispatch._tune
 
-    def spy(spec, sig, s):
+    def spy(spec, sig, s, at=None):
         capturing = torch.cuda.is_current_stream_capturing()
         calls.append(capturing)
         assert not capturing, f"tuned {sig} during CUDA graph capture"
-        return real(spec, sig, s)
+        return real(spec, sig, s, at)
 
     monkeypatch.setattr(dispatch, "_tune", spy)
     return calls

@@ -66,7 +66,7 @@ WORKER = textwrap.dedent("""
 
         real_tune = dispatch._tune
         if rank == 0:  # rank 0 fails to decide: every rank must hear of it, none may hang
-            def broken(spec, sig, s):
+            def broken(spec, sig, s, at=None):
                 raise RuntimeError("boom on rank 0")
             dispatch._tune = broken
         try:

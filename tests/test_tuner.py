@@ -69,9 +69,9 @@ def count_tunings(monkeypatch):
     counter = collections.Counter()
     real = dispatch._tune
 
-    def counting(spec, sig, s):
+    def counting(spec, sig, s, at=None):
         counter[sig.key()] += 1
-        return real(spec, sig, s)
+        return real(spec, sig, s, at)
 
     monkeypatch.setattr(dispatch, "_tune", counting)
     return counter
