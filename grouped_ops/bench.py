@@ -44,6 +44,7 @@ from .api import prewarm
 from .functional import grouped_linear, weighted_combine
 from .ops import SPECS
 from .signature import _cpu_model, device_name
+from .tuning.timer import timer_for
 
 __all__ = ["configure_parser", "run"]
 
@@ -322,26 +323,14 @@ def _grad_mode(pass_: str) -> Callable[[], contextlib.AbstractContextManager[Any
 
 
 def _sampler(env: Env, pass_: str) -> Callable[[Callable[[], Any], int], float]:
-    mode = _grad_mode(pass_)
-    if env.device.type == "cuda":
-        def cuda_sample(fn: Callable[[], Any], number: int) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with mode():
-                start.record()
-                for _ in range(number):
-                    fn()
-                end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / number
-        return cuda_sample
+    """Seconds per call of ``fn`` over ``number`` calls, with the tuner's own clocks (perf_counter
+    on CPU, CUDA events on GPU), under the pass's grad mode."""
+    mode, timer = _grad_mode(pass_), timer_for(env.device)
 
-    def cpu_sample(fn: Callable[[], Any], number: int) -> float:
+    def sample(fn: Callable[[], Any], number: int) -> float:
         with mode():
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            return (time.perf_counter() - t0) / number
-    return cpu_sample
+            return timer("", fn, number)
+    return sample
 
 
 def _rel_err(ref: Tensor, got: Tensor) -> float:

@@ -96,12 +96,8 @@ def tune(
             if (count >= 2 and mine > HOPELESS_FACTOR * leader) or (count >= 3 and mine > LOSER_FACTOR * leader):
                 del runs[name]
                 continue
-            try:
-                samples[name].append(timer(name, runs[name], number[name]))
-            except Exception as e:  # a candidate that fails at any point must not win
-                on_error(e)
+            if not _sample(name, samples[name], runs, number, timer, on_error, result):
                 del runs[name], samples[name]
-                result.skipped[name] = _raised(e)
 
     _confirm_close_call(samples, runs, number, timer, on_error, result)
     result.timings = {n: statistics.median(s) for n, s in samples.items()}
@@ -133,13 +129,22 @@ def _confirm_close_call(samples: dict[str, list[float]], runs: dict[str, Callabl
         for name in (a, b) if i % 2 else (b, a):
             if name not in paired:
                 continue
-            try:
-                paired[name].append(timer(name, runs[name], number[name]))
-            except Exception as e:  # a candidate that fails at any point must not win
-                on_error(e)
+            if not _sample(name, paired[name], runs, number, timer, on_error, result):
                 del paired[name], samples[name]
-                result.skipped[name] = _raised(e)
     samples.update(paired)  # the paired samples, taken under the same conditions, decide
+
+
+def _sample(name: str, into: list[float], runs: dict[str, Callable[[], Any]], number: dict[str, int],
+            timer: Timer, on_error: Callable[[BaseException], None], result: TuneResult) -> bool:
+    """Append one timed sample of ``name``; False (and the reason recorded) if it raised: a
+    candidate that fails at any point must not win."""
+    try:
+        into.append(timer(name, runs[name], number[name]))
+    except Exception as e:
+        on_error(e)
+        result.skipped[name] = _raised(e)
+        return False
+    return True
 
 
 def _raised(e: BaseException) -> str:
