@@ -324,6 +324,13 @@ def _compare(dtype: torch.dtype) -> Callable[[Any, Any], str | None]:
     return check
 
 
+# Where a call this long is bound by arithmetic, so that doing 10x the arithmetic cannot win. CPU:
+# in every sweep cell (122) with a leader of 1 ms or more, masked_dense at 10x+ the arithmetic was
+# at least 1.21x slower, and those long calls made the tuner misjudge the others (docs/autotuner.md).
+# CUDA: not measured yet, so not assumed (a dense GEMM can beat a badly occupied batched one).
+_ARITHMETIC_BOUND_S = {"cpu": 1e-3}
+
+
 def _tune(spec: OpSpec, sig: Signature, s: Settings, at: Signature | None = None) -> Decision:
     timed = at if at is not None and at.dim("batch") > 0 else sig  # what the candidates run on
     skipped: dict[str, str] = {}
@@ -380,6 +387,7 @@ def _tune(spec: OpSpec, sig: Signature, s: Settings, at: Signature | None = None
             work_factor={n: spec.registry[n].work_factor(timed) for n in candidates},
             budget_s=s.budget_s,
             max_reps=s.max_reps,
+            arithmetic_bound_s=_ARITHMETIC_BOUND_S.get(sig.device_type),
             on_error=lambda e: _after_error(sig, e),
         )
     skipped.update(result.skipped)

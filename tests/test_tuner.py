@@ -286,6 +286,19 @@ def test_an_expensive_candidate_predicted_over_budget_is_never_run(monkeypatch):
     assert d.skipped["masked_dense"].startswith("predicted ~0.064s a call")
 
 
+@pytest.mark.parametrize("leader_s, runs", [(2e-3, False), (2e-4, True)])
+def test_on_cpu_a_candidate_doing_10x_a_slow_leaders_arithmetic_is_not_run(monkeypatch, leader_s, runs):
+    monkeypatch.setenv("GROUPED_OPS_TUNE_BUDGET_S", "30")  # far from the absolute cap
+    # masked_dense does n=16 times the arithmetic. A 2 ms leader is bound by arithmetic: masked_dense
+    # cannot win, so it is not run. Next to a 0.2 ms leader, overheads may dominate: it is tried.
+    timer = FakeTimer({"bmm": leader_s}, default=2 * leader_s)
+    with dispatch.use_timer(timer):
+        d = grouped_ops.prewarm("grouped_linear", *gl_args(batch=2, n=16, inn=4, out=4))
+    assert ("masked_dense" in timer.calls) == runs
+    if not runs:
+        assert d.skipped["masked_dense"] == "predicted ~0.032s a call (16x the arithmetic of a 2 ms leader): it cannot win"
+
+
 def test_tune_alone_needs_no_op():
     result = tune(["a", "b"], make_run=lambda name: lambda: (torch.ones(1),), timer=FakeTimer({"b": 1e-5}),
                   check=lambda ref, got: None)
@@ -790,3 +803,21 @@ def test_a_close_call_gets_paired_confirmation_samples():
         d = grouped_ops.prewarm("grouped_linear", *gl_args())
     assert timer.calls["bmm"] == timer.calls["einsum"] == 25 + tuner_module.CONFIRM_SAMPLES
     assert d.impl == "einsum"
+
+
+def test_rounds_change_order_so_one_candidates_after_effects_do_not_always_hit_the_same_next():
+    # bmm is 10% faster than einsum, but whatever runs right after loop is 50% slow. In a fixed
+    # order bmm would always follow loop and lose to einsum.
+    previous: list[str] = [""]
+
+    class AfterEffects(FakeTimer):
+        def __call__(self, name: str, fn: Callable[[], Any], number: int) -> float:
+            t = super().__call__(name, fn, number) * (1.5 if previous[0] == "loop" else 1.0)
+            previous[0] = name
+            return t
+
+    timer = AfterEffects({"bmm": 1.0e-4, "einsum": 1.1e-4, "grouped_mm": 1e-3, "loop": 1.2e-4,
+                          "masked_dense": 1e-2})
+    with dispatch.use_timer(timer):
+        d = grouped_ops.prewarm("grouped_linear", *gl_args())
+    assert d.impl == "bmm", d.table()

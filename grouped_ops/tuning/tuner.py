@@ -7,6 +7,7 @@ zero-argument run for each (on private inputs), a timer, and a numerical check.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ def tune(
     work_factor: Mapping[str, float] | None = None,
     budget_s: float = 0.3,
     max_reps: int = 25,
+    arithmetic_bound_s: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
     on_error: Callable[[BaseException], None] = lambda e: None,
 ) -> TuneResult:
@@ -47,6 +49,9 @@ def tune(
     expensive one is tried; a candidate whose predicted time (leader x work factor) exceeds the
     budget is skipped, one that raises or fails ``check`` against the first candidate's result is
     excluded. Ties within noise go to the earliest in ``candidates``.
+
+    ``arithmetic_bound_s``: where a leader's call lasts at least this long, time follows arithmetic
+    on this device, so a candidate doing HOPELESS_FACTOR times the leader's arithmetic is not run.
     """
     work = work_factor or {}
     order = sorted(candidates, key=lambda n: work.get(n, 1.0))
@@ -63,6 +68,13 @@ def tune(
         if leader is not None and factor > 1 and leader * factor > budget_s:
             result.skipped[name] = (f"predicted ~{leader * factor:.3g}s a call ({factor:.0f}x the arithmetic), "
                                     f"over the {budget_s:g}s tuning budget")
+            continue
+        if (leader is not None and arithmetic_bound_s is not None and factor >= HOPELESS_FACTOR
+                and leader >= arithmetic_bound_s):
+            # It would be cut as hopeless after two samples anyway; meanwhile its long calls eat
+            # the budget and their after-effects (large allocations) skew whoever runs next.
+            result.skipped[name] = (f"predicted ~{leader * factor:.3g}s a call ({factor:.0f}x the arithmetic "
+                                    f"of a {leader * 1e3:.3g} ms leader): it cannot win")
             continue
         try:
             run = make_run(name)
@@ -83,11 +95,14 @@ def tune(
         number[name] = max(1, min(1000, math.ceil(MIN_SAMPLE_S / max(first, 1e-9))))
 
     start = clock()
+    shuffler = random.Random(0)  # private and seeded: repeated tunings run the same orders
     for _ in range(max_reps - 1):
         if clock() - start > budget_s or not runs:
             break
         leader = min(statistics.median(s) for s in samples.values())
-        for name in list(runs):
+        # Each round in a new order: whatever one candidate leaves behind (evicted caches, a
+        # trimmed heap) must not always land on the same next one.
+        for name in shuffler.sample(list(runs), len(runs)):
             # A clear loser stops being timed (its timing so far stands). Judged by its best
             # sample, never by one alone: on a busy machine a preempted sample can be 10-100x
             # slow (an OpenMP barrier waiting on a descheduled thread), and the first sample is
