@@ -44,6 +44,7 @@ from .api import prewarm
 from .functional import grouped_linear, weighted_combine
 from .ops import SPECS
 from .signature import _cpu_model, device_name
+from .tuning.settings import settings as tuning_settings
 from .tuning.timer import timer_for
 
 __all__ = ["configure_parser", "run"]
@@ -891,8 +892,7 @@ def _sweep(args: argparse.Namespace, grid: Grid, device: torch.device, ops: list
     settings = {"cell_time_s": env.cell_time, "max_gflop": env.max_gflop, "mem_cap_gib": round(env.mem_cap / 2**30, 2),
                 "max_workspace_gib": None if math.isinf(env.max_workspace) else env.max_workspace / 2**30,
                 "reps": env.reps, "min_sample_ms": args.min_sample_ms, "seed": env.seed, "cache": args.cache,
-                "tune_budget_s": args.tune_budget if args.tune_budget is not None
-                else float(os.environ.get("GROUPED_OPS_TUNE_BUDGET_S") or 0.3)}
+                "tune_budget_s": tuning_settings().budget_s}
 
     cells = [c for op in ops for c in _plan(op, grid, args, dtypes, passes)]
     for cell in cells:
