@@ -4,7 +4,7 @@ A crowded benchmark cell (every implementation round-robin) carries each variant
 the next (masked_dense's large allocations slow whatever follows), which biases single columns by
 10-60% on a 2-core VM. This check isolates the question: for every cell of a bench --json run, `auto`
 (after prewarm) is timed against each implementation that was within 1.3x of that cell's fastest,
-two at a time, alternating, with the median of many samples.
+two at a time, alternating, and reports the median of the paired ratios.
 
     python3 scripts/auto_check.py docs/benchmarks/auto-check.json [--threads 1]
 """
@@ -69,15 +69,20 @@ def timed(fn: Callable[[], None], number: int) -> float:
     return (time.perf_counter() - t) / number
 
 
+def _name(cell: dict) -> str:
+    return f"{cell['op']} {cell['dtype']} {cell['pass']} {cell['label']}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("json")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--samples", type=int, default=21)
+    p.add_argument("--samples", type=int, default=31)
+    p.add_argument("--only", default="", help="only cells whose 'op dtype pass label' contains this")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with open(a.json, encoding="utf-8") as f:
-        cells = [c for c in json.load(f)["cells"] if c.get("auto_over_best")]
+        cells = [c for c in json.load(f)["cells"] if c.get("auto_over_best") and a.only in _name(c)]
     ratios: dict[tuple[str, str], list[float]] = {}
     worst: list[tuple[float, str]] = []
     wrong: list[float] = []  # ratios of the cells where auto picked another implementation
@@ -90,7 +95,8 @@ def main() -> None:
         best = min(times.values())
         rivals = [n for n, t in times.items() if t <= 1.3 * best]
         with torch.set_grad_enabled(grad):
-            picked = grouped_ops.prewarm(cell["op"], *args).impl
+            decision = grouped_ops.prewarm(cell["op"], *args)
+        picked = decision.impl
         auto = runner(op, args, "auto", grad)
         per_rival = {}
         for name in rivals:
@@ -103,15 +109,17 @@ def main() -> None:
                 pair = ((auto, sa), (forced, sf)) if i % 2 else ((forced, sf), (auto, sa))
                 for fn, out in pair:
                     out.append(timed(fn, number))
-            per_rival[name] = statistics.median(sf), statistics.median(sa)
+            # the median of the paired ratios: each pair ran back to back, so slow drifts cancel
+            per_rival[name] = (statistics.median(sf), statistics.median(sa),
+                               statistics.median(x / y for x, y in zip(sa, sf, strict=True)))
         fastest = min(per_rival, key=lambda n: per_rival[n][0])
-        t_forced, t_auto = per_rival[fastest]
-        ratio = t_auto / t_forced
+        t_forced, t_auto, ratio = per_rival[fastest]
         ratios.setdefault((cell["op"], cell["pass"]), []).append(ratio)
         if picked != fastest:
             wrong.append(ratio)
-        worst.append((ratio, f"{cell['op']} {cell['dtype']} {cell['pass']} {cell['label']}: "
-                             f"auto ({picked}) {t_auto * 1e6:.1f}us vs {fastest} {t_forced * 1e6:.1f}us"))
+        tuned = ", ".join(f"{n} {t * 1e6:.0f}" for n, t in sorted(decision.timings.items(), key=lambda i: i[1])[:3])
+        worst.append((ratio, f"{_name(cell)}: auto ({picked}) {t_auto * 1e6:.1f}us vs {fastest} "
+                             f"{t_forced * 1e6:.1f}us (prewarm's medians, us: {tuned})"))
     print(f"torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}")
     print("| op | pass | cells | auto / fastest, geometric mean | worst |")
     print("|---|---|---:|---:|---:|")
