@@ -1,7 +1,8 @@
 """Print the signature grid behind the shipped tuning tables, as JSON lines for `prewarm --from`.
 
     python3 scripts/shipped_signatures.py cpu > /tmp/sigs.jsonl
-    GROUPED_OPS_CACHE_DIR=/tmp/ship python3 -m grouped_ops prewarm --from /tmp/sigs.jsonl
+    GROUPED_OPS_CACHE_DIR=/tmp/ship GROUPED_OPS_SHIPPED_DIR=$(mktemp -d) GROUPED_OPS_TUNE_BUDGET_S=1 \
+        GROUPED_OPS_TUNE_REPS=100 python3 -m grouped_ops prewarm --from /tmp/sigs.jsonl
     GROUPED_OPS_CACHE_DIR=/tmp/ship python3 -m grouped_ops cache export tuning_cache/<name>.json
 """
 
