@@ -6,7 +6,7 @@ the next (masked_dense's large allocations slow whatever follows), which biases 
 (after prewarm) is timed against each implementation that was within 1.3x of that cell's fastest,
 two at a time, alternating, and reports the median of the paired ratios.
 
-    python3 scripts/auto_check.py docs/benchmarks/auto-check.json [--threads 1]
+    python3 scripts/auto_check.py docs/benchmarks/auto-check.json [--threads 1] [--fresh-process]
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -73,66 +75,88 @@ def _name(cell: dict) -> str:
     return f"{cell['op']} {cell['dtype']} {cell['pass']} {cell['label']}"
 
 
+def check_cell(cell: dict, samples: int) -> dict:
+    """Prewarm the cell's signature, then time auto against each close rival, pairwise."""
+    op = getattr(grouped_ops, cell["op"])
+    grad = cell["pass"] == "fwdbwd"
+    args = inputs(cell, torch.Generator().manual_seed(0))
+    times = {n: r["median_s"] for n, r in cell["results"].items()
+             if r.get("kind") == "impl" and r.get("status") == "ok"}
+    best = min(times.values())
+    rivals = [n for n, t in times.items() if t <= 1.3 * best]
+    with torch.set_grad_enabled(grad):
+        decision = grouped_ops.prewarm(cell["op"], *args)
+    auto = runner(op, args, "auto", grad)
+    per_rival = {}
+    for name in rivals:
+        forced = runner(op, args, name, grad)
+        for f in (auto, forced, auto, forced):
+            f()
+        number = max(1, int(2e-3 / max(timed(forced, 1), 1e-7)))
+        sa, sf = [], []
+        for i in range(samples):
+            pair = ((auto, sa), (forced, sf)) if i % 2 else ((forced, sf), (auto, sa))
+            for fn, out in pair:
+                out.append(timed(fn, number))
+        # the median of the paired ratios: each pair ran back to back, so slow drifts cancel
+        per_rival[name] = (statistics.median(sf), statistics.median(sa),
+                           statistics.median(x / y for x, y in zip(sa, sf, strict=True)))
+    fastest = min(per_rival, key=lambda n: per_rival[n][0])
+    t_forced, t_auto, ratio = per_rival[fastest]
+    return {"name": _name(cell), "op": cell["op"], "pass": cell["pass"], "picked": decision.impl,
+            "fastest": fastest, "t_auto": t_auto, "t_forced": t_forced, "ratio": ratio,
+            "tuned": dict(decision.timings)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("json")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=int, default=31)
     p.add_argument("--only", default="", help="only cells whose 'op dtype pass label' contains this")
+    p.add_argument("--fresh-process", action="store_true",
+                   help="check each cell in a new Python process (no history from the other cells)")
+    p.add_argument("--cell-index", type=int, help=argparse.SUPPRESS)  # one cell, as a JSON line (internal)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with open(a.json, encoding="utf-8") as f:
         cells = [c for c in json.load(f)["cells"] if c.get("auto_over_best") and a.only in _name(c)]
+    if a.cell_index is not None:
+        print(json.dumps(check_cell(cells[a.cell_index], a.samples)))
+        return
+    results = []
+    for i, cell in enumerate(cells):
+        if a.fresh_process:
+            cmd = [sys.executable, __file__, a.json, "--threads", str(a.threads), "--samples", str(a.samples),
+                   "--only", a.only, "--cell-index", str(i)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        else:
+            results.append(check_cell(cell, a.samples))
+    report(results, f"torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}"
+                    + (", each in a fresh process" if a.fresh_process else ", all in one process"))
+
+
+def report(results: list[dict], header: str) -> None:
     ratios: dict[tuple[str, str], list[float]] = {}
-    worst: list[tuple[float, str]] = []
-    wrong: list[float] = []  # ratios of the cells where auto picked another implementation
-    for cell in cells:
-        op = getattr(grouped_ops, cell["op"])
-        grad = cell["pass"] == "fwdbwd"
-        args = inputs(cell, torch.Generator().manual_seed(0))
-        times = {n: r["median_s"] for n, r in cell["results"].items()
-                 if r.get("kind") == "impl" and r.get("status") == "ok"}
-        best = min(times.values())
-        rivals = [n for n, t in times.items() if t <= 1.3 * best]
-        with torch.set_grad_enabled(grad):
-            decision = grouped_ops.prewarm(cell["op"], *args)
-        picked = decision.impl
-        auto = runner(op, args, "auto", grad)
-        per_rival = {}
-        for name in rivals:
-            forced = runner(op, args, name, grad)
-            for f in (auto, forced, auto, forced):
-                f()
-            number = max(1, int(2e-3 / max(timed(forced, 1), 1e-7)))
-            sa, sf = [], []
-            for i in range(a.samples):
-                pair = ((auto, sa), (forced, sf)) if i % 2 else ((forced, sf), (auto, sa))
-                for fn, out in pair:
-                    out.append(timed(fn, number))
-            # the median of the paired ratios: each pair ran back to back, so slow drifts cancel
-            per_rival[name] = (statistics.median(sf), statistics.median(sa),
-                               statistics.median(x / y for x, y in zip(sa, sf, strict=True)))
-        fastest = min(per_rival, key=lambda n: per_rival[n][0])
-        t_forced, t_auto, ratio = per_rival[fastest]
-        ratios.setdefault((cell["op"], cell["pass"]), []).append(ratio)
-        if picked != fastest:
-            wrong.append(ratio)
-        tuned = ", ".join(f"{n} {t * 1e6:.0f}" for n, t in sorted(decision.timings.items(), key=lambda i: i[1])[:3])
-        worst.append((ratio, f"{_name(cell)}: auto ({picked}) {t_auto * 1e6:.1f}us vs {fastest} "
-                             f"{t_forced * 1e6:.1f}us (prewarm's medians, us: {tuned})"))
-    print(f"torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}")
+    for r in results:
+        ratios.setdefault((r["op"], r["pass"]), []).append(r["ratio"])
+    wrong = [r["ratio"] for r in results if r["picked"] != r["fastest"]]
+    print(header)
     print("| op | pass | cells | auto / fastest, geometric mean | worst |")
     print("|---|---|---:|---:|---:|")
-    for (op, pass_), r in ratios.items():
-        print(f"| {op} | {pass_} | {len(r)} | {statistics.geometric_mean(r):.3f} | {max(r):.3f} |")
-    every = [r for rs in ratios.values() for r in rs]
+    for (op, pass_), rs in ratios.items():
+        print(f"| {op} | {pass_} | {len(rs)} | {statistics.geometric_mean(rs):.3f} | {max(rs):.3f} |")
+    every = [r["ratio"] for r in results]
     print(f"| all | | {len(every)} | {statistics.geometric_mean(every):.3f} | {max(every):.3f} |")
     print(f"\nauto picked the fastest implementation in {len(every) - len(wrong)} of {len(every)} cells; "
           f"where it picked another, the worst ratio was {max(wrong, default=1.0):.3f}. Where it picked the "
           "fastest, a ratio other than 1 is this machine's noise between two runs of one function.")
     print("\nworst cells:")
-    for r, what in sorted(worst, reverse=True)[:5]:
-        print(f"  {r:.3f}  {what}")
+    for r in sorted(results, key=lambda r: r["ratio"], reverse=True)[:5]:
+        tuned = ", ".join(f"{n} {t * 1e6:.0f}" for n, t in sorted(r["tuned"].items(), key=lambda i: i[1])[:3])
+        print(f"  {r['ratio']:.3f}  {r['name']}: auto ({r['picked']}) {r['t_auto'] * 1e6:.1f}us vs {r['fastest']} "
+              f"{r['t_forced'] * 1e6:.1f}us (prewarm's medians, us: {tuned})")
 
 
 if __name__ == "__main__":
