@@ -326,7 +326,7 @@ def _compare(dtype: torch.dtype) -> Callable[[Any, Any], str | None]:
 
 # Where a call this long is bound by arithmetic, so that doing 10x the arithmetic cannot win. CPU:
 # in every sweep cell (122) with a leader of 1 ms or more, masked_dense at 10x+ the arithmetic was
-# at least 1.21x slower, and those long calls made the tuner misjudge the others (docs/autotuner.md).
+# at least 1.21x slower, and its long calls used up the budget and slowed the next candidate timed.
 # CUDA: not measured yet, so not assumed (a dense GEMM can beat a badly occupied batched one).
 _ARITHMETIC_BOUND_S = {"cpu": 1e-3}
 
