@@ -84,8 +84,10 @@ def check_cell(cell: dict, samples: int) -> dict:
              if r.get("kind") == "impl" and r.get("status") == "ok"}
     best = min(times.values())
     rivals = [n for n, t in times.items() if t <= 1.3 * best]
+    start = time.perf_counter()
     with torch.set_grad_enabled(grad):
         decision = grouped_ops.prewarm(cell["op"], *args)
+    tune_s = time.perf_counter() - start
     auto = runner(op, args, "auto", grad)
     per_rival = {}
     for name in rivals:
@@ -105,7 +107,7 @@ def check_cell(cell: dict, samples: int) -> dict:
     t_forced, t_auto, ratio = per_rival[fastest]
     return {"name": _name(cell), "op": cell["op"], "pass": cell["pass"], "picked": decision.impl,
             "fastest": fastest, "t_auto": t_auto, "t_forced": t_forced, "ratio": ratio,
-            "tuned": dict(decision.timings)}
+            "tuned": dict(decision.timings), "tune_s": tune_s}
 
 
 def main() -> None:
@@ -152,6 +154,9 @@ def report(results: list[dict], header: str) -> None:
     print(f"\nauto picked the fastest implementation in {len(every) - len(wrong)} of {len(every)} cells; "
           f"where it picked another, the worst ratio was {max(wrong, default=1.0):.3f}. Where it picked the "
           "fastest, a ratio other than 1 is this machine's noise between two runs of one function.")
+    tune_s = sorted(r["tune_s"] for r in results)
+    print(f"\nprewarm (tuning one signature): median {statistics.median(tune_s):.2f} s, "
+          f"slowest {tune_s[-1]:.2f} s, all {sum(tune_s):.1f} s")
     print("\nworst cells:")
     for r in sorted(results, key=lambda r: r["ratio"], reverse=True)[:5]:
         tuned = ", ".join(f"{n} {t * 1e6:.0f}" for n, t in sorted(r["tuned"].items(), key=lambda i: i[1])[:3])

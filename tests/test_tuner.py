@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -796,13 +798,76 @@ def test_decisions_are_logged_and_printed_on_request(monkeypatch, capsys, caplog
 def test_a_close_call_gets_paired_confirmation_samples():
     # einsum looks 10% behind in the rounds but is faster in the paired confirmation samples
     def einsum_time(count: int) -> float:
-        return 1.1e-5 if count <= 25 else 0.5e-5
-    timer = FakeTimer({"bmm": 1e-5, "einsum": einsum_time, "grouped_mm": 1e-3, "loop": 1e-3,
-                       "masked_dense": 1e-3})
+        return 1.1e-3 if count <= 25 else 0.9e-3
+    timer = FakeTimer({"bmm": 1e-3, "einsum": einsum_time}, default=1e-2)
     with dispatch.use_timer(timer):
         d = grouped_ops.prewarm("grouped_linear", *gl_args())
-    assert timer.calls["bmm"] == timer.calls["einsum"] == 25 + tuner_module.CONFIRM_SAMPLES
+    # ~1 ms samples (one call each): rounds until einsum's 0.9 ms samples cover CONFIRM_MIN_S
+    rounds = math.ceil(tuner_module.CONFIRM_MIN_S / 0.9e-3)
+    assert tuner_module.CONFIRM_MIN_ROUNDS < rounds < tuner_module.CONFIRM_MAX_ROUNDS
+    assert timer.calls["bmm"] == timer.calls["einsum"] == 25 + rounds
     assert d.impl == "einsum"
+
+
+def test_a_fast_close_call_is_confirmed_for_at_most_the_round_cap():
+    timer = FakeTimer({"bmm": 1e-6, "einsum": 1.05e-6}, default=1e-3)
+    with dispatch.use_timer(timer):
+        d = grouped_ops.prewarm("grouped_linear", *gl_args())
+    assert timer.calls["bmm"] == timer.calls["einsum"] == 25 + tuner_module.CONFIRM_MAX_ROUNDS
+    assert d.impl == "bmm"
+
+
+def test_every_candidate_in_the_close_call_band_is_confirmed():
+    # grouped_mm is third in the rounds (12% behind) but the fastest in the paired samples
+    def grouped_mm_time(count: int) -> float:
+        return 1.12e-3 if count <= 25 else 0.8e-3
+    timer = FakeTimer({"bmm": 1e-3, "einsum": 1.05e-3, "grouped_mm": grouped_mm_time}, default=1e-2)
+    with dispatch.use_timer(timer):
+        d = grouped_ops.prewarm("grouped_linear", *gl_args())
+    assert timer.calls["bmm"] == timer.calls["einsum"] == timer.calls["grouped_mm"] > 25
+    assert d.impl == "grouped_mm"
+
+
+def test_a_close_call_is_decided_by_paired_ratios_not_by_raw_medians():
+    # Confirmation rounds of three kinds: einsum 10% and 7% faster than bmm in the same round, and
+    # once 45% slower (a stall hit it). Raw medians say bmm (2.0 vs 2.8 ms); back to back, einsum
+    # wins two rounds of three, and its median ratio is 0.93.
+    kinds = [(1.0e-3, 0.9e-3), (3.0e-3, 2.8e-3), (2.0e-3, 2.9e-3)]
+
+    def timing(which: int) -> Callable[[int], float]:
+        return lambda count: (1e-3, 1.05e-3)[which] if count <= 25 else kinds[(count - 26) % 3][which]
+
+    timer = FakeTimer({"bmm": timing(0), "einsum": timing(1)}, default=1e-1)
+    with dispatch.use_timer(timer):
+        d = grouped_ops.prewarm("grouped_linear", *gl_args())
+    assert d.impl == "einsum"
+    assert d.timings["einsum"] / d.timings["bmm"] == pytest.approx(2.8 / 3.0)
+
+
+def test_the_near_tie_band_is_the_uncertainty_of_the_median_not_the_spread_of_samples():
+    # einsum is 3% faster with +-10% noise per sample. Its samples spread ~10%, but the median of
+    # ~30 of them is known to ~2%: a real difference, not a tie for the preference order.
+    timer = FakeTimer({"bmm": 1e-3, "einsum": lambda count: 0.97e-3 * (1 + 0.1 * ((count % 5) - 2) / 2)},
+                      default=1e-1)
+    with dispatch.use_timer(timer):
+        d = grouped_ops.prewarm("grouped_linear", *gl_args())
+    assert d.impl == "einsum", d.table()
+
+
+def test_the_garbage_collector_is_paused_while_timing_and_restored_after():
+    states: list[bool] = []
+
+    class Watching(FakeTimer):
+        def __call__(self, name: str, fn: Callable[[], Any], number: int) -> float:
+            states.append(gc.isenabled())
+            return super().__call__(name, fn, number)
+
+    assert gc.isenabled()
+    result = tune(["a", "b"], make_run=lambda name: lambda: (torch.ones(1),), timer=Watching({"b": 1e-5}),
+                  check=lambda ref, got: None)
+    assert result.winner == "b"
+    assert states[2:] and not any(states[2:])  # the rounds (after each candidate's first sample)
+    assert gc.isenabled()
 
 
 def test_rounds_change_order_so_one_candidates_after_effects_do_not_always_hit_the_same_next():

@@ -6,6 +6,7 @@ zero-argument run for each (on private inputs), a timer, and a numerical check.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import statistics
@@ -19,8 +20,10 @@ from .timer import Timer
 MIN_SAMPLE_S = 2e-4  # repeat a fast candidate inside one sample until the sample lasts this long
 LOSER_FACTOR = 3.0  # a candidate whose best of 3+ samples is this many times the leader's median is cut
 HOPELESS_FACTOR = 10.0  # ... and after 2 samples when this many times
-CONFIRM_BAND, CONFIRM_SAMPLES = 0.15, 10  # two best this close get a paired run of extra samples each
-TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the winner's own spread, clamped to 1%..5%
+CONFIRM_BAND = 0.15  # candidates this close to the best get a paired run of extra samples ...
+CONFIRM_MIN_ROUNDS, CONFIRM_MAX_ROUNDS = 10, 100  # ... this many rounds at least and at most, ...
+CONFIRM_MIN_S = 0.03  # ... and until each one's paired samples cover this much of its calls
+TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of the winner's median, clamped to 1%..5%
 
 
 @dataclass
@@ -94,8 +97,30 @@ def tune(
         runs[name], samples[name] = run, [first]
         number[name] = max(1, min(1000, math.ceil(MIN_SAMPLE_S / max(first, 1e-9))))
 
-    start = clock()
     shuffler = random.Random(0)  # private and seeded: repeated tunings run the same orders
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a cyclic collection landing in one sample is not the candidate's cost
+    try:
+        _rounds(samples, runs, number, timer, on_error, result, shuffler, clock, budget_s, max_reps)
+        paired = _confirm_close_calls(samples, runs, number, timer, on_error, result, shuffler, clock, budget_s)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    result.timings = {n: statistics.median(s) for n, s in samples.items()}
+    result.timings.update(paired)
+    if result.timings:
+        best_name = min(result.timings, key=result.timings.__getitem__)
+        best = result.timings[best_name]
+        band = min(TIE_MAX, max(TIE_MIN, _uncertainty(samples[best_name])))
+        result.winner = next(n for n in candidates if n in result.timings and result.timings[n] <= best * (1 + band))
+    return result
+
+
+def _rounds(samples: dict[str, list[float]], runs: dict[str, Callable[[], Any]], number: dict[str, int],
+            timer: Timer, on_error: Callable[[BaseException], None], result: TuneResult,
+            shuffler: random.Random, clock: Callable[[], float], budget_s: float, max_reps: int) -> None:
+    """Round-robin samples of every candidate still in, until ``max_reps`` or the budget."""
+    start = clock()
     for _ in range(max_reps - 1):
         if clock() - start > budget_s or not runs:
             break
@@ -114,39 +139,47 @@ def tune(
             if not _sample(name, samples[name], runs, number, timer, on_error, result):
                 del runs[name], samples[name]
 
-    _confirm_close_call(samples, runs, number, timer, on_error, result)
-    result.timings = {n: statistics.median(s) for n, s in samples.items()}
-    if result.timings:
-        best_name = min(result.timings, key=result.timings.__getitem__)
-        best = result.timings[best_name]
-        band = min(TIE_MAX, max(TIE_MIN, _spread(samples[best_name])))
-        result.winner = next(n for n in candidates if n in result.timings and result.timings[n] <= best * (1 + band))
-    return result
 
-
-def _confirm_close_call(samples: dict[str, list[float]], runs: dict[str, Callable[[], Any]],
-                        number: dict[str, int], timer: Timer, on_error: Callable[[BaseException], None],
-                        result: TuneResult) -> None:
-    """When the two best are within CONFIRM_BAND, time just those two, alternating, a few more times.
+def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callable[[], Any]],
+                         number: dict[str, int], timer: Timer, on_error: Callable[[BaseException], None],
+                         result: TuneResult, shuffler: random.Random, clock: Callable[[], float],
+                         budget_s: float) -> dict[str, float]:
+    """Every candidate within CONFIRM_BAND of the best is timed again, in rounds of one sample each
+    (a new order every round), and those samples alone decide between them: returns each one's
+    median time as estimated from the paired samples.
 
     Round-robin samples of every candidate on a shared machine are noisy enough to flip a close call
-    (measured: loop 662 vs 898 us in two tunings of one signature); a paired run of the two
-    contenders is what decides it.
+    (measured: loop 662 vs 898 us in two tunings of one signature). A fast signature's 25 rounds
+    last only ~50 ms, so one transient can cover all of them: the close ones are timed until their
+    samples cover CONFIRM_MIN_S each (at least CONFIRM_MIN_ROUNDS rounds, at most CONFIRM_MAX_ROUNDS
+    or the budget). In one measured miss the true best was the third, so the band takes them all.
     """
-    ranked = sorted((n for n in samples if n in runs), key=lambda n: statistics.median(samples[n]))
-    if len(ranked) < 2:
-        return
-    a, b = ranked[:2]
-    if statistics.median(samples[b]) > statistics.median(samples[a]) * (1 + CONFIRM_BAND):
-        return
-    paired: dict[str, list[float]] = {a: [], b: []}
-    for i in range(CONFIRM_SAMPLES):
-        for name in (a, b) if i % 2 else (b, a):
-            if name not in paired:
-                continue
+    medians = {n: statistics.median(s) for n, s in samples.items() if n in runs}
+    if len(medians) < 2:
+        return {}
+    best = min(medians.values())
+    paired: dict[str, list[float]] = {n: [] for n, m in medians.items() if m <= best * (1 + CONFIRM_BAND)}
+    if len(paired) < 2:
+        return {}
+    start = clock()
+    for i in range(CONFIRM_MAX_ROUNDS):
+        if len(paired) < 2:
+            break
+        if i >= CONFIRM_MIN_ROUNDS and (clock() - start > budget_s or
+                                        min(sum(s) * number[n] for n, s in paired.items()) >= CONFIRM_MIN_S):
+            break
+        for name in shuffler.sample(list(paired), len(paired)):
             if not _sample(name, paired[name], runs, number, timer, on_error, result):
                 del paired[name], samples[name]
-    samples.update(paired)  # the paired samples, taken under the same conditions, decide
+    samples.update(paired)
+    if len(paired) < 2:
+        return {}
+    # Each round's samples ran back to back, so the median of per-round ratios cancels the
+    # machine's slower drifts (measured: it halves the noise of a side-by-side check).
+    reference = next(iter(paired))
+    base = statistics.median(paired[reference])
+    return {n: base * statistics.median(a / b for a, b in zip(s, paired[reference], strict=True))
+            for n, s in paired.items()}
 
 
 def _sample(name: str, into: list[float], runs: dict[str, Callable[[], Any]], number: dict[str, int],
@@ -167,9 +200,10 @@ def _raised(e: BaseException) -> str:
     return f"raised {type(e).__name__}: {first_line}"[:300]
 
 
-def _spread(values: list[float]) -> float:
-    """Relative interquartile range: how noisy these samples are."""
+def _uncertainty(values: list[float]) -> float:
+    """Relative standard error of the median of ``values``: ~0.93 x interquartile range / sqrt(n)
+    for normally spread samples. Differences below it are noise, not speed."""
     if len(values) < 4:
         return TIE_MAX / 2
     q = statistics.quantiles(values, n=4)
-    return (q[2] - q[0]) / max(statistics.median(values), 1e-12)
+    return 0.93 * (q[2] - q[0]) / max(statistics.median(values), 1e-12) / math.sqrt(len(values))
