@@ -854,6 +854,18 @@ def test_the_near_tie_band_is_the_uncertainty_of_the_median_not_the_spread_of_sa
     assert d.impl == "einsum", d.table()
 
 
+def test_an_unresolved_close_call_is_timed_until_its_gap_exceeds_its_noise():
+    # einsum is 3% faster with +-20% noise per sample: after 30 ms of samples the gap is still within
+    # the uncertainty (~3.3%), so confirmation goes on until it is not, and einsum wins
+    timer = FakeTimer({"bmm": 1e-3, "einsum": lambda count: 0.97e-3 * (1 + 0.2 * ((count % 5) - 2) / 2)},
+                      default=1e-1)
+    with dispatch.use_timer(timer):
+        d = grouped_ops.prewarm("grouped_linear", *gl_args())
+    covered = math.ceil(tuner_module.CONFIRM_MIN_S / 0.97e-3)
+    assert 25 + covered < timer.calls["einsum"] < 25 + tuner_module.CONFIRM_MAX_ROUNDS
+    assert d.impl == "einsum", d.table()
+
+
 def test_the_garbage_collector_is_paused_while_timing_and_restored_after():
     states: list[bool] = []
 

@@ -22,8 +22,9 @@ LOSER_FACTOR = 3.0  # a candidate whose best of 3+ samples is this many times th
 HOPELESS_FACTOR = 10.0  # ... and after 2 samples when this many times
 CONFIRM_BAND = 0.15  # candidates this close to the best get a paired run of extra samples ...
 CONFIRM_MIN_ROUNDS, CONFIRM_MAX_ROUNDS = 10, 100  # ... this many rounds at least and at most, ...
-CONFIRM_MIN_S = 0.03  # ... and until each one's paired samples cover this much of its calls
-TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of the winner's median, clamped to 1%..5%
+CONFIRM_MIN_S = 0.03  # ... until each one's paired samples cover this much of its calls, and until
+                      # each gap to the best is either a near-tie or larger than its uncertainty
+TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of a gap to the best, clamped to 1%..5%
 
 
 @dataclass
@@ -102,7 +103,8 @@ def tune(
     gc.disable()  # as timeit does: a cyclic collection landing in one sample is not the candidate's cost
     try:
         _rounds(samples, runs, number, timer, on_error, result, shuffler, clock, budget_s, max_reps)
-        paired = _confirm_close_calls(samples, runs, number, timer, on_error, result, shuffler, clock, budget_s)
+        paired, noise = _confirm_close_calls(samples, runs, number, timer, on_error, result, shuffler, clock,
+                                             budget_s)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -111,8 +113,10 @@ def tune(
     if result.timings:
         best_name = min(result.timings, key=result.timings.__getitem__)
         best = result.timings[best_name]
-        band = min(TIE_MAX, max(TIE_MIN, _uncertainty(samples[best_name])))
-        result.winner = next(n for n in candidates if n in result.timings and result.timings[n] <= best * (1 + band))
+        # A confirmed contender's gap is known from its paired ratios to the best; anyone else's
+        # from the best's own samples.
+        band = {n: _band(noise[n] if n in noise else _uncertainty(samples[best_name])) for n in result.timings}
+        result.winner = next(n for n in candidates if n in result.timings and result.timings[n] <= best * (1 + band[n]))
     return result
 
 
@@ -143,43 +147,70 @@ def _rounds(samples: dict[str, list[float]], runs: dict[str, Callable[[], Any]],
 def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callable[[], Any]],
                          number: dict[str, int], timer: Timer, on_error: Callable[[BaseException], None],
                          result: TuneResult, shuffler: random.Random, clock: Callable[[], float],
-                         budget_s: float) -> dict[str, float]:
+                         budget_s: float) -> tuple[dict[str, float], dict[str, float]]:
     """Every candidate within CONFIRM_BAND of the best is timed again, in rounds of one sample each
-    (a new order every round), and those samples alone decide between them: returns each one's
-    median time as estimated from the paired samples.
+    (a new order every round), and those samples alone decide between them. Returns each one's
+    median time as estimated from the paired samples, and the uncertainty of each one's gap to the
+    best (see _compare_paired).
 
     Round-robin samples of every candidate on a shared machine are noisy enough to flip a close call
     (measured: loop 662 vs 898 us in two tunings of one signature). A fast signature's 25 rounds
-    last only ~50 ms, so one transient can cover all of them: the close ones are timed until their
-    samples cover CONFIRM_MIN_S each (at least CONFIRM_MIN_ROUNDS rounds, at most CONFIRM_MAX_ROUNDS
-    or the budget). In one measured miss the true best was the third, so the band takes them all.
+    last only ~50 ms, so one transient can cover all of them. The close ones are timed for at least
+    CONFIRM_MIN_ROUNDS rounds, until their samples cover CONFIRM_MIN_S each, and then on until every
+    gap to the best is resolved: a near-tie (under TIE_MIN) or larger than its own uncertainty. At
+    most CONFIRM_MAX_ROUNDS rounds, or the budget again. In one measured miss the true best was the
+    third, so the band takes them all.
     """
     medians = {n: statistics.median(s) for n, s in samples.items() if n in runs}
     if len(medians) < 2:
-        return {}
+        return {}, {}
     best = min(medians.values())
     paired: dict[str, list[float]] = {n: [] for n, m in medians.items() if m <= best * (1 + CONFIRM_BAND)}
     if len(paired) < 2:
-        return {}
+        return {}, {}
     start = clock()
     for i in range(CONFIRM_MAX_ROUNDS):
         if len(paired) < 2:
             break
-        if i >= CONFIRM_MIN_ROUNDS and (clock() - start > budget_s or
-                                        min(sum(s) * number[n] for n, s in paired.items()) >= CONFIRM_MIN_S):
+        if i >= CONFIRM_MIN_ROUNDS and (
+                clock() - start > budget_s
+                or (min(sum(s) * number[n] for n, s in paired.items()) >= CONFIRM_MIN_S
+                    and _resolved(*_compare_paired(paired)))):
             break
         for name in shuffler.sample(list(paired), len(paired)):
             if not _sample(name, paired[name], runs, number, timer, on_error, result):
                 del paired[name], samples[name]
     samples.update(paired)
     if len(paired) < 2:
-        return {}
-    # Each round's samples ran back to back, so the median of per-round ratios cancels the
-    # machine's slower drifts (measured: it halves the noise of a side-by-side check).
+        return {}, {}
+    return _compare_paired(paired)
+
+
+def _compare_paired(paired: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Estimated median times from paired samples (round i of every list ran back to back), and for
+    each one but the best, the uncertainty of its gap to the best.
+
+    Estimates are one median time scaled by the median of per-round ratios: two samples taken back
+    to back see the same machine, so its drifts cancel (measured: half the noise of a side-by-side
+    check that compares two medians).
+    """
+    def ratios(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(paired[a], paired[b], strict=True)]
+
     reference = next(iter(paired))
     base = statistics.median(paired[reference])
-    return {n: base * statistics.median(a / b for a, b in zip(s, paired[reference], strict=True))
-            for n, s in paired.items()}
+    estimates = {n: base * statistics.median(ratios(n, reference)) for n in paired}
+    best = min(estimates, key=estimates.__getitem__)
+    return estimates, {n: _uncertainty(ratios(n, best)) for n in paired if n != best}
+
+
+def _resolved(estimates: dict[str, float], noise: dict[str, float]) -> bool:
+    best = min(estimates.values())
+    return all(estimates[n] / best - 1 <= TIE_MIN or estimates[n] / best - 1 > _band(u) for n, u in noise.items())
+
+
+def _band(uncertainty: float) -> float:
+    return min(TIE_MAX, max(TIE_MIN, uncertainty))
 
 
 def _sample(name: str, into: list[float], runs: dict[str, Callable[[], Any]], number: dict[str, int],
