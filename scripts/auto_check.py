@@ -154,9 +154,10 @@ def report(results: list[dict], header: str) -> None:
     print(f"\nauto picked the fastest implementation in {len(every) - len(wrong)} of {len(every)} cells; "
           f"where it picked another, the worst ratio was {max(wrong, default=1.0):.3f}. Where it picked the "
           "fastest, a ratio other than 1 is this machine's noise between two runs of one function.")
-    tune_s = sorted(r["tune_s"] for r in results)
-    print(f"\nprewarm (tuning one signature): median {statistics.median(tune_s):.2f} s, "
-          f"slowest {tune_s[-1]:.2f} s, all {sum(tune_s):.1f} s")
+    tune_s = [r["tune_s"] for r in results]
+    slowest = max(results, key=lambda r: r["tune_s"])
+    print(f"\nprewarm (tuning one signature): median {statistics.median(tune_s):.2f} s, all {sum(tune_s):.1f} s, "
+          f"slowest {slowest['tune_s']:.2f} s ({slowest['name']})")
     print("\nworst cells:")
     for r in sorted(results, key=lambda r: r["ratio"], reverse=True)[:5]:
         tuned = ", ".join(f"{n} {t * 1e6:.0f}" for n, t in sorted(r["tuned"].items(), key=lambda i: i[1])[:3])

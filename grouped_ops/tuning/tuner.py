@@ -20,7 +20,7 @@ from .timer import Timer
 MIN_SAMPLE_S = 2e-4  # repeat a fast candidate inside one sample until the sample lasts this long
 LOSER_FACTOR = 3.0  # a candidate whose best of 3+ samples is this many times the leader's median is cut
 HOPELESS_FACTOR = 10.0  # ... and after 2 samples when this many times
-CONFIRM_BAND = 0.15  # candidates this close to the best get a paired run of extra samples ...
+CONFIRM_BAND = 0.15  # a candidate with a sample this close to the best median gets paired extra samples ...
 CONFIRM_MIN_ROUNDS, CONFIRM_MAX_ROUNDS = 10, 100  # ... this many rounds at least and at most, ...
 CONFIRM_MIN_S = 0.03  # ... until each one's paired samples cover this much of its calls, and until
                       # each gap to the best is either a near-tie or larger than its uncertainty
@@ -148,8 +148,9 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
                          number: dict[str, int], timer: Timer, on_error: Callable[[BaseException], None],
                          result: TuneResult, shuffler: random.Random, clock: Callable[[], float],
                          budget_s: float) -> tuple[dict[str, float], dict[str, float]]:
-    """Every candidate within CONFIRM_BAND of the best is timed again, in rounds of one sample each
-    (a new order every round), and those samples alone decide between them. Returns each one's
+    """Every candidate whose best sample is within CONFIRM_BAND of the best median is timed again, in
+    rounds of one sample each (a new order every round), and those samples alone decide between
+    them. Returns each one's
     median time as estimated from the paired samples, and the uncertainty of each one's gap to the
     best (see _compare_paired).
 
@@ -161,11 +162,14 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
     most CONFIRM_MAX_ROUNDS rounds, or the budget again. In one measured miss the true best was the
     third, so the band takes them all.
     """
-    medians = {n: statistics.median(s) for n, s in samples.items() if n in runs}
-    if len(medians) < 2:
+    timed = [n for n in samples if n in runs]
+    if len(timed) < 2:
         return {}, {}
-    best = min(medians.values())
-    paired: dict[str, list[float]] = {n: [] for n, m in medians.items() if m <= best * (1 + CONFIRM_BAND)}
+    best = min(statistics.median(samples[n]) for n in timed)
+    # Judged by each one's best sample: interference only ever adds time, and in a busy spell most
+    # of a candidate's samples can be slow (measured: loop's median 922 us in the rounds, 207 us
+    # when timed again; its best sample had been close to that).
+    paired: dict[str, list[float]] = {n: [] for n in timed if min(samples[n]) <= best * (1 + CONFIRM_BAND)}
     if len(paired) < 2:
         return {}, {}
     start = clock()
