@@ -2,11 +2,14 @@
 
 A crowded benchmark cell (every implementation round-robin) carries each variant's after-effects into
 the next (masked_dense's large allocations slow whatever follows), which biases single columns by
-10-60% on a 2-core VM. This check isolates the question: for every cell of a bench --json run, `auto`
-(after prewarm) is timed against each implementation that was within 1.3x of that cell's fastest,
-two at a time, alternating, and reports the median of the paired ratios.
+10-60% on a 2-core VM. This check isolates the question. Every cell of a bench --json run is
+prewarmed first (into an empty cache, as a job prewarms before it trains); then, in each of
+``--passes`` passes over all cells, `auto` is timed against each implementation that was within 1.3x
+of that cell's fastest, two at a time, alternating, and the median of the paired ratios is taken. A
+cell's ratio is its median pass: the machine's busy spells last seconds, so passes a minute apart
+measure the same fixed decision independently.
 
-    python3 scripts/auto_check.py docs/benchmarks/auto-check.json [--threads 1] [--fresh-process]
+    python3 scripts/auto_check.py docs/benchmarks/auto-check.json [--threads 1] [--passes 3] [--fresh-process]
 """
 
 from __future__ import annotations
@@ -75,19 +78,25 @@ def _name(cell: dict) -> str:
     return f"{cell['op']} {cell['dtype']} {cell['pass']} {cell['label']}"
 
 
-def check_cell(cell: dict, samples: int) -> dict:
-    """Prewarm the cell's signature, then time auto against each close rival, pairwise."""
+def prewarm_cell(cell: dict) -> dict:
+    """Tune the cell's signature (into the empty cache) on the cell's own arguments."""
+    args = inputs(cell, torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.set_grad_enabled(cell["pass"] == "fwdbwd"):
+        decision = grouped_ops.prewarm(cell["op"], *args)
+    return {"cell": cell, "args": args, "decision": decision, "tune_s": time.perf_counter() - start}
+
+
+def measure(state: dict, samples: int) -> dict:
+    """Time auto against each implementation that was within 1.3x of the cell's fastest, pairwise;
+    the fastest of them, its time, auto's time and the median of their paired ratios."""
+    cell, args = state["cell"], state["args"]
     op = getattr(grouped_ops, cell["op"])
     grad = cell["pass"] == "fwdbwd"
-    args = inputs(cell, torch.Generator().manual_seed(0))
     times = {n: r["median_s"] for n, r in cell["results"].items()
              if r.get("kind") == "impl" and r.get("status") == "ok"}
     best = min(times.values())
     rivals = [n for n, t in times.items() if t <= 1.3 * best]
-    start = time.perf_counter()
-    with torch.set_grad_enabled(grad):
-        decision = grouped_ops.prewarm(cell["op"], *args)
-    tune_s = time.perf_counter() - start
     auto = runner(op, args, "auto", grad)
     per_rival = {}
     for name in rivals:
@@ -105,9 +114,25 @@ def check_cell(cell: dict, samples: int) -> dict:
                            statistics.median(x / y for x, y in zip(sa, sf, strict=True)))
     fastest = min(per_rival, key=lambda n: per_rival[n][0])
     t_forced, t_auto, ratio = per_rival[fastest]
-    return {"name": _name(cell), "op": cell["op"], "pass": cell["pass"], "picked": decision.impl,
-            "fastest": fastest, "t_auto": t_auto, "t_forced": t_forced, "ratio": ratio,
-            "tuned": dict(decision.timings), "tune_s": tune_s}
+    return {"fastest": fastest, "t_auto": t_auto, "t_forced": t_forced, "ratio": ratio}
+
+
+def check_cells(cells: list[dict], samples: int, passes: int) -> list[dict]:
+    """Prewarm every cell first (as a job prewarms before it trains), then measure every cell
+    ``passes`` times, one pass over all cells after another, and keep each cell's median pass:
+    the machine's slow spells last seconds, so passes minutes apart are independent measurements
+    of the same, fixed decision."""
+    states = [prewarm_cell(c) for c in cells]
+    rounds = [[measure(st, samples) for st in states] for _ in range(passes)]
+    results = []
+    for i, st in enumerate(states):
+        per_pass = sorted((r[i] for r in rounds), key=lambda m: m["ratio"])
+        median = per_pass[len(per_pass) // 2]
+        cell, decision = st["cell"], st["decision"]
+        results.append({"name": _name(cell), "op": cell["op"], "pass": cell["pass"], "picked": decision.impl,
+                        **median, "pass_ratios": [m["ratio"] for m in per_pass],
+                        "tuned": dict(decision.timings), "tune_s": st["tune_s"]})
+    return results
 
 
 def main() -> None:
@@ -115,6 +140,7 @@ def main() -> None:
     p.add_argument("json")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=int, default=31)
+    p.add_argument("--passes", type=int, default=3, help="measure every cell this many times; keep the median")
     p.add_argument("--only", default="", help="only cells whose 'op dtype pass label' contains this")
     p.add_argument("--fresh-process", action="store_true",
                    help="check each cell in a new Python process (no history from the other cells)")
@@ -124,19 +150,20 @@ def main() -> None:
     with open(a.json, encoding="utf-8") as f:
         cells = [c for c in json.load(f)["cells"] if c.get("auto_over_best") and a.only in _name(c)]
     if a.cell_index is not None:
-        print(json.dumps(check_cell(cells[a.cell_index], a.samples)))
+        print(json.dumps(check_cells([cells[a.cell_index]], a.samples, a.passes)[0]))
         return
-    results = []
-    for i, cell in enumerate(cells):
-        if a.fresh_process:
+    if a.fresh_process:
+        results = []
+        for i in range(len(cells)):
             cmd = [sys.executable, __file__, a.json, "--threads", str(a.threads), "--samples", str(a.samples),
-                   "--only", a.only, "--cell-index", str(i)]
+                   "--passes", str(a.passes), "--only", a.only, "--cell-index", str(i)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
-        else:
-            results.append(check_cell(cell, a.samples))
-    report(results, f"torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}"
-                    + (", each in a fresh process" if a.fresh_process else ", all in one process"))
+    else:
+        results = check_cells(cells, a.samples, a.passes)
+    report(results, f"torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}, "
+                    f"median of {a.passes} passes" + (", each cell in a fresh process" if a.fresh_process
+                                                     else ", all in one process"))
 
 
 def report(results: list[dict], header: str) -> None:
@@ -161,8 +188,9 @@ def report(results: list[dict], header: str) -> None:
     print("\nworst cells:")
     for r in sorted(results, key=lambda r: r["ratio"], reverse=True)[:5]:
         tuned = ", ".join(f"{n} {t * 1e6:.0f}" for n, t in sorted(r["tuned"].items(), key=lambda i: i[1])[:3])
+        passes = ", ".join(f"{x:.3f}" for x in r["pass_ratios"])
         print(f"  {r['ratio']:.3f}  {r['name']}: auto ({r['picked']}) {r['t_auto'] * 1e6:.1f}us vs {r['fastest']} "
-              f"{r['t_forced'] * 1e6:.1f}us (prewarm's medians, us: {tuned})")
+              f"{r['t_forced'] * 1e6:.1f}us (passes: {passes}; prewarm's medians, us: {tuned})")
 
 
 if __name__ == "__main__":
