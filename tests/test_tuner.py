@@ -328,6 +328,16 @@ def test_the_time_budget_stops_the_timing_rounds_by_the_clock():
     assert timer.calls == {"a": 2, "b": 2}
 
 
+def test_the_time_budget_stops_a_close_calls_confirmation_after_a_few_rounds():
+    clock = iter(range(1000))  # every look at the clock: one second later
+    timer = FakeTimer({"a": 1e-4, "b": 1.02e-4})  # close: confirmed
+    tune(["a", "b"], make_run=lambda name: lambda: (torch.ones(1),), timer=timer,
+         check=lambda ref, got: None, budget_s=1.5, max_reps=25, clock=lambda: float(next(clock)))
+    # 2 samples each in the rounds (as above); confirmation: CONFIRM_BUDGET_ROUNDS rounds without
+    # looking at the clock, one more while within the budget, then the clock ends it
+    assert timer.calls == {"a": 2 + tuner_module.CONFIRM_BUDGET_ROUNDS + 1, "b": 2 + tuner_module.CONFIRM_BUDGET_ROUNDS + 1}
+
+
 # ---- private inputs ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])

@@ -23,7 +23,8 @@ HOPELESS_FACTOR = 10.0  # ... and after 2 samples when this many times
 CONFIRM_BAND = 0.15  # a candidate with a sample this close to the best median gets paired extra samples ...
 CONFIRM_MIN_ROUNDS, CONFIRM_MAX_ROUNDS = 10, 100  # ... this many rounds at least and at most, ...
 CONFIRM_MIN_S = 0.03  # ... until each one's paired samples cover this much of its calls, and until
-                      # each gap to the best is either a near-tie or larger than its uncertainty
+                      # each gap to the best is either a near-tie or larger than its uncertainty;
+CONFIRM_BUDGET_ROUNDS = 3  # the budget may stop it after this many rounds (slow calls vary less)
 TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of a gap to the best, clamped to 1%..5%
 
 
@@ -159,8 +160,9 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
     last only ~50 ms, so one transient can cover all of them. The close ones are timed for at least
     CONFIRM_MIN_ROUNDS rounds, until their samples cover CONFIRM_MIN_S each, and then on until every
     gap to the best is resolved: a near-tie (under TIE_MIN) or larger than its own uncertainty. At
-    most CONFIRM_MAX_ROUNDS rounds, or the budget again. In one measured miss the true best was the
-    third, so the band takes them all.
+    most CONFIRM_MAX_ROUNDS rounds, or the budget again (after CONFIRM_BUDGET_ROUNDS: 10 rounds of
+    three 50 ms candidates took 1.5 s). In one measured miss the true best was the third, so the band
+    takes them all.
     """
     timed = [n for n in samples if n in runs]
     if len(timed) < 2:
@@ -176,10 +178,10 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
     for i in range(CONFIRM_MAX_ROUNDS):
         if len(paired) < 2:
             break
-        if i >= CONFIRM_MIN_ROUNDS and (
-                clock() - start > budget_s
-                or (min(sum(s) * number[n] for n, s in paired.items()) >= CONFIRM_MIN_S
-                    and _resolved(*_compare_paired(paired)))):
+        if i >= CONFIRM_BUDGET_ROUNDS and clock() - start > budget_s:
+            break
+        if (i >= CONFIRM_MIN_ROUNDS and min(sum(s) * number[n] for n, s in paired.items()) >= CONFIRM_MIN_S
+                and _resolved(*_compare_paired(paired))):
             break
         for name in shuffler.sample(list(paired), len(paired)):
             if not _sample(name, paired[name], runs, number, timer, on_error, result):
