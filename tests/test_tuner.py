@@ -877,7 +877,7 @@ def test_an_unresolved_close_call_is_timed_until_its_gap_exceeds_its_noise():
 
 
 def test_a_candidate_slowed_in_most_rounds_but_fast_in_some_is_confirmed_and_can_win():
-    # A busy spell: loop's round samples are mostly 6x slow (median 0.6 ms, 2x einsum's), but its
+    # A busy spell: loop's round samples are mostly 7.5x slow (median 0.6 ms, 2x einsum's), but its
     # best sample shows it can be faster. It is confirmed with einsum, and wins on paired samples.
     timer = FakeTimer({"loop": lambda count: 0.8e-4 if count > 25 or count % 4 == 0 else 6e-4, "einsum": 3e-4},
                       default=1e-2)

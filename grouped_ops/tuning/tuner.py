@@ -23,8 +23,8 @@ HOPELESS_FACTOR = 10.0  # ... and after 2 samples when this many times
 CONFIRM_BAND = 0.15  # a candidate with a sample this close to the best median gets paired extra samples ...
 CONFIRM_MIN_ROUNDS, CONFIRM_MAX_ROUNDS = 10, 100  # ... this many rounds at least and at most, ...
 CONFIRM_MIN_S = 0.03  # ... until each one's paired samples cover this much of its calls, and until
-                      # each gap to the best is either a near-tie or larger than its uncertainty;
-CONFIRM_BUDGET_ROUNDS = 3  # the budget may stop it after this many rounds (slow calls vary less)
+                      # each gap to the best is either a near-tie or larger than its uncertainty
+CONFIRM_BUDGET_ROUNDS = 3  # the time budget may end a confirmation after this many rounds
 TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of a gap to the best, clamped to 1%..5%
 
 
@@ -151,9 +151,8 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
                          budget_s: float) -> tuple[dict[str, float], dict[str, float]]:
     """Every candidate whose best sample is within CONFIRM_BAND of the best median is timed again, in
     rounds of one sample each (a new order every round), and those samples alone decide between
-    them. Returns each one's
-    median time as estimated from the paired samples, and the uncertainty of each one's gap to the
-    best (see _compare_paired).
+    them. Returns each one's median time as estimated from the paired samples, and the uncertainty
+    of each one's gap to the best (see _compare_paired).
 
     Round-robin samples of every candidate on a shared machine are noisy enough to flip a close call
     (measured: loop 662 vs 898 us in two tunings of one signature). A fast signature's 25 rounds
