@@ -26,7 +26,7 @@ from ._errors import GroupedOpsError
 from .dispatch import Decision
 from .ops import SPECS
 from .ops._spec import OpSpec
-from .signature import Signature, bucketing_mode, parse_dtype
+from .signature import Signature, bucket, bucketing_mode, parse_dtype
 from .tuning import store
 from .tuning.settings import memory_budget, settings
 
@@ -93,6 +93,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     def prewarm_flags(p: argparse.ArgumentParser, default: Any = False) -> None:
         p.add_argument("--table", action="store_true", default=default, help="print every candidate's timing")
         p.add_argument("--no-progress", action="store_true", default=default, help="no progress bar")
+        p.add_argument("--single-opinion", action="store_true", default=default,
+                       help="tune each signature once (by default close calls are tuned again after "
+                            "the others, and a third time where two tunings disagree)")
 
     prewarm_flags(prewarm)
     _add_signature_commands(prewarm, many_batches=True, required=False, flags=prewarm_flags)
@@ -219,12 +222,13 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def signatures_from_args(args: argparse.Namespace) -> list[Signature]:
-    """The signatures the op flags describe (one per batch size), exactly as the op would key them."""
+def signatures_from_args(args: argparse.Namespace) -> list[tuple[Signature, Signature]]:
+    """The signatures the op flags describe (one per bucket), exactly as the op would key them, each
+    with the exact signature of its first batch size (where it is timed)."""
     device, dtype = _device(args.device), parse_dtype(args.dtype)
     batches = args.batch if isinstance(args.batch, list) else [args.batch]
     spec = SPECS[args.op]
-    sigs: list[Signature] = []
+    requests: list[tuple[Signature, Signature]] = []
     for batch in batches:
         # Shape-only stand-ins on the meta device go through the op's own description, so the
         # key is the one a real call makes; then the real device is put in.
@@ -233,9 +237,9 @@ def signatures_from_args(args: argparse.Namespace) -> list[Signature]:
         with torch.enable_grad():
             m = spec.meta(*call_args)
         sig = dataclasses.replace(spec.signature(m, bucketing_mode() == "pow2"), device=device)
-        if sig not in sigs:
-            sigs.append(sig)
-    return sigs
+        if all(sig != known for known, _ in requests):
+            requests.append((sig, dataclasses.replace(spec.signature(m, False), device=device)))
+    return requests
 
 
 def _meta_args(args: argparse.Namespace, batch: int, dtype: torch.dtype) -> tuple[Any, ...]:
@@ -265,8 +269,9 @@ def _meta_args(args: argparse.Namespace, batch: int, dtype: torch.dtype) -> tupl
     return (inputs, empty(batch, k, grad=args.grad))
 
 
-def signatures_from_file(path: Path) -> list[Signature]:
-    """Signatures saved by ``Recorder.save`` (JSON lines); blank lines and ``#`` comments are skipped."""
+def signatures_from_file(path: Path) -> list[tuple[Signature, Signature | None]]:
+    """Signatures saved by ``Recorder.save`` (JSON lines), each with the exact signature of its first
+    call where the line has ``tune_at_batch``; blank lines and ``#`` comments are skipped."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -283,7 +288,13 @@ def signatures_from_file(path: Path) -> list[Signature]:
         if sig.op not in SPECS:
             raise GroupedOpsError(f"prewarm: {path}:{number}: unknown op {sig.op!r}; valid ops are {list(OPS)}")
         _device(str(sig.device))
-        sigs.append(sig)
+        at = spec.get("tune_at_batch")
+        batch = sig.dim("batch")
+        if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at <= 0
+                               or (at != batch and bucket(at) != batch)):
+            raise GroupedOpsError(f"prewarm: {path}:{number}: tune_at_batch={at!r} is not a batch size in "
+                                  f"the bucket batch={batch}")
+        sigs.append((sig, None if at is None else sig.with_dim("batch", at)))
     return sigs
 
 
@@ -293,51 +304,30 @@ def cmd_prewarm(args: argparse.Namespace) -> int:
     if args.from_file is not None and args.op is not None:
         raise GroupedOpsError("prewarm: give signatures on the command line or --from FILE, not both")
     if args.from_file is not None:
-        sigs = signatures_from_file(args.from_file)
+        requests = signatures_from_file(args.from_file)
     elif args.op is not None:
-        sigs = signatures_from_args(args)
+        requests = signatures_from_args(args)
     else:
         raise GroupedOpsError("prewarm: give an op (grouped_linear or weighted_combine) with its sizes, "
                               "or --from FILE; see `python -m grouped_ops prewarm --help`")
     if not settings().autotune:
         print("note: GROUPED_OPS_AUTOTUNE=0, so nothing is tuned or written", file=sys.stderr)
+    with dispatch.progress_bar(not args.no_progress) as progress:
+        decisions = dispatch.prewarm_signatures(requests, second_opinion=not args.single_opinion,
+                                                progress=progress)
     counts: dict[str, int] = {}
-    for sig, decision in _decide_all(sigs, progress=not args.no_progress):
+    for (sig, _), decision in zip(requests, decisions, strict=True):
         counts[decision.source] = counts.get(decision.source, 0) + 1
-        _write(f"{sig}\n  -> {decision.impl} ({decision.source})  {_timings_line(decision)}")
+        picks = f"  (picks of {len(decision.opinions)} tunings: {', '.join(decision.opinions)})" \
+            if decision.opinions else ""
+        print(f"{sig}\n  -> {decision.impl} ({decision.source})  {_timings_line(decision)}{picks}")
         if args.table:
-            _write(decision.table())
+            print(decision.table())
     summary = ", ".join(f"{n} {source}" for source, n in sorted(counts.items()))
-    print(f"prewarmed {len(sigs)} signature(s): {summary or 'none'}; cache folder: {store.cache_dir()}")
+    again = sum(1 for d in decisions if d.opinions)
+    print(f"prewarmed {len(requests)} signature(s): {summary or 'none'}"
+          + (f" ({again} close call(s) tuned again)" if again else "") + f"; cache folder: {store.cache_dir()}")
     return 0
-
-
-def _decide_all(sigs: list[Signature], *, progress: bool) -> Iterable[tuple[Signature, Decision]]:
-    bar = None
-    if progress and sigs:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(sigs), desc="prewarm", unit="sig", file=sys.stderr)
-    try:
-        for sig in sigs:
-            if bar is not None:
-                bar.set_postfix_str(f"{sig.op} batch={sig.dim('batch')}", refresh=False)
-            yield sig, dispatch.decide_signature(SPECS[sig.op], sig)
-            if bar is not None:
-                bar.update()
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def _write(text: str) -> None:
-    # tqdm.write keeps the progress bar below the printed lines
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(text, file=sys.stdout)
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        print(text)
 
 
 def _timings_line(d: Decision) -> str:
@@ -347,7 +337,7 @@ def _timings_line(d: Decision) -> str:
 # ---- explain -------------------------------------------------------------------------------------
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    (sig,) = signatures_from_args(args)
+    ((sig, at),) = signatures_from_args(args)
     spec = SPECS[sig.op]
     s = settings()
     print(f"signature: {sig}")
@@ -359,7 +349,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"decision:  none yet; auto would tune it on the first call, or use the default rule "
                   f"({spec.default_impl(sig)}) where tuning is not allowed")
     else:
-        decision = dispatch.decide_signature(spec, sig)
+        decision = dispatch.decide_signature(spec, sig, at)
     if decision is not None:
         print(f"decision:  {decision.impl} ({decision.source}: {_SOURCES.get(decision.source, '')})")
     print()
@@ -488,7 +478,7 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
         fp = e.get("fingerprint", {})
         print("  fingerprint: " + (", ".join(f"{k}={v}" for k, v in sorted(fp.items())) if isinstance(fp, dict) else str(fp)))
         d = Decision(e["impl"], "cache", {k: float(v) for k, v in e.get("timings", {}).items()},
-                     dict(e.get("skipped", {})))
+                     dict(e.get("skipped", {})), opinions=tuple(map(str, e.get("opinions", ()))))
         print(d.table() or "  (no timings: a single candidate, nothing to compare)")
         print()
     return 0

@@ -10,6 +10,7 @@ The hot path (a decided signature) is: describe the arguments, one dict lookup, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from .signature import Signature, bucketing_mode
 from .tuning import store as _store
 from .tuning.settings import Settings, memory_budget, settings
 from .tuning.timer import Timer, timer_for
-from .tuning.tuner import tune
+from .tuning.tuner import TuneResult, contenders, tune, vote
 
 log = logging.getLogger("grouped_ops")
 
@@ -46,6 +47,8 @@ class Decision:
     used because tuning is not allowed here), ``"nearest"`` (the decision of the nearest tuned batch
     size) or ``"default"`` (the op's documented rule).
     timings: median seconds per call of each timed candidate; skipped: why the others were not timed.
+    opinions: where batch prewarm tuned a close call again, each tuning's pick in order (the
+    decision is their majority; see :func:`prewarm_signatures`); empty otherwise.
     """
 
     impl: str
@@ -53,6 +56,7 @@ class Decision:
     timings: Mapping[str, float] = field(default_factory=dict)
     skipped: Mapping[str, str] = field(default_factory=dict)
     signature: Signature | None = None
+    opinions: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.impl} ({self.source})" + (f" for {self.signature}" if self.signature else "")
@@ -70,6 +74,8 @@ class Decision:
                 rows.append(f"   {name:<14} {'-':>12}      {why}")
             else:
                 rows.append(f"   {'':<14} {'':>12}      ({name}: {why})")
+        if self.opinions:
+            rows.append(f"   picks of {len(self.opinions)} tunings: {', '.join(self.opinions)}")
         return "\n".join(rows)
 
 
@@ -103,8 +109,10 @@ def _call_slow(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: st
     if m is None:  # validate() accepted what meta() could not describe: a bug, never a silent answer
         raise GroupedOpsError(f"{spec.name}: could not describe the arguments {args!r}")
     sig = spec.signature(m, bucketing_mode() == "pow2")
-    for rec in _RECORDERS:
-        rec._add(sig)
+    if _RECORDERS:
+        exact = spec.signature(m, False)
+        for rec in _RECORDERS:
+            rec._add(sig, exact)
     if impl == "auto":
         decision, keep = _decide(spec, sig, args, at=spec.signature(m, False))
         fn = spec.registry[decision.impl].fn
@@ -145,9 +153,89 @@ def decision_for(spec: OpSpec, args: tuple[Any, ...], *, tune_allowed: bool = Tr
     return decision
 
 
-def decide_signature(spec: OpSpec, sig: Signature) -> Decision:
-    """Decide a signature with no caller tensors at hand (prewarm from a recorded file)."""
-    return _decide(spec, sig, None)[0]
+def decide_signature(spec: OpSpec, sig: Signature, at: Signature | None = None) -> Decision:
+    """Decide a signature with no caller tensors at hand (prewarm from a recorded file); if it must
+    be tuned, time it at ``at``'s batch size (the first real call's), else at ``sig``'s."""
+    return _decide(spec, sig, None, at)[0]
+
+
+Progress = Callable[[int, int, Signature, str], None]  # (steps done, steps known so far, signature, what)
+
+
+def prewarm_signatures(requests: Sequence[tuple[Signature, Signature | None]], *, second_opinion: bool = True,
+                       progress: Progress | None = None) -> list[Decision]:
+    """Decide many signatures ahead of time, each ``(signature, at)`` as for :func:`decide_signature`.
+
+    With ``second_opinion``, every signature tuned here whose runner-up came within
+    SECOND_OPINION_BAND of the winner is tuned again once all are done (its close contenders only),
+    and a third time where the two picks differ; the majority is kept. The tunings lie a whole pass
+    apart, so one busy spell of a shared machine cannot decide alone (see tuner.contenders). Not
+    under torch.distributed, where each decision is rank 0's, agreed one signature at a time.
+    """
+    decisions: list[Decision] = []
+    total = len(requests)
+    for sig, at in requests:
+        decisions.append(decide_signature(SPECS[sig.op], sig, at))
+        if progress:
+            progress(len(decisions), total, sig, "decided")
+    s = settings()
+    if not second_opinion or _distributed(s):
+        return decisions
+    close = {i: names for i, d in enumerate(decisions)
+             if d.source == "tuned" and len(names := contenders(d.timings)) >= 2}
+    opinions = {i: [TuneResult(dict(decisions[i].timings), {}, decisions[i].impl)] for i in close}
+    done = total
+    for which in ("second opinion", "third opinion"):
+        # the third only where the first two disagree
+        rerun = [i for i in close if which == "second opinion" or
+                 (len(opinions[i]) == 2 and opinions[i][0].winner != opinions[i][1].winner)]
+        total += len(rerun)
+        for i in rerun:
+            sig, at = requests[i]
+            d, ok = _measure(SPECS[sig.op], sig, s, at, only=close[i])
+            if ok and d.source == "tuned" and d.timings:
+                opinions[i].append(TuneResult(dict(d.timings), dict(d.skipped), d.impl))
+            done += 1
+            if progress:
+                progress(done, total, sig, which)
+    for i in close:
+        if len(opinions[i]) > 1:
+            decisions[i] = _settle(SPECS[decisions[i].signature.op], decisions[i], opinions[i], s)
+    return decisions
+
+
+def _settle(spec: OpSpec, first: Decision, opinions: list[TuneResult], s: Settings) -> Decision:
+    """Replace a first tuning's decision by the vote of all the tunings of its signature."""
+    sig = first.signature
+    assert sig is not None
+    picks = tuple(str(o.winner) for o in opinions)
+    skipped = {**first.skipped, **{n: why for o in opinions for n, why in o.skipped.items()}}
+    failed = {n for o in opinions for n, why in o.skipped.items() if why.startswith(("raised", "disagrees"))}
+    if failed:  # a candidate that failed in any tuning must not win
+        kept = [{n: t for n, t in o.timings.items() if n not in failed} for o in opinions]
+        opinions = [TuneResult(t, {}, min(t, key=t.__getitem__)) for t in kept if t]
+    if opinions:
+        impl, timings = vote(list(spec.registry), opinions)
+        final = Decision(impl, "tuned", timings, skipped, sig, picks)
+    else:
+        final = Decision(spec.default_impl(sig), "default", {}, skipped, sig, picks)
+        impl = final.impl
+    key = sig.key()
+    with _LOCK:
+        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        _DECISIONS[key] = final
+        family = _FAMILIES.setdefault(sig.family_key(), {})
+        if final.source in _MEASURED:
+            family[sig.dim("batch")] = final
+        else:
+            family.pop(sig.dim("batch"), None)
+        if impl != first.impl:
+            _AUTO[spec.name].clear()  # a call since the first tuning may have kept its pick
+    _persist(spec, final, s)
+    if impl != first.impl:
+        _announce(final, s)
+    return final
 
 
 def known_decision(spec: OpSpec, sig: Signature) -> Decision | None:
@@ -232,7 +320,7 @@ def _from_disk(spec: OpSpec, sig: Signature, allow_stale: bool = False) -> Decis
         fresh = entry.get("fingerprint") == current
         decision = Decision(entry["impl"], "cache" if fresh else "stale",
                             {k: float(v) for k, v in entry.get("timings", {}).items()},
-                            dict(entry.get("skipped", {})), sig)
+                            dict(entry.get("skipped", {})), sig, tuple(map(str, entry.get("opinions", ()))))
         if fresh:
             return decision
         stale = stale or decision
@@ -332,11 +420,20 @@ _ARITHMETIC_BOUND_S = {"cpu": 1e-3}
 
 
 def _tune(spec: OpSpec, sig: Signature, s: Settings, at: Signature | None = None) -> Decision:
+    decision, keep = _measure(spec, sig, s, at)
+    return _persist(spec, decision, s) if keep else decision
+
+
+def _measure(spec: OpSpec, sig: Signature, s: Settings, at: Signature | None = None,
+             only: Collection[str] | None = None) -> tuple[Decision, bool]:
+    """Time the candidates (or ``only`` these) for ``sig``: (decision, whether it may be persisted)."""
     timed = at if at is not None and at.dim("batch") > 0 else sig  # what the candidates run on
     skipped: dict[str, str] = {}
     budget = memory_budget(sig.device, s)
     candidates = []
     for name, implementation in spec.registry.items():
+        if only is not None and name not in only:
+            continue
         reasons = implementation.not_supported_reasons(sig)
         if reasons:
             skipped[name] = "unsupported: " + "; ".join(reasons)
@@ -347,7 +444,7 @@ def _tune(spec: OpSpec, sig: Signature, s: Settings, at: Signature | None = None
             candidates.append(name)
     if len(candidates) <= 1:
         impl = candidates[0] if candidates else spec.default_impl(sig)
-        return _persist(spec, Decision(impl, "tuned" if candidates else "default", {}, skipped, sig), s)
+        return Decision(impl, "tuned" if candidates else "default", {}, skipped, sig), True
 
     generator = torch.Generator(device=sig.device).manual_seed(0)  # private: the caller's RNG is untouched
     with torch.autocast(sig.device_type, enabled=False):
@@ -395,8 +492,8 @@ def _tune(spec: OpSpec, sig: Signature, s: Settings, at: Signature | None = None
         if why.startswith(("disagrees", "raised")):
             log.warning("grouped_ops: %s: excluded %s while tuning %s: %s", spec.name, name, sig, why)
     if result.winner is None:
-        return Decision(spec.default_impl(sig), "default", {}, skipped, sig)
-    return _persist(spec, Decision(result.winner, "tuned", result.timings, skipped, sig), s)
+        return Decision(spec.default_impl(sig), "default", {}, skipped, sig), False
+    return Decision(result.winner, "tuned", result.timings, skipped, sig), True
 
 
 def _after_error(sig: Signature, e: BaseException) -> None:
@@ -420,6 +517,7 @@ def entry_for(spec: OpSpec, decision: Decision) -> dict[str, Any]:
         "impl": decision.impl,
         "timings": dict(decision.timings),
         "skipped": dict(decision.skipped),
+        **({"opinions": list(decision.opinions)} if decision.opinions else {}),
         "fingerprint": _store.fingerprint(_impl_set_version(spec)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -430,7 +528,7 @@ def _impl_set_version(spec: OpSpec) -> str:
 
 
 def _with_source(d: Decision, source: str) -> Decision:
-    return d if d.source == source else Decision(d.impl, source, d.timings, d.skipped, d.signature)
+    return d if d.source == source else dataclasses.replace(d, source=source)
 
 
 def _recalled(d: Decision) -> Decision:
@@ -515,24 +613,57 @@ def clear_memory() -> None:
 
 
 class Recorder:
-    """Collects the signatures of every op call made while it is active (see :func:`record`)."""
+    """Collects the signatures of every op call made while it is active (see :func:`record`), and
+    for each the batch size of its first call, where prewarm will time it."""
 
     def __init__(self) -> None:
         self.signatures: list[Signature] = []
-        self._seen: set[Signature] = set()
+        self._first_call: dict[Signature, Signature] = {}  # bucketed -> exact signature of its first call
         self._lock = threading.Lock()
 
-    def _add(self, sig: Signature) -> None:
+    def _add(self, sig: Signature, exact: Signature) -> None:
         with self._lock:
-            if sig not in self._seen:
-                self._seen.add(sig)
+            if sig not in self._first_call:
+                self._first_call[sig] = exact
                 self.signatures.append(sig)
 
+    def requests(self) -> list[tuple[Signature, Signature]]:
+        """(signature, its first call's exact signature) pairs, in the order first seen."""
+        return [(sig, self._first_call[sig]) for sig in self.signatures]
+
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the signatures as JSON lines, for ``python -m grouped_ops prewarm --from FILE``."""
+        """Write the signatures as JSON lines, for ``python -m grouped_ops prewarm --from FILE``.
+        ``tune_at_batch`` is the first call's batch size (a bucket is timed there, not at its edge)."""
         with open(path, "w", encoding="utf-8") as f:
-            for sig in self.signatures:
-                f.write(json.dumps(sig.to_spec()) + "\n")
+            for sig, exact in self.requests():
+                f.write(json.dumps({**sig.to_spec(), "tune_at_batch": exact.dim("batch")}) + "\n")
+
+    def prewarm(self, *, second_opinion: bool = True, progress: bool = False) -> list[Decision]:
+        """Decide every recorded signature now, in this process (see :func:`prewarm_signatures`);
+        ``progress`` shows a progress bar on stderr."""
+        with progress_bar(progress) as report:
+            return prewarm_signatures(self.requests(), second_opinion=second_opinion, progress=report)
+
+
+@contextlib.contextmanager
+def progress_bar(show: bool) -> Iterator[Progress | None]:
+    """A :data:`Progress` callback drawing a tqdm bar on stderr (None when not ``show``)."""
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc="prewarm", unit="tuning", file=sys.stderr)
+
+    def report(done: int, total: int, sig: Signature, what: str) -> None:
+        bar.total = total
+        bar.set_postfix_str(f"{sig.op} batch={sig.dim('batch')} {what}", refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        yield report
+    finally:
+        bar.close()
 
 
 @contextlib.contextmanager

@@ -919,3 +919,195 @@ def test_rounds_change_order_so_one_candidates_after_effects_do_not_always_hit_t
     with dispatch.use_timer(timer):
         d = grouped_ops.prewarm("grouped_linear", *gl_args())
     assert d.impl == "bmm", d.table()
+
+
+# ---- batch prewarm: a second opinion on close calls ----------------------------------------------------
+
+@pytest.fixture
+def tunings(monkeypatch):
+    """Counts the tunings (timings of candidates for a signature) and which candidates each timed;
+    ``tunings.timer(tables)`` is a fake timer whose times come from ``tables[i]`` during tuning i."""
+
+    class Tunings:
+        def __init__(self) -> None:
+            self.only: list[frozenset[str] | None] = []  # what each tuning timed: None for every candidate
+            self.batches: list[int] = []  # the batch size each tuning timed at
+
+        def timer(self, tables: list[dict[str, float]], default: float = 1e-3) -> FakeTimer:
+            return FakeTimer({name: (lambda count, name=name: tables[min(len(self.only), len(tables)) - 1]
+                                     .get(name, default))
+                              for name in {n for t in tables for n in t}}, default=default)
+
+    seen = Tunings()
+    real = dispatch._measure
+
+    def measuring(spec, sig, s, at=None, only=None):
+        seen.only.append(None if only is None else frozenset(only))
+        seen.batches.append((at or sig).dim("batch"))
+        return real(spec, sig, s, at, only)
+
+    monkeypatch.setattr(dispatch, "_measure", measuring)
+    return seen
+
+
+def gl_request(batch: int = 8, **kwargs: Any) -> tuple[Signature, Signature]:
+    with grouped_ops.record() as rec, use_impl("loop"):
+        grouped_ops.grouped_linear(*gl_args(batch, **kwargs))
+    return rec.requests()[0]
+
+
+def test_a_close_call_is_tuned_again_and_the_majority_kept(tunings):
+    # The first tuning (a busy spell) sees einsum 5% ahead; the next two see bmm 10% ahead.
+    first, later = {"bmm": 1.0e-4, "einsum": 0.95e-4}, {"bmm": 1.0e-4, "einsum": 1.1e-4}
+    with dispatch.use_timer(tunings.timer([first, later, later])):
+        (d,) = dispatch.prewarm_signatures([gl_request()])
+    assert (d.impl, d.source, d.opinions) == ("bmm", "tuned", ("einsum", "bmm", "bmm"))
+    # the later tunings time only the close contenders; the vote's times are medians over tunings
+    assert tunings.only == [None, {"bmm", "einsum"}, {"bmm", "einsum"}]
+    assert d.timings["einsum"] == pytest.approx(1.1e-4) and d.timings["loop"] == pytest.approx(1e-3)
+    # remembered and persisted as the vote, with every tuning's pick
+    sig = d.signature
+    assert dispatch.known_decision(GL, sig).impl == "bmm"
+    (entry,) = disk_entries()
+    assert (entry["impl"], entry["opinions"]) == ("bmm", ["einsum", "bmm", "bmm"])
+    dispatch.clear_memory()
+    assert dispatch.known_decision(GL, sig).opinions == ("einsum", "bmm", "bmm")
+    assert "picks of 3 tunings: einsum, bmm, bmm" in dispatch.known_decision(GL, sig).table()
+
+
+def test_two_tunings_that_agree_need_no_third(tunings):
+    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
+        (d,) = dispatch.prewarm_signatures([gl_request()])
+    assert (d.impl, d.opinions, len(tunings.only)) == ("bmm", ("bmm", "bmm"), 2)
+
+
+def test_a_clear_winner_is_tuned_once(tunings):
+    band = 1 + tuner_module.SECOND_OPINION_BAND
+    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.0e-4 * band * 1.01}])):
+        (d,) = dispatch.prewarm_signatures([gl_request()])
+    assert (d.impl, d.opinions, len(tunings.only)) == ("bmm", (), 1)
+
+
+def test_second_opinions_can_be_switched_off(tunings):
+    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 0.95e-4}, {"bmm": 1.0e-4}])):
+        (d,) = dispatch.prewarm_signatures([gl_request()], second_opinion=False)
+    assert (d.impl, d.opinions, len(tunings.only)) == ("einsum", (), 1)
+
+
+def test_second_opinions_come_after_every_first_tuning(tunings):
+    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
+        dispatch.prewarm_signatures([gl_request(8), gl_request(64), gl_request(512)])
+    assert tunings.batches == [8, 64, 512, 8, 64, 512]  # a whole pass apart, not back to back
+
+
+def test_a_signature_already_known_is_not_tuned_again(tunings):
+    request = gl_request()
+    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
+        dispatch.prewarm_signatures([request])
+        assert len(tunings.only) == 2
+        (d,) = dispatch.prewarm_signatures([request])
+    assert (d.source, d.opinions, len(tunings.only)) == ("cache", ("bmm", "bmm"), 2)
+
+
+def test_without_a_majority_the_best_median_relative_time_wins():
+    a = tuner_module.TuneResult({"x": 1.00, "y": 1.02, "z": 1.20}, {}, "x")
+    b = tuner_module.TuneResult({"x": 1.30, "y": 1.00, "z": 1.10}, {}, "y")
+    c = tuner_module.TuneResult({"x": 1.10, "y": 1.05, "z": 1.00}, {}, "z")
+    # relative to each tuning's fastest: x 1.00/1.30/1.10, y 1.02/1.00/1.05, z 1.20/1.10/1.00
+    assert tuner_module.vote(["x", "y", "z"], [a, b, c])[0] == "y"
+    assert tuner_module.vote(["x", "y", "z"], [a, b, dataclasses.replace(c, winner="y")])[0] == "y"
+    assert tuner_module.vote(["x", "y", "z"], [a, a, c])[0] == "x"
+    # exact ties in relative time go to the preference order
+    d = tuner_module.TuneResult({"x": 1.0, "y": 1.0}, {}, "y")
+    assert tuner_module.vote(["x", "y"], [dataclasses.replace(d, winner="x"), d])[0] == "x"
+    assert tuner_module.vote(["y", "x"], [dataclasses.replace(d, winner="x"), d])[0] == "y"
+
+
+def test_a_candidate_that_fails_in_a_later_tuning_cannot_win(tunings, caplog):
+    # einsum wins two tunings of three, but raises in the second
+    table = {"bmm": 1.0e-4, "einsum": 0.95e-4}
+    timer = tunings.timer([table])
+    timer.fail["einsum"] = lambda count: RuntimeError("boom") if len(tunings.only) == 2 else None
+    with dispatch.use_timer(timer):
+        (d,) = dispatch.prewarm_signatures([gl_request()])
+    assert d.opinions == ("einsum", "bmm", "einsum")
+    assert d.impl == "bmm" and "raised RuntimeError: boom" in d.skipped["einsum"]
+    assert dispatch.known_decision(GL, d.signature).impl == "bmm"
+
+
+def test_no_second_opinions_under_torch_distributed(tunings, monkeypatch):
+    monkeypatch.setattr(dispatch, "_distributed", lambda s: False)
+    request = gl_request()
+    monkeypatch.setattr(dispatch, "_distributed", lambda s: True)
+    monkeypatch.setattr(dispatch, "_agree_across_ranks",
+                        lambda spec, sig, s, blocker, at=None: dispatch._resolve(spec, sig, s, blocker, at))
+    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 0.95e-4}, {"bmm": 1.0e-4}])):
+        (d,) = dispatch.prewarm_signatures([request])
+    assert (d.impl, d.opinions, len(tunings.only)) == ("einsum", (), 1)
+
+
+def test_a_call_between_the_first_tuning_and_the_vote_does_not_keep_the_first_pick(tunings, ran):
+    first, later = {"bmm": 1.0e-4, "einsum": 0.95e-4}, {"bmm": 1.0e-4, "einsum": 1.1e-4}
+    x, w, b = gl_args()
+
+    called: list[str] = []
+
+    def call_the_op(done: int, total: int, sig: Signature, what: str) -> None:
+        if what == "decided":
+            grouped_ops.grouped_linear(x, w, b)  # the hot path now holds the first pick
+            called.append(ran[-1])
+
+    with dispatch.use_timer(tunings.timer([first, later, later])):
+        (d,) = dispatch.prewarm_signatures([gl_request()], progress=call_the_op)
+    assert called == ["grouped_linear.einsum"] and d.impl == "bmm"
+    ran.clear()
+    grouped_ops.grouped_linear(x, w, b)
+    assert ran == ["grouped_linear.bmm"]
+
+
+def test_a_recording_tunes_each_bucket_at_its_first_calls_batch(tunings, tmp_path):
+    with grouped_ops.record() as rec, use_impl("loop"):
+        for batch in (300, 400, 8):  # 300 and 400 share the bucket 512
+            grouped_ops.grouped_linear(*gl_args(batch))
+    assert [(s.dim("batch"), at.dim("batch")) for s, at in rec.requests()] == [(512, 300), (8, 8)]
+    path = tmp_path / "signatures.jsonl"
+    rec.save(path)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(line["dims"]["batch"], line["tune_at_batch"]) for line in lines] == [(512, 300), (8, 8)]
+    from grouped_ops.cli import signatures_from_file
+    assert signatures_from_file(path) == rec.requests()
+
+    with dispatch.use_timer(tunings.timer([{"bmm": 1e-4}])):
+        decisions = rec.prewarm()
+    assert tunings.batches == [300, 8]  # not 512, the bucket's edge
+    assert [d.signature.dim("batch") for d in decisions] == [512, 8]
+
+
+@pytest.mark.parametrize("bad", [0, 200, 513, "300", True])
+def test_a_recorded_file_with_a_batch_outside_its_bucket_is_refused(tmp_path, bad):
+    from grouped_ops.cli import signatures_from_file
+    sig, _ = gl_request(300)
+    path = tmp_path / "signatures.jsonl"
+    path.write_text("# a comment\n" + json.dumps({**sig.to_spec(), "tune_at_batch": bad}) + "\n")
+    with pytest.raises(GroupedOpsError, match=r"signatures.jsonl:2: tune_at_batch=.* batch=512"):
+        signatures_from_file(path)
+    path.write_text(json.dumps(sig.to_spec()) + "\n")  # files saved before tune_at_batch: the bucket's size
+    assert signatures_from_file(path) == [(sig, None)]
+
+
+def test_cli_prewarm_tunes_at_the_given_batch_and_tunes_close_calls_again(tunings, capsys):
+    from grouped_ops.cli import main
+    argv = ["prewarm", "grouped_linear", "--batch", "300", "8", "--groups", "4", "--in", "8", "--out", "8",
+            "--no-progress"]
+    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
+        assert main(argv) == 0
+    assert tunings.batches == [300, 8, 300, 8]
+    out = capsys.readouterr().out
+    assert "(picks of 2 tunings: bmm, bmm)" in out
+    assert "prewarmed 2 signature(s): 2 tuned (2 close call(s) tuned again)" in out
+    dispatch.clear_memory()
+    store.DiskStore().clear()
+    tunings.batches.clear()
+    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
+        assert main([*argv, "--single-opinion"]) == 0
+    assert tunings.batches == [300, 8]

@@ -26,6 +26,7 @@ CONFIRM_MIN_S = 0.03  # ... until each one's paired samples cover this much of i
                       # each gap to the best is either a near-tie or larger than its uncertainty
 CONFIRM_BUDGET_ROUNDS = 3  # the time budget may end a confirmation after this many rounds
 TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of a gap to the best, clamped to 1%..5%
+SECOND_OPINION_BAND = 0.2  # batch prewarm tunes again the signatures whose runner-up was this close
 
 
 @dataclass
@@ -243,3 +244,42 @@ def _uncertainty(values: list[float]) -> float:
         return TIE_MAX / 2
     q = statistics.quantiles(values, n=4)
     return 0.93 * (q[2] - q[0]) / max(statistics.median(values), 1e-12) / math.sqrt(len(values))
+
+
+# ---- second opinions (batch prewarm) -------------------------------------------------------------
+
+def contenders(timings: Mapping[str, float], band: float = SECOND_OPINION_BAND) -> list[str]:
+    """The candidates timed within ``band`` of the fastest, fastest first: a close call when two or more.
+
+    One tuning lasts a fraction of a second, and on a shared machine a busy spell can cover all of
+    it, slowing some candidates more than others (measured in the three misses of docs/autotuner.md:
+    the tuner's time for one implementation 17-65% away from the check's a minute later, while the
+    gaps it decided on were 0-13%). A second tuning at another time, and a third where two disagree,
+    outvote one bad window.
+    """
+    if not timings:
+        return []
+    best = min(timings.values())
+    return sorted((n for n, t in timings.items() if t <= best * (1 + band)), key=timings.__getitem__)
+
+
+def vote(preference: Sequence[str], opinions: Sequence[TuneResult]) -> tuple[str, dict[str, float]]:
+    """The implementation most tunings picked, and each candidate's median time over the tunings
+    that timed it. Without a majority (three different picks), the candidate whose time relative to
+    each tuning's fastest has the lowest median wins; exact ties go to the earliest in ``preference``.
+    """
+    picks = [o.winner for o in opinions if o.winner is not None]
+    if not picks:
+        raise ValueError("vote: no tuning picked anything")
+    timings = {n: statistics.median(o.timings[n] for o in opinions if n in o.timings)
+               for n in {n for o in opinions for n in o.timings}}
+    counts = {n: picks.count(n) for n in picks}
+    top = max(counts.values())
+    if top * 2 > len(picks):
+        return next(n for n in picks if counts[n] == top), timings
+
+    def relative(name: str) -> float:
+        return statistics.median(o.timings[name] / min(o.timings.values()) for o in opinions if name in o.timings)
+
+    rank = {n: i for i, n in enumerate(preference)}
+    return min(counts, key=lambda n: (relative(n), rank.get(n, len(rank)))), timings
