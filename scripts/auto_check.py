@@ -78,13 +78,22 @@ def _name(cell: dict) -> str:
     return f"{cell['op']} {cell['dtype']} {cell['pass']} {cell['label']}"
 
 
-def prewarm_cell(cell: dict) -> dict:
-    """Tune the cell's signature (into the empty cache) on the cell's own arguments."""
-    args = inputs(cell, torch.Generator().manual_seed(0))
+def prewarm_cells(cells: list[dict], second_opinion: bool) -> tuple[list[dict], float]:
+    """Record every cell's signature (one forced call each, nothing tuned), then prewarm them all
+    at once into the empty cache, as a job does before it trains: ``Recorder.prewarm``, which tunes
+    close calls again after the others. Returns each cell's state and the prewarm's seconds."""
+    states = [{"cell": c, "args": inputs(c, torch.Generator().manual_seed(0))} for c in cells]
+    with grouped_ops.record() as rec:
+        for st in states:
+            with torch.set_grad_enabled(st["cell"]["pass"] == "fwdbwd"):
+                getattr(grouped_ops, st["cell"]["op"])(*st["args"], impl="loop")
+    assert len(rec.signatures) == len(states), "two cells share a signature"
     start = time.perf_counter()
-    with torch.set_grad_enabled(cell["pass"] == "fwdbwd"):
-        decision = grouped_ops.prewarm(cell["op"], *args)
-    return {"cell": cell, "args": args, "decision": decision, "tune_s": time.perf_counter() - start}
+    decisions = rec.prewarm(second_opinion=second_opinion)
+    seconds = time.perf_counter() - start
+    for st, decision in zip(states, decisions, strict=True):
+        st["decision"] = decision
+    return states, seconds
 
 
 def measure(state: dict, samples: int) -> dict:
@@ -99,6 +108,9 @@ def measure(state: dict, samples: int) -> dict:
     rivals = [n for n, t in times.items() if t <= 1.3 * best]
     auto = runner(op, args, "auto", grad)
     per_rival = {}
+    first_pick = state["decision"].opinions[0] if state["decision"].opinions else None
+    if first_pick is not None and first_pick not in rivals and first_pick in times:
+        rivals.append(first_pick)  # so the report can say what the first tuning alone would have cost
     for name in rivals:
         forced = runner(op, args, name, grad)
         for f in (auto, forced, auto, forced):
@@ -114,15 +126,16 @@ def measure(state: dict, samples: int) -> dict:
                            statistics.median(x / y for x, y in zip(sa, sf, strict=True)))
     fastest = min(per_rival, key=lambda n: per_rival[n][0])
     t_forced, t_auto, ratio = per_rival[fastest]
-    return {"fastest": fastest, "t_auto": t_auto, "t_forced": t_forced, "ratio": ratio}
+    forced = {n: v[0] for n, v in per_rival.items()}
+    return {"fastest": fastest, "t_auto": t_auto, "t_forced": t_forced, "ratio": ratio, "forced": forced}
 
 
-def check_cells(cells: list[dict], samples: int, passes: int) -> list[dict]:
+def check_cells(cells: list[dict], samples: int, passes: int, second_opinion: bool = True) -> list[dict]:
     """Prewarm every cell first (as a job prewarms before it trains), then measure every cell
     ``passes`` times, one pass over all cells after another, and keep each cell's median pass:
     the machine's slow spells last seconds, so passes minutes apart are independent measurements
     of the same, fixed decision."""
-    states = [prewarm_cell(c) for c in cells]
+    states, prewarm_s = prewarm_cells(cells, second_opinion)
     rounds = [[measure(st, samples) for st in states] for _ in range(passes)]
     results = []
     for i, st in enumerate(states):
@@ -131,7 +144,8 @@ def check_cells(cells: list[dict], samples: int, passes: int) -> list[dict]:
         cell, decision = st["cell"], st["decision"]
         results.append({"name": _name(cell), "op": cell["op"], "pass": cell["pass"], "picked": decision.impl,
                         **median, "pass_ratios": [m["ratio"] for m in per_pass],
-                        "tuned": dict(decision.timings), "tune_s": st["tune_s"]})
+                        "tuned": dict(decision.timings), "opinions": list(decision.opinions),
+                        "prewarm_s": prewarm_s / len(states)})
     return results
 
 
@@ -141,6 +155,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=int, default=31)
     p.add_argument("--passes", type=int, default=3, help="measure every cell this many times; keep the median")
+    p.add_argument("--single-opinion", action="store_true",
+                   help="prewarm tunes each signature once (no second opinion on close calls)")
     p.add_argument("--only", default="", help="only cells whose 'op dtype pass label' contains this")
     p.add_argument("--fresh-process", action="store_true",
                    help="check each cell in a new Python process (no history from the other cells)")
@@ -150,20 +166,22 @@ def main() -> None:
     with open(a.json, encoding="utf-8") as f:
         cells = [c for c in json.load(f)["cells"] if c.get("auto_over_best") and a.only in _name(c)]
     if a.cell_index is not None:
-        print(json.dumps(check_cells([cells[a.cell_index]], a.samples, a.passes)[0]))
+        print(json.dumps(check_cells([cells[a.cell_index]], a.samples, a.passes, not a.single_opinion)[0]))
         return
     if a.fresh_process:
         results = []
         for i in range(len(cells)):
             cmd = [sys.executable, __file__, a.json, "--threads", str(a.threads), "--samples", str(a.samples),
-                   "--passes", str(a.passes), "--only", a.only, "--cell-index", str(i)]
+                   "--passes", str(a.passes), "--only", a.only, "--cell-index", str(i),
+                   *(["--single-opinion"] if a.single_opinion else [])]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
     else:
-        results = check_cells(cells, a.samples, a.passes)
+        results = check_cells(cells, a.samples, a.passes, not a.single_opinion)
     report(results, f"torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}, "
                     f"median of {a.passes} passes" + (", each cell in a fresh process" if a.fresh_process
-                                                     else ", all in one process"))
+                                                     else ", all in one process")
+           + (", one tuning per signature" if a.single_opinion else ""))
 
 
 def report(results: list[dict], header: str) -> None:
@@ -181,10 +199,17 @@ def report(results: list[dict], header: str) -> None:
     print(f"\nauto picked the fastest implementation in {len(every) - len(wrong)} of {len(every)} cells; "
           f"where it picked another, the worst ratio was {max(wrong, default=1.0):.3f}. Where it picked the "
           "fastest, a ratio other than 1 is this machine's noise between two runs of one function.")
-    tune_s = [r["tune_s"] for r in results]
-    slowest = max(results, key=lambda r: r["tune_s"])
-    print(f"\nprewarm (tuning one signature): median {statistics.median(tune_s):.2f} s, all {sum(tune_s):.1f} s, "
-          f"slowest {slowest['tune_s']:.2f} s ({slowest['name']})")
+    total = sum(r["prewarm_s"] for r in results)
+    again = [r for r in results if r["opinions"]]
+    changed = [r for r in again if r["opinions"][0] != r["picked"]]
+    print(f"\nprewarm: {total:.1f} s for {len(results)} signatures ({total / len(results):.2f} s each); "
+          f"{len(again)} close calls tuned again ({sum(len(r['opinions']) == 3 for r in again)} a third time), "
+          f"{len(changed)} picks changed by the vote")
+    for r in changed:
+        first, forced = r["opinions"][0], r["forced"]
+        alone = f"{forced[first] / r['t_forced']:.3f}" if first in forced else "not measured"
+        print(f"  {r['name']}: picks {', '.join(r['opinions'])} -> {r['picked']} ({r['ratio']:.3f}); "
+              f"the first pick alone: {alone}")
     print("\nworst cells:")
     for r in sorted(results, key=lambda r: r["ratio"], reverse=True)[:5]:
         tuned = ", ".join(f"{n} {t * 1e6:.0f}" for n, t in sorted(r["tuned"].items(), key=lambda i: i[1])[:3])
