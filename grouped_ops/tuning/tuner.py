@@ -26,7 +26,8 @@ CONFIRM_MIN_S = 0.03  # ... until each one's paired samples cover this much of i
                       # each gap to the best is either a near-tie or larger than its uncertainty
 CONFIRM_BUDGET_ROUNDS = 3  # the time budget may end a confirmation after this many rounds
 TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of a gap to the best, clamped to 1%..5%
-SECOND_OPINION_BAND = 0.2  # batch prewarm tunes again the signatures whose runner-up was this close
+SECOND_OPINION_BAND = 0.3  # batch prewarm tunes again the signatures whose runner-up was this close
+                           # (a busy spell has decided a miss on a gap of 21%)
 
 
 @dataclass
@@ -252,10 +253,10 @@ def contenders(timings: Mapping[str, float], band: float = SECOND_OPINION_BAND) 
     """The candidates timed within ``band`` of the fastest, fastest first: a close call when two or more.
 
     One tuning lasts a fraction of a second, and on a shared machine a busy spell can cover all of
-    it, slowing some candidates more than others (measured in the three misses of docs/autotuner.md:
-    the tuner's time for one implementation 17-65% away from the check's a minute later, while the
-    gaps it decided on were 0-13%). A second tuning at another time, and a third where two disagree,
-    outvote one bad window.
+    it, slowing some candidates more than others (measured in the misses of docs/autotuner.md: the
+    tuner's time for one implementation 17-65% away from the check's a minute later, while the gaps it
+    decided on were 0-21%). A second tuning at another time, and a third where two disagree, outvote
+    one bad window.
     """
     if not timings:
         return []
