@@ -1023,7 +1023,7 @@ def test_without_a_majority_the_best_median_relative_time_wins():
     assert tuner_module.vote(["y", "x"], [dataclasses.replace(d, winner="x"), d])[0] == "y"
 
 
-def test_a_candidate_that_fails_in_a_later_tuning_cannot_win(tunings, caplog):
+def test_a_candidate_that_fails_in_a_later_tuning_cannot_win(tunings):
     # einsum wins two tunings of three, but raises in the second
     table = {"bmm": 1.0e-4, "einsum": 0.95e-4}
     timer = tunings.timer([table])
