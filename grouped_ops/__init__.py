@@ -5,14 +5,14 @@ Public names only; everything else lives in private modules.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from . import _custom_ops  # noqa: F401  registers grouped_ops::*_auto, for torch.export.load
 from ._errors import GroupedOpsError
-from .api import lookup, prewarm
-from .dispatch import Decision, Recorder, record
+from ._version import __version__
+from .decision import Decision
+from .dispatch.overrides import exclude_impls, use_impl
 from .functional import grouped_linear, implementations, weighted_combine
 from .nn import GroupedLinear
-from .registry import use_impl
+from .recording import Recorder, lookup, prewarm, record
 
 __all__ = [
     "Decision",
@@ -20,6 +20,7 @@ __all__ = [
     "GroupedOpsError",
     "Recorder",
     "__version__",
+    "exclude_impls",
     "grouped_linear",
     "implementations",
     "lookup",

@@ -14,15 +14,16 @@ runs it eagerly.
 
 What forces an implementation (``impl=``, a ``use_impl`` scope, ``GROUPED_OPS_IMPL``) is read
 while dynamo traces, like the cached choice: the compiled code keeps it until dynamo recompiles.
+
+This module loads ``torch._dynamo`` (``assume_constant_result``), so it is imported only while
+torch.compile traces (see :mod:`grouped_ops.functional`); the custom ops themselves are registered
+at import time by :mod:`grouped_ops._custom_ops`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import math
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,9 +31,10 @@ from torch import Tensor
 from torch.fx.experimental import symbolic_shapes
 
 from . import dispatch
+from .dispatch import overrides
+from ._custom_ops import _grad_mask, _grouped_linear_auto, _weighted_combine_auto
 from ._errors import GroupedOpsError
 from .ops import SPECS
-from .registry import forced_impl
 from .signature import Signature, bucketing_mode
 
 # torch.fx.experimental.symbolic_shapes.has_static_value, which dynamo understands (torch >= 2.5)
@@ -50,15 +52,15 @@ def _trace_time_plan(op: str, m: Any, impl: str, dynamic: bool) -> str:
     spec = SPECS[op]
     try:
         sig = spec.signature(m, bucketing_mode() == "pow2")
-        name = impl if impl != "auto" else (forced_impl(op) or "")
+        forced = overrides.forced_name(op) if impl == "auto" else None
+        name = impl if impl != "auto" else (forced[0] if forced else "")
         if name:
             if not dynamic:
                 dispatch.checked_impl(spec, sig, name)
             return f"inline:{name}" if _traceable(op, sig, name) else f"op:{name}"
         if dynamic:
             return "op:"
-        env = dispatch._env_impl(spec, sig)
-        known = env if env is not None else dispatch.known_decision(spec, sig)
+        known = dispatch.known_decision(spec, sig)
         if known is None:
             return "op:"
         # An implementation torch.compile cannot trace still runs, eagerly, inside the custom op.
@@ -140,137 +142,3 @@ def traced_call(op: str, args: tuple[Any, ...], impl: str) -> Tensor:
     inputs, weights = args
     stacked = isinstance(inputs, Tensor)
     return _weighted_combine_auto([inputs] if stacked else list(inputs), weights, stacked, _grad_mask(m[-1]), name)
-
-
-def _grad_mask(grad: Any) -> int:
-    return sum(1 << i for i, g in enumerate(grad or ()) if g)
-
-
-def _flags(mask: int, count: int) -> Any:
-    flags = tuple(bool(mask >> i & 1) for i in range(count))
-    return flags if any(flags) else False
-
-
-# ---- grouped_linear ------------------------------------------------------------------------------
-
-@torch.library.custom_op("grouped_ops::grouped_linear_auto", mutates_args=())
-def _grouped_linear_auto(input: Tensor, weight: Tensor, bias: Tensor | None, grad_mask: int, impl: str) -> Tensor:
-    return _run_tuned("grouped_linear", (input, weight, bias), grad_mask, 3, impl).contiguous()
-
-
-@_grouped_linear_auto.register_fake
-def _(input: Tensor, weight: Tensor, bias: Tensor | None, grad_mask: int, impl: str) -> Tensor:
-    return input.new_empty(*input.shape[:-1], weight.shape[1])
-
-
-def _gl_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, w, b, _, impl = inputs
-    ctx.save_for_backward(x, w)
-    ctx.has_bias = b is not None
-    ctx.impl = impl
-
-
-def _gl_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
-    x, w = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx = _grouped_linear_auto(grad, w.transpose(1, 2), None, 0, ctx.impl) if need_x else None
-    gw = torch.einsum("...no,...ni->noi", grad, x) if need_w else None
-    gb = grad.reshape(-1, *grad.shape[-2:]).sum(0) if (need_b and ctx.has_bias) else None
-    return gx, gw, gb, None, None
-
-
-_grouped_linear_auto.register_autograd(_gl_backward, setup_context=_gl_setup)
-
-
-# ---- weighted_combine ----------------------------------------------------------------------------
-
-@torch.library.custom_op("grouped_ops::weighted_combine_auto", mutates_args=())
-def _weighted_combine_auto(inputs: Sequence[Tensor], weights: Tensor, stacked: bool, grad_mask: int,
-                           impl: str) -> Tensor:
-    args = (inputs[0] if stacked else tuple(inputs), weights)
-    return _run_tuned("weighted_combine", args, grad_mask, 2, impl).contiguous()
-
-
-@_weighted_combine_auto.register_fake
-def _(inputs: Sequence[Tensor], weights: Tensor, stacked: bool, grad_mask: int, impl: str) -> Tensor:
-    shape = inputs[0].shape[:1] + inputs[0].shape[2:] if stacked else inputs[0].shape
-    return inputs[0].new_empty(shape)
-
-
-def _wc_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    xs, weights, stacked, _, _ = inputs
-    ctx.save_for_backward(weights, *xs)
-    ctx.stacked = stacked
-
-
-def _wc_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
-    weights, *xs = ctx.saved_tensors
-    b, k = weights.shape
-    tail = (1,) * (grad.dim() - 1)
-    gx: list[Tensor] | None = None
-    if ctx.needs_input_grad[0]:
-        if ctx.stacked:
-            gx = [grad.unsqueeze(1) * weights.reshape(b, k, *tail)]
-        else:
-            gx = [grad * weights[:, i].reshape(b, *tail) for i in range(k)]
-    gw = None
-    if ctx.needs_input_grad[1]:
-        stacked = xs[0] if ctx.stacked else torch.stack(xs, 1)
-        gw = (stacked * grad.unsqueeze(1)).reshape(b, k, math.prod(grad.shape[1:])).sum(-1)
-    return gx, gw, None, None, None
-
-
-_weighted_combine_auto.register_autograd(_wc_backward, setup_context=_wc_setup)
-
-
-def _run_tuned(op: str, args: tuple[Any, ...], grad_mask: int, count: int, impl: str) -> Tensor:
-    """Dispatch on concrete tensors with the traced call's grad mode restored into the signature:
-    to ``impl`` when one was forced at trace time, else as ``impl="auto"`` does.
-
-    Decisions are kept in the dispatcher's own tables, so ``dispatch.clear_memory()`` forgets them
-    and later calls cost one dict lookup, as in eager mode.
-    """
-    spec = SPECS[op]
-    m = spec.meta(*args)
-    assert m is not None
-    m = (*m[:-1], _flags(grad_mask, count))
-    if impl:
-        forced = dispatch._FORCED[op]
-        fn = forced.get((m, impl))
-        if fn is None:
-            fn = forced[(m, impl)] = dispatch.checked_impl(spec, spec.signature(m, bucketing_mode() == "pow2"), impl)
-        return fn(*args)
-    table = dispatch._AUTO[op]
-    fn = table.get(m)
-    if fn is None:
-        sig = spec.signature(m, bucketing_mode() == "pow2")
-        with _autograd_reenabled():
-            decision, keep = dispatch._decide(spec, sig, args, at=spec.signature(m, False))
-        fn = spec.registry[decision.impl].fn
-        if keep:
-            table[m] = fn
-    return fn(*args)
-
-
-@contextlib.contextmanager
-def _autograd_reenabled() -> Iterator[None]:
-    """Undo the custom op's "below autograd" dispatch state while the tuner runs.
-
-    A custom op's body runs with the autograd dispatch keys excluded, so ``torch.enable_grad()``
-    alone records no graph there and a forward + backward timing of the candidates would fail.
-    """
-    guard = getattr(torch._C, "_ForceDispatchKeyGuard", None)
-    if guard is None:  # pragma: no cover - torch without the guard: grad timings fall back to the default
-        yield
-        return
-    excluded = torch._C._dispatch_tls_local_exclude_set()
-    for key in _AUTOGRAD_KEYS:
-        excluded = excluded.remove(key)
-    with guard(torch._C._dispatch_tls_local_include_set(), excluded):
-        yield
-
-
-_AUTOGRAD_KEYS = tuple(
-    getattr(torch._C.DispatchKey, name) for name in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor")
-    if hasattr(torch._C.DispatchKey, name)
-)

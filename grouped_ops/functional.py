@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from ._compile import traced_call
 from ._errors import GroupedOpsError
 from .ops import SPECS
+from .ops._spec import OpSpec
+from .ops.weighted_combine import promote
 
 _GL = SPECS["grouped_linear"]
 _WC = SPECS["weighted_combine"]
@@ -44,10 +45,11 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
             that does not support these inputs (the message lists why).
     """
     if _any_autocast() and isinstance(input, Tensor) and _autocast_on(input.device.type):
-        input, weight, bias = _autocast(input.device.type, input, weight, bias)
-    if torch.compiler.is_compiling():
-        return traced_call("grouped_linear", (input, weight, bias), impl)
-    return dispatch.call(_GL, (input, weight, bias), impl)
+        device_type = input.device.type
+        input, weight, bias = _autocast(device_type, input, weight, bias)
+        with torch.autocast(device_type, enabled=False):  # see _dispatch
+            return _dispatch(_GL, (input, weight, bias), impl)
+    return _dispatch(_GL, (input, weight, bias), impl)
 
 
 def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, impl: str = "auto") -> Tensor:
@@ -78,10 +80,22 @@ def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, impl
     if isinstance(inputs, list):
         inputs = tuple(inputs)
     if _any_autocast() and isinstance(weights, Tensor) and _autocast_on(weights.device.type):
-        inputs, weights = _autocast_combine(weights.device.type, inputs, weights)
+        device_type = weights.device.type
+        inputs, weights = _autocast_combine(device_type, inputs, weights)
+        with torch.autocast(device_type, enabled=False):  # see _dispatch
+            return _dispatch(_WC, (inputs, weights), impl)
+    return _dispatch(_WC, promote(inputs, weights), impl)
+
+
+def _dispatch(spec: OpSpec, args: tuple, impl: str) -> Tensor:
+    # Under autocast the arguments arrive cast to the autocast dtype, and the implementation runs
+    # with autocast off: otherwise its own ops would follow autocast's per-op lists (CUDA's puts
+    # `sum` on the float32 list, so `broadcast` alone would return float32).
     if torch.compiler.is_compiling():
-        return traced_call("weighted_combine", (inputs, weights), impl)
-    return dispatch.call(_WC, (inputs, weights), impl)
+        from ._compile import traced_call  # loads torch._dynamo: only while torch.compile traces
+
+        return traced_call(spec.name, args, impl)
+    return dispatch.call(spec, args, impl)
 
 
 def implementations(op: str) -> tuple[str, ...]:

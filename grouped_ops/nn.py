@@ -21,7 +21,10 @@ class GroupedLinear(nn.Module):
     output is ``F.linear(input[..., g, :], weight[g], bias[g])``. Parameters are ``weight
     [groups, out_features, in_features]`` (nn.Linear's layout, stacked) and ``bias [groups,
     out_features]`` or None. Initialised exactly as ``groups`` nn.Linear layers created one after
-    the other from the same RNG state would be.
+    the other from the same RNG state would be. The weight is *stored* ``[groups, in_features,
+    out_features]`` (it is a transposed view of that storage), the layout CPU bmm runs fastest;
+    its shape, values and state_dict entries are nn.Linear's (see "Parameter layout" in
+    ``docs/adoption.md``).
 
     Converting existing layers: :meth:`from_linears` / :meth:`to_linears` (lossless both ways).
     Old checkpoints: ``load_state_dict`` also accepts this module's entries in the form a
@@ -56,7 +59,7 @@ class GroupedLinear(nn.Module):
         _check_impl("GroupedLinear", impl)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.groups, self.in_features, self.out_features, self.impl = groups, in_features, out_features, impl
-        self.weight = nn.Parameter(torch.empty(groups, out_features, in_features, **factory))
+        self.weight = nn.Parameter(_empty_weight(groups, out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(groups, out_features, **factory)) if bias else None
         self.reset_parameters()
 
@@ -64,10 +67,15 @@ class GroupedLinear(nn.Module):
         """nn.Linear's init, group by group and in nn.Linear's order (weight, then bias), so a seeded
         GroupedLinear equals ``groups`` seeded nn.Linear layers created in a row."""
         bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+        # Drawn into a contiguous [n, out, in] copy: the RNG fills a tensor in memory order, so
+        # drawing into the transposed storage would give other values than nn.Linear's.
+        drawn = torch.empty(self.weight.shape, dtype=self.weight.dtype, device=self.weight.device)
         for g in range(self.groups):
-            nn.init.kaiming_uniform_(self.weight[g], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(drawn[g], a=math.sqrt(5))
             if self.bias is not None:
                 nn.init.uniform_(self.bias[g], -bound, bound)
+        with torch.no_grad():
+            self.weight.copy_(drawn)
 
     def forward(self, input: Tensor) -> Tensor:
         return grouped_linear(input, self.weight, self.bias, impl=self.impl)
@@ -125,7 +133,7 @@ class GroupedLinear(nn.Module):
         # Built on the meta device: no throw-away init, and the caller's RNG state is not consumed.
         out = cls(len(layers), in_features, out_features, has_bias, impl=impl, device="meta")
         with torch.no_grad():
-            weight = torch.stack([layer.weight.detach() for layer in layers])
+            weight = _laid_out(torch.stack([layer.weight.detach() for layer in layers]))
             out.weight = nn.Parameter(weight, requires_grad=any(la.weight.requires_grad for la in layers))
             if has_bias:
                 bias = torch.stack([layer.bias.detach() for layer in layers])  # type: ignore[union-attr]
@@ -139,7 +147,9 @@ class GroupedLinear(nn.Module):
         with torch.no_grad():
             for g in range(self.groups):
                 layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
-                layer.weight = nn.Parameter(self.weight[g].detach().clone(), requires_grad=self.weight.requires_grad)
+                # contiguous_format: nn.Linear's own layout, whatever this module's storage is
+                weight = self.weight[g].detach().clone(memory_format=torch.contiguous_format)
+                layer.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
                 if self.bias is not None:
                     layer.bias = nn.Parameter(self.bias[g].detach().clone(), requires_grad=self.bias.requires_grad)
                 layers.append(layer)
@@ -229,6 +239,38 @@ class GroupedLinear(nn.Module):
                 state_dict.update(converted)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        # load_state_dict(assign=True) puts the checkpoint's own tensor in place (usually
+        # contiguous [n, out, in]): restore the fast layout. A plain load copies into ours.
+        weight = self.weight
+        if isinstance(weight, nn.Parameter) and weight.dim() == 3 and not _has_fast_layout(weight):
+            self.weight = nn.Parameter(_laid_out(weight.detach()), requires_grad=weight.requires_grad)
+
+
+# ---- the weight's memory layout ---------------------------------------------------------------------
+# The weight is [n, out, in] (nn.Linear's layout, stacked) as far as any caller can tell, but its
+# storage is [n, in, out]: the parameter is a transposed view, ``torch.empty(n, in, out)
+# .transpose(1, 2)``. bmm then multiplies by a contiguous [n, in, out] operand, which CPU BLAS runs
+# about 1.3x faster than the transposed one (the TabM / rtdl layers' layout), and the weight's
+# gradient comes out of bmm's backward in this layout, so AccumulateGrad keeps it without a copy.
+# Values, shapes, state_dict entries and conversions are unchanged; .to(), deepcopy, pickle,
+# torch.save and optimizer states keep the strides (see docs/adoption.md, "Parameter layout").
+
+
+def _empty_weight(n: int, out: int, inn: int, **factory: Any) -> Tensor:
+    """An uninitialised weight ``[n, out, in]`` stored as ``[n, in, out]``."""
+    return torch.empty(n, inn, out, **factory).transpose(1, 2)
+
+
+def _has_fast_layout(weight: Tensor) -> bool:
+    """Whether ``weight [n, out, in]`` is stored as ``[n, in, out]`` (dims of size 1 match either way)."""
+    n, out, inn = weight.shape
+    return (out <= 1 or weight.stride(1) == 1) and (inn <= 1 or weight.stride(2) == out) and \
+        (n <= 1 or weight.stride(0) == out * inn)
+
+
+def _laid_out(weight: Tensor) -> Tensor:
+    """A copy of ``weight [n, out, in]`` (same values, dtype, device) stored as ``[n, in, out]``."""
+    return weight.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _check_impl(who: str, impl: str) -> None:

@@ -1,4 +1,4 @@
-"""What an implementation is, and the scoped override that forces one.
+"""What an implementation is, the output contract every one keeps, and the tolerance table.
 
 An implementation is a plain function plus data saying what it supports. The dispatcher and the
 tuner only ever see :class:`Implementation` objects; op modules own their registries.
@@ -6,8 +6,6 @@ tuner only ever see :class:`Implementation` objects; op modules own their regist
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +15,55 @@ import torch
 from ._errors import GroupedOpsError
 
 FLOATING = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close two results of one dtype must be.
+
+    Attributes:
+        agree: normwise relative error ``‖a − b‖ / ‖a‖`` allowed between two implementations'
+            outputs: the tuner's one-off check of every candidate against the first, the benchmark's
+            check of every column, the demo's "results match".
+        rtol: against a float64 reference, relative to the norm of ``|a|·|b|``, for a sum of up to 16
+            terms (``grouped_ops.testing.tolerance`` scales it by √(terms / 16) beyond that).
+        atol: the absolute floor per element in that comparison.
+    """
+
+    agree: float
+    rtol: float
+    atol: float
+
+
+#: The one tolerance table, per dtype; :func:`tolerance` answers for dtypes not in it.
+TOLERANCE: Mapping[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(agree=1e-7, rtol=1e-10, atol=1e-12),
+    torch.float32: Tolerance(agree=5e-3, rtol=1e-4, atol=1e-6),
+    torch.float16: Tolerance(agree=2e-2, rtol=1e-2, atol=1e-4),
+    torch.bfloat16: Tolerance(agree=6e-2, rtol=2e-2, atol=1e-3),
+}
+_OTHER_DTYPE = Tolerance(agree=1e-2, rtol=2e-2, atol=1e-3)
+
+
+def tolerance(dtype: torch.dtype) -> Tolerance:
+    """The :data:`TOLERANCE` entry of ``dtype`` (a loose default for other dtypes)."""
+    return TOLERANCE.get(dtype, _OTHER_DTYPE)
+
+
+def fresh_contiguous(y: torch.Tensor) -> torch.Tensor:
+    """The output contract of every op and implementation: a fresh, contiguous tensor.
+
+    Code written against the ``torch.stack([...])`` an op replaces may ``.view()`` the result or
+    modify it in place (``nn.ReLU(inplace=True)``, which under FSDP2 fails on a view of an
+    intermediate), so the layout must not depend on which implementation ``auto`` picked. A result
+    that is contiguous but a view (of a reshaped matmul, say) is re-labelled as a tensor of its own
+    without a copy (``aten._unsafe_view``, as ``torch.matmul`` does); anything else is copied.
+    """
+    if not y.is_contiguous():
+        return y.contiguous()
+    if y._is_view():
+        return torch.ops.aten._unsafe_view(y, y.shape)
+    return y
 
 
 @dataclass(frozen=True)
@@ -40,6 +87,10 @@ class Implementation:
     extra_memory: Callable[[Any], int] = field(default=lambda sig: 0)
     work_factor: Callable[[Any], float] = field(default=lambda sig: 1.0)
     check: Callable[[Any], list[str]] = field(default=lambda sig: [])
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        """Run the implementation; the result keeps the output contract (see :func:`fresh_contiguous`)."""
+        return fresh_contiguous(self.fn(*args))
 
     def not_supported_reasons(self, sig: Any) -> list[str]:
         """Why this implementation cannot run ``sig`` (a Signature); empty when it can."""
@@ -81,48 +132,3 @@ class Registry(Mapping[str, Implementation]):
 
     def __len__(self) -> int:
         return len(self._impls)
-
-
-# op name -> forced implementation name, for the current scope (thread- and task-local).
-_forced: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
-    "grouped_ops_forced", default=None
-)
-
-
-def forced_impl(op: str) -> str | None:
-    """The implementation a ``use_impl`` scope forces for ``op``, if any."""
-    scope = _forced.get()
-    return None if scope is None else scope.get(op)
-
-
-@contextlib.contextmanager
-def use_impl(impl: str | None = None, /, **per_op: str) -> Iterator[None]:
-    """Force implementations inside a ``with`` block; the previous setting is restored on exit.
-
-    ``use_impl("bmm")`` forces ``bmm`` for every op that has it; ``use_impl(grouped_linear="loop",
-    weighted_combine="broadcast")`` forces per op. Names are checked when the block is entered.
-
-    Example:
-        >>> with grouped_ops.use_impl(grouped_linear="loop"):
-        ...     y = model(x)
-    """
-    from .ops import REGISTRIES  # the ops import this module, so look them up lazily
-
-    scope: dict[str, str] = {}
-    if impl is not None:
-        owners = [op for op, reg in REGISTRIES.items() if impl in reg]
-        if not owners:
-            valid = sorted({n for reg in REGISTRIES.values() for n in reg})
-            raise GroupedOpsError(f"use_impl: unknown impl {impl!r}; valid options are {valid}")
-        scope.update(dict.fromkeys(owners, impl))
-    for op, name in per_op.items():
-        if op not in REGISTRIES:
-            raise GroupedOpsError(f"use_impl: unknown op {op!r}; valid ops are {sorted(REGISTRIES)}")
-        REGISTRIES[op][name]  # raises a GroupedOpsError naming the valid options
-        scope[op] = name
-    previous = _forced.get()
-    token = _forced.set({**(previous or {}), **scope})
-    try:
-        yield
-    finally:
-        _forced.reset(token)

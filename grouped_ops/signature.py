@@ -7,9 +7,11 @@ layout class and which arguments need gradients. It is hashable, printable and J
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,16 +33,74 @@ def bucketing_mode() -> str:
     return mode
 
 
-@functools.cache
 def device_name(device: torch.device) -> str:
-    """A stable name for the hardware behind ``device``: the GPU model and compute capability, or the CPU model."""
+    """A stable name for the hardware behind ``device``: the GPU model and compute capability, or the
+    CPU model and torch's thread count *now* (``torch.set_num_threads`` changes the winner)."""
+    if device.type == "cpu":
+        return f"{_device_model(device)} x{torch.get_num_threads()}"
+    return _device_model(device)
+
+
+@functools.cache
+def _device_model(device: torch.device) -> str:
+    # Cached: reading /proc/cpuinfo or the CUDA properties is slow, and neither changes in a process.
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
         return f"{torch.cuda.get_device_name(index)} sm{major}{minor}"
     if device.type == "cpu":
-        return f"{_cpu_model()} x{torch.get_num_threads()}"
+        return _cpu_model()
     return device.type
+
+
+def numerics(device_type: str) -> tuple[tuple[str, str], ...]:
+    """The global math settings that change which implementation is fastest on ``device_type``, as
+    (name, value) pairs: float32 matmul precision (TF32 on CUDA, bf16 passes on some CPUs) and
+    deterministic algorithms everywhere; on CUDA also cuBLAS's TF32 and reduced-precision
+    reduction switches. Cheap (a few flag reads): built once per new signature, never per call."""
+    pairs = [("fp32", torch.get_float32_matmul_precision())]
+    if device_type == "cuda":
+        matmul = torch.backends.cuda.matmul
+        pairs += [("tf32", _on(matmul.allow_tf32)),
+                  ("bf16red", _on(matmul.allow_bf16_reduced_precision_reduction)),
+                  ("fp16red", _on(matmul.allow_fp16_reduced_precision_reduction))]
+    pairs.append(("det", _on(torch.are_deterministic_algorithms_enabled())))
+    return tuple(pairs)
+
+
+def _on(flag: object) -> str:
+    return "1" if flag else "0"
+
+
+@contextlib.contextmanager
+def applied_numerics(sig: Signature) -> Iterator[None]:
+    """Run the block under ``sig``'s math settings (a signature read from a file may have been
+    recorded under others than the process has now), restoring the previous ones after."""
+    want = dict(sig.numerics)
+    before = dict(numerics(sig.device_type))
+    setters = _setters(sig.device_type)
+    try:
+        for name, value in want.items():
+            if name in setters and before.get(name) != value:
+                setters[name](value)
+        yield
+    finally:
+        for name, value in before.items():
+            if name in setters and want.get(name, value) != value:
+                setters[name](value)
+
+
+def _setters(device_type: str) -> dict[str, Any]:
+    def det(v: str) -> None:
+        torch.use_deterministic_algorithms(v == "1", warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
+
+    out: dict[str, Any] = {"fp32": torch.set_float32_matmul_precision, "det": det}
+    if device_type == "cuda":
+        matmul = torch.backends.cuda.matmul
+        out["tf32"] = lambda v: setattr(matmul, "allow_tf32", v == "1")
+        out["bf16red"] = lambda v: setattr(matmul, "allow_bf16_reduced_precision_reduction", v == "1")
+        out["fp16red"] = lambda v: setattr(matmul, "allow_fp16_reduced_precision_reduction", v == "1")
+    return out
 
 
 def _cpu_model() -> str:
@@ -68,7 +128,8 @@ def parse_dtype(name: str) -> torch.dtype:
 @dataclass(frozen=True)
 class Signature:
     """A tuning key. ``dims``, ``layout`` are ordered (name, value) pairs; ``grad`` names the
-    arguments that need gradients (empty for inference)."""
+    arguments that need gradients (empty for inference); ``numerics`` the math settings it was
+    made under (:func:`numerics`; the current ones when not given)."""
 
     op: str
     dims: tuple[tuple[str, int], ...]
@@ -76,6 +137,11 @@ class Signature:
     device: torch.device
     layout: tuple[tuple[str, str], ...]
     grad: tuple[str, ...]
+    numerics: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.numerics:
+            object.__setattr__(self, "numerics", numerics(self.device.type))
 
     def dim(self, name: str) -> int:
         return dict(self.dims)[name]
@@ -95,7 +161,7 @@ class Signature:
         return Signature(
             self.op,
             tuple((k, value if k == name else v) for k, v in self.dims),
-            self.dtype, self.device, self.layout, self.grad,
+            self.dtype, self.device, self.layout, self.grad, self.numerics,
         )
 
     def key(self) -> str:
@@ -107,8 +173,9 @@ class Signature:
         dims = ",".join(f"{k}={v}" for k, v in self.dims if k != "batch")
         layout = ",".join(f"{k}={v}" for k, v in self.layout)
         grad = ",".join(self.grad) or "-"
+        math = ",".join(f"{k}={v}" for k, v in self.numerics)
         return (f"{self.op}({dims}) {_dtype_name(self.dtype)} {self.device.type}[{device_name(self.device)}]"
-                f" {layout} grad={grad}")
+                f" math[{math}] {layout} grad={grad}")
 
     def __str__(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.dims)
@@ -125,6 +192,7 @@ class Signature:
             "device": str(self.device),
             "layout": dict(self.layout),
             "grad": list(self.grad),
+            "numerics": dict(self.numerics),
         }
 
     @classmethod
@@ -137,6 +205,7 @@ class Signature:
                 device=torch.device(spec.get("device", "cpu")),
                 layout=tuple((str(k), str(v)) for k, v in spec.get("layout", {}).items()),
                 grad=tuple(spec.get("grad", ())),
+                numerics=tuple((str(k), str(v)) for k, v in spec.get("numerics", {}).items()),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise GroupedOpsError(f"not a signature spec ({e}): {spec!r}") from None

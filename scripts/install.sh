@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install grouped_ops (editable) and what it needs into the current Python environment.
 #   bash scripts/install.sh        the library and its runtime dependencies
-#   bash scripts/install.sh test   plus what the tests and benchmarks need
+#   bash scripts/install.sh test   plus what the tests and benchmarks need: the extras test (hypothesis,
+#                                  pytest, ...) and bench (matplotlib, ...); grouped_ops.testing's own
+#                                  extra is `testing` (pip install "grouped_ops[testing]")
 # A torch that is already installed (e.g. your own CUDA build) is kept; where there is none, the
 # pinned CPU build is installed first so pip does not pull gigabytes of CUDA packages.
 set -euo pipefail

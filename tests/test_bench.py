@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from grouped_ops import bench
+from grouped_ops.bench.claims import _seed_verdicts
 from grouped_ops.ops import REGISTRIES
 
 TINY = ["--quick", "--batch", "4", "--n", "4", "--in", "16", "--k", "2", "--wc-shapes", "4x8x4x4,4x32",
@@ -125,20 +126,44 @@ def test_seed_verdicts_from_ratios():
                                                                      (512, 0.3), (2048, 0.6))]
     cells += [_seed_cell("n", 128, n, s, 1.0, 2.0, 1.5) for n, s in ((2, 32), (4, 32), (8, 32), (4, 256), (8, 128))]
     cells += [_seed_cell("size", 128, 32, s, 1.0, m, m) for s, m in ((8, 0.05), (128, 0.3), (256, 0.6))]
-    verdicts = {claim: verdict for claim, _, _, verdict in bench._seed_verdicts(cells)}
+    verdicts = {claim: verdict for claim, _, _, verdict in _seed_verdicts(cells)}
     assert verdicts["masked_dense ~10x faster than the loop"].startswith("holds")
     assert verdicts["masked_dense slower than the loop for n <= 8"].startswith("holds")
     assert verdicts["the gap shrinks as batch grows"].startswith("holds")
     assert verdicts["the gap shrinks as per-group size grows"].startswith("holds")
 
     slow = [_seed_cell("batch", b, 32, 32, 1.0, 2.0, 2.0) for b in (1, 16, 128)]
-    verdicts = {claim: verdict for claim, _, _, verdict in bench._seed_verdicts(slow)}
+    verdicts = {claim: verdict for claim, _, _, verdict in _seed_verdicts(slow)}
     assert verdicts["masked_dense ~10x faster than the loop"].startswith("does not hold")
 
 
 @pytest.mark.slow
 def test_seed_check_runs(capsys):
-    assert _run("--check-seed", "--dtypes", "float32", "--passes", "fwd", "--cell-time", "0.05",
+    assert _run("--check-claims", "--dtypes", "float32", "--passes", "fwd", "--cell-time", "0.05",
                 "--reps", "3", "--no-progress") == 0
     out = capsys.readouterr().out
-    assert "seed 000 verdicts" in out and "verdict:" in out
+    assert "masked_dense claims, verdicts" in out and "verdict:" in out
+
+
+def test_load_is_judged_per_core_and_the_warning_says_what_it_measured():
+    from grouped_ops.bench.sweep import busy_warning
+    assert busy_warning(0.88, 2, 2) is None  # an idle 2-core machine (this process importing torch)
+    assert busy_warning(0.88, 1, 1) is not None
+    text = busy_warning(3.0, 2, 2)
+    assert text is not None and "3.00" in text and "2 logical cores" in text and "1.50 per core" in text
+
+
+def test_claims_check_is_named_for_users_and_old_names_still_work(capsys):
+    parser = argparse.ArgumentParser()
+    bench.configure_parser(parser)
+    assert parser.parse_args(["--check-seed"]).check_claims and parser.parse_args(["--check-claims"]).check_claims
+    assert _run(*TINY, "--ops", "claims", "--passes", "fwd", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "batch=1 n=32 32->32" in out  # the claims' cells
+
+
+def test_bench_checks_with_the_one_tolerance_table():
+    from grouped_ops.bench import measurement
+    from grouped_ops.registry import TOLERANCE
+    assert not hasattr(measurement, "TOLERANCE") and not hasattr(bench, "TOLERANCE")
+    assert TOLERANCE[torch.float32].agree == 5e-3 and TOLERANCE[torch.bfloat16].agree == 6e-2

@@ -68,6 +68,16 @@ def test_demo_shows_matching_results_the_choice_and_the_speed_up(capsys):
     for name in SPECS["grouped_linear"].registry:
         assert name in out  # every candidate's timing
     assert out.count("speed-up x") == 3  # grouped_linear inference and training, weighted_combine
+    assert out.count("impl=einsum:") == 3  # auto next to its choice forced, measured the same way
+    assert "timed while it decided" in out  # says why the live times and the tuner's table differ
+
+
+def test_demo_and_cache_path_print_the_cache_folder_the_same_way(capsys):
+    _, path, _ = run(capsys, "cache", "path")
+    code, out, _ = run(capsys, "demo", "--batch", "4", "--groups", "2", "--in", "4", "--out", "4")
+    assert code == 0 and f"cache folder: {path.strip()}\n" in out
+    code, out, _ = run(capsys, "prewarm", *GL_FLAGS, "--no-progress")
+    assert out.rstrip().endswith(f"cache folder: {path.strip()}")
 
 
 # ---- prewarm -----------------------------------------------------------------------------------------
@@ -83,6 +93,13 @@ def test_prewarm_from_the_command_line(capsys):
     assert {tuple(e["signature"]["grad"]) for e in found} == {("weight",)}
     code, out, _ = run(capsys, "prewarm", *GL_FLAGS, "--grad", "--no-bias", "--no-progress", "--table")
     assert "1 cache" in out and " * einsum" in out
+
+
+def test_a_bucketed_batch_says_it_is_a_bucket(capsys):
+    code, out, _ = run(capsys, "prewarm", *GL_FLAGS, "--no-progress")  # batch 100 -> the bucket 128
+    assert code == 0 and "batch=128 is a bucket: batch sizes 65..128 share this decision" in out
+    code, out, _ = run(capsys, "explain", *GL_FLAGS, "--no-tune")
+    assert "batch=128 is a bucket" in out
 
 
 def test_prewarm_weighted_combine(capsys):
@@ -207,7 +224,7 @@ def test_cache_list_show_clear_export_import(tmp_path, capsys, shipped_tables):
 
     table = tmp_path / "exported.json"
     assert "exported 3 entries" in run(capsys, "cache", "export", str(table))[1]
-    assert json.loads(table.read_text())["format"] == 1
+    assert json.loads(table.read_text())["format"] == store.FORMAT
     assert "removed 1 entries" in run(capsys, "cache", "clear", "weighted")[1]
     assert "removed 2 entries" in run(capsys, "cache", "clear")[1]
     assert "0 of 0 entries" in run(capsys, "cache", "list")[1]
@@ -247,6 +264,33 @@ def test_bench_missing_says_so(capsys, monkeypatch):
     assert code == 2 and "not available" in err
 
 
+# ---- the parser ----------------------------------------------------------------------------------------
+
+def _actions(parser):
+    """Every (command path, action) of ``parser`` and its subcommands, recursively."""
+    for action in parser._actions:
+        if action.choices and isinstance(action.choices, dict):  # subparsers
+            for name, sub in action.choices.items():
+                for path, a in _actions(sub):
+                    yield f"{name} {path}".strip(), a
+        else:
+            yield "", action
+
+
+def test_every_option_has_help_text():
+    parser = cli.build_parser(["bench"])  # "bench" in argv: the sweep's options too
+    missing = [f"{path}: {'/'.join(a.option_strings) or a.dest}" for path, a in _actions(parser)
+               if a.help is None]
+    assert not missing, "options without help text:\n" + "\n".join(missing)
+
+
+def test_help_uses_no_project_internal_words(capsys):
+    parser = cli.build_parser(["bench"])
+    texts = [a.help or "" for _, a in _actions(parser)]
+    words = ("seed 000", "seed-000", "no GPU was lent", "session")
+    assert not [t for t in texts if any(w in t for w in words)]
+
+
 # ---- the real entry point ----------------------------------------------------------------------------
 
 def test_python_dash_m_grouped_ops(tmp_path):
@@ -254,4 +298,25 @@ def test_python_dash_m_grouped_ops(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "grouped_ops", "cache", "path"], capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(tmp_path / "c" / "v1")
+    assert proc.stdout.strip() == str(tmp_path / "c" / f"v{store.FORMAT}")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["cache", "list"]])
+def test_output_piped_to_a_closed_reader_is_not_a_traceback(tmp_path, argv):
+    # `python -m grouped_ops ... | head`: the reader goes away before the output is written
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GROUPED_OPS_CACHE_DIR": str(tmp_path / "c")}
+    proc = subprocess.Popen([sys.executable, "-m", "grouped_ops", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # closed before the interpreter has even imported torch
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    # argparse itself ignores a failed write of --help (status 0); our own output ends with 141
+    assert proc.wait(timeout=120) in (0, cli.BROKEN_PIPE), err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_piping_into_head_in_a_shell(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GROUPED_OPS_CACHE_DIR": str(tmp_path / "c")}
+    cmd = f"{sys.executable} -m grouped_ops bench --help | head -n 1"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr, proc.stderr

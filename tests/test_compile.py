@@ -17,6 +17,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 import grouped_ops
+from grouped_ops.tuning import harness
 from grouped_ops import GroupedLinear, GroupedOpsError, dispatch, grouped_linear, weighted_combine
 from grouped_ops.ops import SPECS
 
@@ -361,15 +362,15 @@ def cuda_args(batch=32):
 def no_tuning_while_capturing(monkeypatch):
     """Fails the test if the tuner is entered while a CUDA graph is being captured."""
     calls = []
-    real = dispatch._tune
+    real = harness.measure
 
-    def spy(spec, sig, s, at=None):
+    def spy(spec, sig, s, at=None, only=None, **kwargs):
         capturing = torch.cuda.is_current_stream_capturing()
         calls.append(capturing)
         assert not capturing, f"tuned {sig} during CUDA graph capture"
-        return real(spec, sig, s, at)
+        return real(spec, sig, s, at, only, **kwargs)
 
-    monkeypatch.setattr(dispatch, "_tune", spy)
+    monkeypatch.setattr(harness, "measure", spy)
     return calls
 
 

@@ -261,9 +261,22 @@ def test_weighted_combine_mixed_dtypes_in_list():
              "one dtype", "inputs[1]=float64", WC_LIST)
 
 
-def test_weighted_combine_mixed_dtypes_with_weights():
-    _refused(lambda: weighted_combine(torch.randn(3, 2, 4), WTS.half()), "weighted_combine",
-             "one dtype", "weights=float16", "inputs.shape=(3, 2, 4)")
+def test_weighted_combine_mixed_dtypes_promote_as_multiply_and_sum_does():
+    # routing weights are usually float32 while branch outputs are bfloat16: torch's promotion rules
+    for x_dtype, w_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                             (torch.float16, torch.bfloat16), (torch.float64, torch.float32)]:
+        x, w = torch.randn(3, 2, 4, dtype=x_dtype), torch.softmax(torch.randn(3, 2), -1).to(w_dtype)
+        want = (x * w[..., None]).sum(1)
+        for inputs in (x, list(x.unbind(1))):
+            for impl in ("auto", *grouped_ops.implementations("weighted_combine")):
+                got = weighted_combine(inputs, w, impl=impl)
+                assert got.dtype == want.dtype, (x_dtype, w_dtype, impl)
+                torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_weighted_combine_integer_weights_are_refused():
+    _refused(lambda: weighted_combine(torch.randn(3, 2, 4), torch.ones(3, 2, dtype=torch.long)),
+             "weighted_combine", "one dtype", "weights=int64", "inputs.shape=(3, 2, 4)")
 
 
 def test_weighted_combine_mixed_devices_in_list():
@@ -328,3 +341,14 @@ def test_use_impl_unknown_op():
 def test_implementations_of_unknown_op():
     with pytest.raises(GroupedOpsError, match=r"^implementations: unknown op 'conv'; valid ops are"):
         grouped_ops.implementations("conv")
+
+
+def test_an_untransposed_n_in_out_weight_is_told_to_transpose():
+    # the shapes fit a [n, in, out] weight passed as is: the message says what to pass instead
+    message = _refused(lambda: grouped_linear(X, torch.randn(3, 4, 5)), "grouped_linear",
+                       "5 input features", "W.transpose(1, 2)", "[n, in, out] = [3, 4, 5]")
+    assert grouped_linear(X, torch.randn(3, 4, 5).transpose(1, 2)).shape == (2, 3, 5)  # the advice works
+    # shapes that do not fit that reading get no such advice
+    assert "transpose" not in _refused(lambda: grouped_linear(X, torch.randn(3, 5, 7)), "grouped_linear",
+                                       "7 input features")
+    assert "but input has 4" in message

@@ -89,8 +89,8 @@ def test_a_cached_call_takes_the_dict_lookup_path(monkeypatch):
             raise AssertionError("a cached call went down the slow path")
 
         with monkeypatch.context() as m:
-            m.setattr(dispatch, "_call_slow", no_slow_path)
-            m.setattr(dispatch, "_decide", no_slow_path)
+            m.setattr(dispatch, "_choose", no_slow_path)
+            m.setattr(dispatch, "decide", no_slow_path)
             public(*args)
             public(*args, impl=impl)
             with use_impl(**{other: "loop" for other in SPECS if other != op}):  # another op's scope

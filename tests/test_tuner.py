@@ -27,9 +27,12 @@ from torch import nn
 
 import grouped_ops
 from grouped_ops import GroupedOpsError, dispatch, use_impl
+from grouped_ops.dispatch import resolve
 from grouped_ops.ops import SPECS
+from grouped_ops.recording import prewarm_signatures
 from grouped_ops.signature import Signature
-from grouped_ops.tuning import store
+from grouped_ops.tuning import harness, store
+from grouped_ops.tuning.settings import settings
 from grouped_ops.tuning import tuner as tuner_module
 from grouped_ops.tuning.tuner import tune
 
@@ -69,13 +72,14 @@ class FakeTimer:
 def count_tunings(monkeypatch):
     """How many times the dispatcher really tuned (timed candidates for) a signature."""
     counter = collections.Counter()
-    real = dispatch._tune
+    real = harness.measure
 
-    def counting(spec, sig, s, at=None):
-        counter[sig.key()] += 1
-        return real(spec, sig, s, at)
+    def counting(spec, sig, s, at=None, only=None, **kwargs):
+        if only is None:  # a first tuning, not batch prewarm's second opinion
+            counter[sig.key()] += 1
+        return real(spec, sig, s, at, only, **kwargs)
 
-    monkeypatch.setattr(dispatch, "_tune", counting)
+    monkeypatch.setattr(harness, "measure", counting)
     return counter
 
 
@@ -553,9 +557,9 @@ def test_never_tunes_while_capturing_a_cuda_graph(monkeypatch):
     sig = dataclasses.replace(grouped_ops.prewarm("grouped_linear", *gl_args()).signature,
                               device=torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert dispatch._tuning_blocker(sig, None, dispatch.settings()) == ("capturing a CUDA graph", True)
+    assert resolve._tuning_blocker(sig, None, settings(), True) == ("capturing a CUDA graph", True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert dispatch._tuning_blocker(sig, None, dispatch.settings()) == (None, False)
+    assert resolve._tuning_blocker(sig, None, settings(), True) == (None, False)
 
 
 def test_public_ops_run_on_meta_tensors():
@@ -767,7 +771,7 @@ def test_a_stale_entry_alone_is_retuned(count_tunings):
     assert dict(count_tunings) == {key_a: 1}
     assert b_file.read_text() == b_before
     entry = store.DiskStore().get(key_a)
-    assert entry["impl"] == "loop" and entry["fingerprint"] == store.fingerprint(dispatch._impl_set_version(GL))
+    assert entry["impl"] == "loop" and entry["fingerprint"] == store.fingerprint(dispatch.impl_set_version(GL))
 
 
 def test_decision_sources():
@@ -939,14 +943,14 @@ def tunings(monkeypatch):
                               for name in {n for t in tables for n in t}}, default=default)
 
     seen = Tunings()
-    real = dispatch._measure
+    real = harness.measure
 
-    def measuring(spec, sig, s, at=None, only=None):
+    def measuring(spec, sig, s, at=None, only=None, **kwargs):
         seen.only.append(None if only is None else frozenset(only))
         seen.batches.append((at or sig).dim("batch"))
-        return real(spec, sig, s, at, only)
+        return real(spec, sig, s, at, only, **kwargs)
 
-    monkeypatch.setattr(dispatch, "_measure", measuring)
+    monkeypatch.setattr(harness, "measure", measuring)
     return seen
 
 
@@ -960,7 +964,7 @@ def test_a_close_call_is_tuned_again_and_the_majority_kept(tunings):
     # The first tuning (a busy spell) sees einsum 5% ahead; the next two see bmm 10% ahead.
     first, later = {"bmm": 1.0e-4, "einsum": 0.95e-4}, {"bmm": 1.0e-4, "einsum": 1.1e-4}
     with dispatch.use_timer(tunings.timer([first, later, later])):
-        (d,) = dispatch.prewarm_signatures([gl_request()])
+        (d,) = prewarm_signatures([gl_request()])
     assert (d.impl, d.source, d.opinions) == ("bmm", "tuned", ("einsum", "bmm", "bmm"))
     # the later tunings time only the close contenders; the vote's times are medians over tunings
     assert tunings.only == [None, {"bmm", "einsum"}, {"bmm", "einsum"}]
@@ -977,35 +981,35 @@ def test_a_close_call_is_tuned_again_and_the_majority_kept(tunings):
 
 def test_two_tunings_that_agree_need_no_third(tunings):
     with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
-        (d,) = dispatch.prewarm_signatures([gl_request()])
+        (d,) = prewarm_signatures([gl_request()])
     assert (d.impl, d.opinions, len(tunings.only)) == ("bmm", ("bmm", "bmm"), 2)
 
 
 def test_a_clear_winner_is_tuned_once(tunings):
     band = 1 + tuner_module.SECOND_OPINION_BAND
     with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.0e-4 * band * 1.01}])):
-        (d,) = dispatch.prewarm_signatures([gl_request()])
+        (d,) = prewarm_signatures([gl_request()])
     assert (d.impl, d.opinions, len(tunings.only)) == ("bmm", (), 1)
 
 
 def test_second_opinions_can_be_switched_off(tunings):
     with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 0.95e-4}, {"bmm": 1.0e-4}])):
-        (d,) = dispatch.prewarm_signatures([gl_request()], second_opinion=False)
+        (d,) = prewarm_signatures([gl_request()], second_opinion=False)
     assert (d.impl, d.opinions, len(tunings.only)) == ("einsum", (), 1)
 
 
 def test_second_opinions_come_after_every_first_tuning(tunings):
     with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
-        dispatch.prewarm_signatures([gl_request(8), gl_request(64), gl_request(512)])
+        prewarm_signatures([gl_request(8), gl_request(64), gl_request(512)])
     assert tunings.batches == [8, 64, 512, 8, 64, 512]  # a whole pass apart, not back to back
 
 
 def test_a_signature_already_known_is_not_tuned_again(tunings):
     request = gl_request()
     with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
-        dispatch.prewarm_signatures([request])
+        prewarm_signatures([request])
         assert len(tunings.only) == 2
-        (d,) = dispatch.prewarm_signatures([request])
+        (d,) = prewarm_signatures([request])
     assert (d.source, d.opinions, len(tunings.only)) == ("cache", ("bmm", "bmm"), 2)
 
 
@@ -1029,21 +1033,10 @@ def test_a_candidate_that_fails_in_a_later_tuning_cannot_win(tunings):
     timer = tunings.timer([table])
     timer.fail["einsum"] = lambda count: RuntimeError("boom") if len(tunings.only) == 2 else None
     with dispatch.use_timer(timer):
-        (d,) = dispatch.prewarm_signatures([gl_request()])
+        (d,) = prewarm_signatures([gl_request()])
     assert d.opinions == ("einsum", "bmm", "einsum")
     assert d.impl == "bmm" and "raised RuntimeError: boom" in d.skipped["einsum"]
     assert dispatch.known_decision(GL, d.signature).impl == "bmm"
-
-
-def test_no_second_opinions_under_torch_distributed(tunings, monkeypatch):
-    monkeypatch.setattr(dispatch, "_distributed", lambda s: False)
-    request = gl_request()
-    monkeypatch.setattr(dispatch, "_distributed", lambda s: True)
-    monkeypatch.setattr(dispatch, "_agree_across_ranks",
-                        lambda spec, sig, s, blocker, at=None: dispatch._resolve(spec, sig, s, blocker, at))
-    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 0.95e-4}, {"bmm": 1.0e-4}])):
-        (d,) = dispatch.prewarm_signatures([request])
-    assert (d.impl, d.opinions, len(tunings.only)) == ("einsum", (), 1)
 
 
 def test_a_call_between_the_first_tuning_and_the_vote_does_not_keep_the_first_pick(tunings, ran):
@@ -1058,7 +1051,7 @@ def test_a_call_between_the_first_tuning_and_the_vote_does_not_keep_the_first_pi
             called.append(ran[-1])
 
     with dispatch.use_timer(tunings.timer([first, later, later])):
-        (d,) = dispatch.prewarm_signatures([gl_request()], progress=call_the_op)
+        (d,) = prewarm_signatures([gl_request()], progress=call_the_op)
     assert called == ["grouped_linear.einsum"] and d.impl == "bmm"
     ran.clear()
     grouped_ops.grouped_linear(x, w, b)

@@ -24,6 +24,8 @@ class OpSpec:
     make_inputs(sig, generator) -> private arguments for timing, laid out as ``sig`` says.
     default_impl(sig) -> the documented rule used when nothing is cached and tuning is not allowed.
     grad_args(args) -> the tensors among ``args`` that gradients flow to, in the order of sig.grad.
+    normalize(args, kwargs, who) -> the op's positional arguments from a call written as for the
+        op (``prewarm``/``lookup`` take them that way); raises GroupedOpsError naming ``who``.
     """
 
     name: str
@@ -34,3 +36,4 @@ class OpSpec:
     make_inputs: Callable[[Signature, torch.Generator], tuple[Any, ...]]
     default_impl: Callable[[Signature], str]
     grad_args: Callable[[Signature, tuple[Any, ...]], list[torch.Tensor]]
+    normalize: Callable[[tuple[Any, ...], dict[str, Any], str], tuple[Any, ...]]

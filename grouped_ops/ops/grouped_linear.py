@@ -31,30 +31,119 @@ def _split(x: Tensor, w: Tensor) -> tuple[tuple[int, ...], int, int, int, int]:
 # ---- implementations -----------------------------------------------------------------------------
 
 def einsum(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    # torch.einsum hands contraction-order planning to opt_einsum when it is installed.
-    y = torch.einsum("...ni,noi->...no", x, w)
+    # torch.einsum hands contraction-order planning to opt_einsum when it is installed. Its result
+    # is a permuted view of a [n, rows, out] product: made contiguous first so the bias add writes
+    # the contract's fresh [..., n, out] layout (no copy at all without bias and rows or n == 1).
+    y = torch.einsum("...ni,noi->...no", x, w).contiguous()
     return y if b is None else y + b
 
 
 def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    # A weight stored [n, in, out] (GroupedLinear's, TabM's) makes wt a contiguous operand, which
+    # CPU BLAS runs ~1.3x faster than nn.Linear's [n, out, in] passed transposed.
     lead, rows, n, out, inn = _split(x, w)
     xt = x.reshape(rows, n, inn).transpose(0, 1)  # [n, rows, in]
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
     y = torch.bmm(xt, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xt, wt)
-    return y.transpose(0, 1).reshape(*lead, n, out)
+    # [n, rows, out] -> the contract's fresh contiguous [..., n, out]: one copy, whose result is
+    # no view (a view would cost the dispatcher an _unsafe_view). Writing bmm's product straight
+    # there (out= a permuted view, see bmm_out) is not faster in general on CPU: ATen then runs
+    # one gemm per group (measured 0.2-1.8x, fp32 and bf16, one thread).
+    y = y.transpose(0, 1)
+    return (y if len(lead) == 1 else y.reshape(*lead, n, out)).contiguous()
+
+
+def bmm_out(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """bmm writing its product straight into the contiguous ``[..., n, out]`` result (no copy)
+    where that is allowed (eager, no autograd, no autocast, plain tensors), else :func:`bmm`.
+    Faster than bmm with many rows and narrow outputs, slower with many small groups (CPU,
+    docs/benchmarks/peers.md): a candidate for the tuner, not a replacement."""
+    if not _may_write_out(x, w, b):
+        return bmm(x, w, b)
+    lead, rows, n, out, inn = _split(x, w)
+    y = x.new_empty(*lead, n, out)
+    yt = y.view(rows, n, out).transpose(0, 1)  # [n, rows, out]: a view of the result
+    xt = x.reshape(rows, n, inn).transpose(0, 1)
+    if b is None:
+        torch.bmm(xt, w.transpose(1, 2), out=yt)
+    else:
+        torch.baddbmm(b.unsqueeze(1), xt, w.transpose(1, 2), out=yt)
+    return y
+
+
+def _may_write_out(*tensors: Tensor | None) -> bool:
+    """Whether an ``out=`` call is allowed: autograd, autocast, torch.func wrappers and
+    torch.compile tracing all need the functional form."""
+    ts = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(ts[0].device.type):
+        return False
+    return all(type(t) in (Tensor, torch.nn.Parameter) and not _functorch_wrapped(t) for t in ts)
+
+
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
 def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # Seed 000's "partitioned linear": one dense matmul over a block-diagonal [n*out, n*in] weight.
-    # Built by an indexed write into zeros (not a multiply by a mask) so inf/nan in one group's
-    # weight cannot leak into another group as 0*inf; the write is differentiable w.r.t. w.
+    return _BlockDiagonalLinear.apply(x, w, b)
+
+
+def _block_diagonal_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     lead, rows, n, out, inn = _split(x, w)
-    block = w.new_zeros(n, out, n, inn)
-    groups = torch.arange(n, device=w.device)
-    block[groups, :, groups, :] = w
+    # The weight is copied onto the diagonal of zeros (not multiplied by a mask), so inf/nan in one
+    # group's weight cannot leak into another as 0*inf. The zeros derive from w so that under
+    # torch.func.vmap they are batched like w and the in-place copy is allowed.
+    block = torch.zeros_like(w)[:, :, None, :].expand(n, out, n, inn).contiguous()
+    torch.diagonal(block, dim1=0, dim2=2).copy_(w.permute(1, 2, 0))
     y = F.linear(x.reshape(rows, n * inn), block.reshape(n * out, n * inn),
                  None if b is None else b.reshape(n * out))
     return y.reshape(*lead, n, out)
+
+
+class _BlockDiagonalLinear(torch.autograd.Function):
+    """masked_dense: forward as one dense matmul; gradients group by group.
+
+    The dense backward would multiply the incoming gradient by the zero blocks, so a non-finite
+    gradient of one group (an ensemble member that diverged) would reach every group of its sample;
+    per-group gradients keep it where the ``nn.Linear`` loop keeps it, and do n times less work.
+    (A non-finite *input* still spreads in the forward: see docs/grouped_linear.md.)
+    """
+
+    generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func derives the rule
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return _block_diagonal_linear(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        x, w, b = inputs
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+        ctx.has_bias = b is not None
+        ctx.out_shape = output.shape
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        gx = torch.einsum("...no,noi->...ni", grad, w) if need_x else None
+        gw = torch.einsum("...no,...ni->noi", grad, x) if need_w else None
+        gb = (grad if grad.dim() == 2 else grad.flatten(0, -3).sum(0)) if need_b and ctx.has_bias else None
+        return gx, gw, gb
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None) -> Tensor:
+        x, w = ctx.saved_tensors  # the output is linear in each argument
+        terms = [t for t in (None if x_t is None else torch.einsum("...ni,noi->...no", x_t, w),
+                             None if w_t is None else torch.einsum("...ni,noi->...no", x, w_t),
+                             b_t) if t is not None]
+        out = terms[0]
+        for t in terms[1:]:
+            out = out + t
+        return out.expand(ctx.out_shape)  # a bias tangent alone is [n, out]
 
 
 def loop(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -71,56 +160,132 @@ def loop(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward
-    rejects the stride-0 gradients that ``.sum()`` and ``expand`` produce."""
+    """Identity whose backward hands grouped_mm's backward a gradient it accepts: torch checks each
+    operand's strides (last dim unit-stride, rows 16-byte aligned) and rejects the stride-0 gradients
+    that ``.sum()`` and ``expand`` produce. A gradient that passes is not copied.
+
+    ``setup_context`` and ``generate_vmap_rule`` make it work under torch.func (grad, vmap)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, y: Tensor) -> Tensor:
+    def forward(y: Tensor) -> Tensor:
         return y.view_as(y)
 
     @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad.contiguous()
+        return grad if _mat_ok(grad) else grad.contiguous()
+
+
+def _mat_ok(t: Tensor) -> bool:
+    # torch's check_valid_strides_and_return_transposed (aten/src/ATen/native/GroupedMMUtils.h): the
+    # last two dims row- or column-major, the other stride >= the width and a multiple of 16 bytes;
+    # and the group stride a multiple of 16 bytes too (or 0): torch does not check it, but its CUDA
+    # kernel offsets each group's TMA base address by it (GroupMMCommon.cuh), and TMA needs 16 bytes.
+    if t.dim() < 2:
+        return False
+    align = 16 // t.element_size()
+    if t.dim() == 3 and t.stride(0) % align:
+        return False
+    (rows, cols), (s_row, s_col) = t.shape[-2:], t.stride()[-2:]
+    if s_col == 1 and s_row >= max(1, cols):
+        return s_row % align == 0
+    return s_row == 1 and s_col >= max(1, rows) and s_col % align == 0
 
 
 def _aligned(t: Tensor) -> Tensor:
-    # On CUDA grouped_mm refuses data pointers that are not 16-byte aligned, which a view into a
-    # flat buffer (or a slice) can have while its strides look fine; copy those. (The check uses
-    # storage_offset, not data_ptr, so that it traces under torch.compile.)
+    """``t`` if grouped_mm takes it as is, else a contiguous copy. Copies when the strides fail
+    torch's check, or (on CUDA) the data pointer is not 16-byte aligned, which a view into a flat
+    buffer (or a slice) can be while its strides look fine. (Alignment is read from storage_offset,
+    not data_ptr, so that it traces under torch.compile.)"""
+    if not _mat_ok(t):
+        return t.contiguous()
     if t.is_cuda and (t.storage_offset() * t.element_size()) % 16:
-        return t.clone()
+        return t.clone(memory_format=torch.contiguous_format)
     return t
+
+
+def _grouped_mm_op() -> Any:
+    """``F.grouped_mm`` (public since torch 2.10), else ``torch._grouped_mm`` (2.8, 2.9), else None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     lead, rows, n, out, inn = _split(x, w)
     if 0 in (rows, n, out, inn):  # grouped_mm's stride checks reject empty operands, forward and backward
         return bmm(x, w, b)
-    xt = x.reshape(rows, n, inn).transpose(0, 1).contiguous()  # grouped_mm wants [n, rows, in] row-major
-    y = _ContiguousGrad.apply(F.grouped_mm(_aligned(xt), _aligned(w.transpose(1, 2))))  # [n, rows, out]
-    if b is not None:
+    # [n, rows, in]: a view of a contiguous input (rows n*in apart) passes torch's checks, no copy
+    xt = x.reshape(rows, n, inn).transpose(0, 1)
+    y = _ContiguousGrad.apply(_grouped_mm_op()(_aligned(xt), _aligned(w.transpose(1, 2))))  # [n, rows, out]
+    if b is not None:  # torch's grouped_mm takes no bias yet ("Bias not supported yet")
         y = y + b.unsqueeze(1)
     return y.transpose(0, 1).reshape(*lead, n, out)
 
 
 # ---- what each implementation supports -----------------------------------------------------------
 
+def _has_kernel(dispatch_key: str) -> bool:
+    """Whether this torch registers aten::_grouped_mm for ``dispatch_key`` (tests patch this)."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("aten::_grouped_mm", dispatch_key))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _capability(sig: Signature) -> tuple[int, int] | None:
+    if not torch.cuda.is_available():
+        return None
+    index = sig.device.index if sig.device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
+
+
 def _grouped_mm_reasons(sig: Signature) -> list[str]:
-    if not hasattr(F, "grouped_mm"):
-        return [f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"]
+    """Why grouped_mm cannot (or should not) run ``sig``, from torch's own checks (sources under
+    aten/src/ATen/native/: GroupedMMUtils.h, cuda/GroupedBlas.cpp, cuda/GroupMM.cu; docs/gpu.md)."""
+    if _grouped_mm_op() is None:
+        return [f"torch {torch.__version__} has neither torch.nn.functional.grouped_mm (2.10+) "
+                "nor torch._grouped_mm (2.8+)"]
     reasons = []
+    if sig.device_type == "cpu" and not _has_kernel("CompositeExplicitAutograd"):
+        reasons.append(f"torch {torch.__version__} has no CPU kernel for grouped_mm (added in 2.9)")
     if sig.device_type == "cuda":
-        if sig.dtype != torch.bfloat16:
-            reasons.append("on CUDA only bfloat16 is supported")
-        index = sig.device.index if sig.device.index is not None else 0
-        if torch.cuda.is_available() and torch.cuda.get_device_capability(index) < (8, 0):
-            reasons.append("needs a CUDA device of compute capability 8.0 or newer")
-    if sig.layout_of("weight") == "strided":
-        reasons.append("weight must be contiguous [n, out, in] or a transposed [n, in, out]")
+        reasons += _cuda_reasons(sig)
+    layout = sig.layout_of("weight")
+    if layout == "strided":
+        reasons.append("weight must have unit stride along out or in (contiguous, transposed, chunked or "
+                       "shared), as torch's stride check requires")
     align = 16 // sig.dtype.itemsize
-    for name in ("in", "out"):
+    # rows of x are `in` wide; of the weight, `in` (or `out` when transposed); of the output's
+    # gradient in backward, `out`. torch pads its own output, so forward alone does not need `out`.
+    needs = {"in": "the input's rows"}
+    if layout == "transposed" or sig.needs_grad:
+        needs["out"] = "the transposed weight's rows" if layout == "transposed" else "the gradient's rows"
+    for name, what in needs.items():
         if sig.dim(name) % align:
-            reasons.append(f"{name}={sig.dim(name)} is not a multiple of {align} (16-byte aligned strides)")
+            reasons.append(f"{name}={sig.dim(name)} is not a multiple of {align}: {what} must be 16-byte aligned")
+    return reasons
+
+
+def _cuda_reasons(sig: Signature) -> list[str]:
+    if torch.version.hip:
+        return ["ROCm: torch's grouped_mm fast path needs a CK build on gfx942/gfx950; not validated here"]
+    if torch.version.cuda and int(torch.version.cuda.split(".")[0]) < 12:
+        return [f"torch built with CUDA {torch.version.cuda}: its grouped_mm kernel needs CUDA 12+"]
+    reasons = []
+    # Off its fast path torch runs the 3-D case as at::bmm_out: bmm's kernel plus our layout copies.
+    if sig.dtype != torch.bfloat16:
+        reasons.append(f"torch runs {str(sig.dtype).removeprefix('torch.')} grouped_mm through its bmm "
+                       "fallback (fast path: bfloat16 only): nothing over bmm")
+    cap = _capability(sig)
+    if cap is not None and cap[0] not in (9, 10):
+        reasons.append(f"sm{cap[0]}{cap[1]}: torch's grouped_mm fast path runs on sm90/sm100 only (else "
+                       "its bmm fallback)")
+    if sig.dim("n") >= 1024:
+        reasons.append(f"n={sig.dim('n')}: torch's CUDA grouped_mm kernel refuses 1024 or more groups")
     return reasons
 
 
@@ -170,7 +335,12 @@ def validate(input: Any, weight: Any, bias: Any = None) -> None:
     if input.shape[-2] != n:
         raise fail(OP, f"weight has {n} groups but input has {input.shape[-2]}", **shapes)
     if input.shape[-1] != inn:
-        raise fail(OP, f"weight takes {inn} input features per group but input has {input.shape[-1]}", **shapes)
+        hint = ""
+        if input.shape[-1] == out:  # the shapes fit a [n, in, out] weight (einsum's, TabM's) passed as is
+            hint = (f"; a weight W stored [n, in, out] = [{n}, {out}, {inn}] is passed as W.transpose(1, 2) "
+                    "(a view, no copy)")
+        raise fail(OP, f"weight takes {inn} input features per group but input has {input.shape[-1]}{hint}",
+                   **shapes)
     if bias is not None and tuple(bias.shape) != (n, out):
         raise fail(OP, f"bias must have shape ({n}, {out}) [n, out]", **shapes)
     named = {"input": input, "weight": weight} | ({} if bias is None else {"bias": bias})
@@ -178,9 +348,15 @@ def validate(input: Any, weight: Any, bias: Any = None) -> None:
 
 
 def _weight_layout(shape: torch.Size, stride: tuple[int, ...]) -> str:
+    """The weight's layout class: ``contiguous`` [n, out, in], ``transposed`` (a [n, in, out] tensor's
+    transpose), ``shared`` (one matrix for every group: a stride-0 group dim, as ``w.expand(n, ...)``
+    gives), ``chunked`` (contiguous rows, groups further apart than out*in: a chunk of a fused
+    weight) or ``strided`` (anything else). Each can change the winner, so each is its own key."""
     n, out, inn = shape
+    if n > 1 and out * inn > 1 and stride[0] == 0:
+        return "shared"
     if (out <= 1 or stride[1] == inn) and (inn <= 1 or stride[2] == 1):
-        return "contiguous"
+        return "chunked" if n > 1 and stride[0] > out * inn else "contiguous"
     if (out <= 1 or stride[1] == 1) and (inn <= 1 or stride[2] == out):
         return "transposed"
     return "strided"
@@ -188,8 +364,8 @@ def _weight_layout(shape: torch.Size, stride: tuple[int, ...]) -> str:
 
 def signature(m: tuple[Any, ...], bucketed: bool = True) -> Signature:
     (x_shape, x_stride, dtype, device), (w_shape, w_stride, _, _), b_meta, grad = m
-    n, out, inn = w_shape
-    rows = math.prod(x_shape[:-2])
+    n, out, inn = (int(v) for v in w_shape)
+    rows = math.prod(int(v) for v in x_shape[:-2])  # int(): torch.jit.trace hands sizes over as tensors
     x_layout = "contiguous" if is_contiguous(x_shape, x_stride) else "strided"
     names = [name for name, g in zip(("input", "weight", "bias"), grad or (), strict=False) if g]
     return Signature(
@@ -216,6 +392,10 @@ def make_inputs(sig: Signature, generator: torch.Generator) -> tuple[Any, ...]:
         w = random_like((n, out, inn), dt, dev, generator) * scale
     elif layout == "transposed":  # TabM / rtdl store [n, in, out]
         w = (random_like((n, inn, out), dt, dev, generator) * scale).transpose(1, 2)
+    elif layout == "shared":  # one [out, in] matrix broadcast over the groups (stride 0)
+        w = (random_like((1, out, inn), dt, dev, generator) * scale).expand(n, out, inn)
+    elif layout == "chunked":  # the first of two chunks of a fused [n, 2*out, in] weight
+        w = (random_like((n, 2 * out, inn), dt, dev, generator) * scale)[:, :out]
     else:
         w = (random_like((n, out, 2 * inn), dt, dev, generator) * scale)[..., ::2]
     b = random_like((n, out), dt, dev, generator) if sig.layout_of("bias") == "yes" else None
@@ -234,4 +414,16 @@ def default_impl(sig: Signature) -> str:
     return "bmm"
 
 
-SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, grad_args)
+def normalize(args: tuple[Any, ...], kwargs: dict[str, Any], who: str) -> tuple[Any, ...]:
+    names = ("input", "weight", "bias")
+    values = dict(zip(names, args, strict=False))
+    for name in list(kwargs):
+        if name in names and name not in values:
+            values[name] = kwargs.pop(name)
+    if kwargs or len(args) > 3 or not {"input", "weight"} <= values.keys():
+        raise fail(OP, f"{who}: takes (input, weight, bias=None), got {len(args)} positional and "
+                       f"{sorted(kwargs)} keyword arguments")
+    return values["input"], values["weight"], values.get("bias")
+
+
+SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, grad_args, normalize)

@@ -44,14 +44,72 @@ def bmm(inputs: Inputs, weights: Tensor) -> Tensor:
 
 def masked_dense(inputs: Inputs, weights: Tensor) -> Tensor:
     # One dense [b, b*k] @ [b*k, F] matmul whose left side is block-diagonal: row i holds weights[i]
-    # in columns i*k .. i*k+k-1. Written into zeros by indexing, so the write is differentiable.
+    # in columns i*k .. i*k+k-1.
+    stacked = isinstance(inputs, Tensor)
+    return _BlockDiagonalCombine.apply(weights, stacked, *((inputs,) if stacked else inputs))
+
+
+def _block_diagonal_combine(weights: Tensor, inputs: Inputs) -> Tensor:
     b, k = weights.shape
     f = _features(inputs)
-    block = weights.new_zeros(b, b, k)
-    rows = torch.arange(b, device=weights.device)
-    block[rows, rows] = weights
+    # Weights copied onto the diagonal of zeros derived from them (batched like them under vmap).
+    block = torch.zeros_like(weights)[:, None, :].expand(b, b, k).contiguous()
+    torch.diagonal(block, dim1=0, dim2=1).copy_(weights.t())
     flat = _stacked(inputs).reshape(b * k, math.prod(f))
     return (block.reshape(b, b * k) @ flat).reshape(b, *f)
+
+
+class _BlockDiagonalCombine(torch.autograd.Function):
+    """masked_dense: forward as one dense matmul; gradients sample by sample.
+
+    The dense backward multiplies the incoming gradient by the zero blocks, so a non-finite
+    gradient of one sample would reach every sample's input gradient; computed per sample it stays
+    where the multiply-and-sum keeps it. (A non-finite *input* still spreads in the forward: see
+    docs/weighted_combine.md.)
+    """
+
+    generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func derives the rule
+
+    @staticmethod
+    def forward(weights: Tensor, stacked: bool, *xs: Tensor) -> Tensor:
+        return _block_diagonal_combine(weights, xs[0] if stacked else xs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        weights, stacked, *xs = inputs
+        ctx.save_for_backward(weights, *xs)
+        ctx.save_for_forward(weights, *xs)
+        ctx.stacked = stacked
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        weights, *xs = ctx.saved_tensors
+        b, k = weights.shape
+        tail = (1,) * (grad.dim() - 1)
+        gw = None
+        if ctx.needs_input_grad[0]:
+            if ctx.stacked:
+                gw = (xs[0] * grad.unsqueeze(1)).reshape(b, k, math.prod(grad.shape[1:])).sum(-1)
+            else:
+                gw = torch.stack([(x * grad).reshape(b, math.prod(grad.shape[1:])).sum(-1) for x in xs], 1)
+        gxs: list[Tensor | None] = [None] * len(xs)
+        if any(ctx.needs_input_grad[2:]):
+            if ctx.stacked:
+                gxs = [grad.unsqueeze(1) * weights.reshape(b, k, *tail)]
+            else:
+                gxs = [grad * weights[:, i].reshape(b, *tail) for i in range(k)]
+        return (gw, None, *gxs)
+
+    @staticmethod
+    def jvp(ctx: Any, weights_t: Tensor | None, _: None, *xs_t: Tensor | None) -> Tensor:
+        weights, *xs = ctx.saved_tensors  # the output is linear in each argument
+        out = None if weights_t is None else broadcast(xs[0] if ctx.stacked else tuple(xs), weights_t)
+        if any(t is not None for t in xs_t):
+            tangents = [torch.zeros_like(x) if t is None else t for x, t in zip(xs, xs_t, strict=True)]
+            term = broadcast(tangents[0] if ctx.stacked else tuple(tangents), weights)
+            out = term if out is None else out + term
+        assert out is not None
+        return out
 
 
 def loop(inputs: Inputs, weights: Tensor) -> Tensor:
@@ -122,6 +180,23 @@ def meta(inputs: Any, weights: Any) -> tuple[Any, ...] | None:
     return (False, (len(inputs), shape, contiguous, dtype, device), tensor_meta(weights), grad)
 
 
+def promote(inputs: Any, weights: Any) -> tuple[Any, Any]:
+    """``(inputs, weights)`` in one dtype, by torch's type promotion (as ``(x * w).sum(1)`` does):
+    bfloat16 branch outputs with float32 routing weights give a float32 result. Anything but
+    floating-point tensors is left for :func:`validate` to explain."""
+    if not isinstance(weights, Tensor) or not weights.is_floating_point():
+        return inputs, weights
+    first = inputs if isinstance(inputs, Tensor) else (inputs[0] if isinstance(inputs, tuple) and inputs else None)
+    if not isinstance(first, Tensor) or not first.is_floating_point() or first.dtype == weights.dtype:
+        return inputs, weights
+    dtype = torch.promote_types(first.dtype, weights.dtype)
+    if isinstance(inputs, tuple):
+        inputs = tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in inputs)
+    else:
+        inputs = inputs.to(dtype)
+    return inputs, weights.to(dtype)
+
+
 def validate(inputs: Any, weights: Any) -> None:
     if not isinstance(weights, Tensor):
         raise fail(OP, f"weights must be a torch.Tensor [b, k], got {type(weights).__name__}")
@@ -161,13 +236,13 @@ def validate(inputs: Any, weights: Any) -> None:
 
 def signature(m: tuple[Any, ...], bucketed: bool = True) -> Signature:
     stacked, x_meta, (w_shape, _, dtype, device), grad = m
-    b, k = w_shape
+    b, k = (int(v) for v in w_shape)  # int(): torch.jit.trace hands sizes over as tensors
     if stacked:
         x_shape, x_stride = x_meta[0], x_meta[1]
-        features, kind, contiguous = math.prod(x_shape[2:]), "stacked", is_contiguous(x_shape, x_stride)
+        features, kind, contiguous = math.prod(int(v) for v in x_shape[2:]), "stacked", is_contiguous(x_shape, x_stride)
     else:
         _, shape, contiguous, _, _ = x_meta
-        features, kind = math.prod(shape[1:]), "list"
+        features, kind = math.prod(int(v) for v in shape[1:]), "list"
     names = [name for name, g in zip(("inputs", "weights"), grad or (), strict=False) if g]
     return Signature(
         op=OP,
@@ -216,4 +291,17 @@ def default_impl(sig: Signature) -> str:
     return "loop" if sig.layout_of("inputs") == "list" else "bmm"
 
 
-SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, grad_args)
+def normalize(args: tuple[Any, ...], kwargs: dict[str, Any], who: str) -> tuple[Any, ...]:
+    names = ("inputs", "weights")
+    values = dict(zip(names, args, strict=False))
+    for name in list(kwargs):
+        if name in names and name not in values:
+            values[name] = kwargs.pop(name)
+    if kwargs or len(args) > 2 or len(values) != 2:
+        raise fail(OP, f"{who}: takes (inputs, weights), got {len(args)} positional and "
+                       f"{sorted(kwargs)} keyword arguments")
+    inputs = values["inputs"]
+    return (tuple(inputs) if isinstance(inputs, list) else inputs), values["weights"]
+
+
+SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, grad_args, normalize)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,15 +51,57 @@ def settings() -> Settings:
     )
 
 
-def memory_budget(device: torch.device, s: Settings) -> float:
-    """Bytes of workspace one candidate may use while tuning on ``device``."""
+def memory_budget(device: torch.device, s: Settings, *, cgroup_root: str | os.PathLike[str] | None = None) -> float:
+    """Bytes of workspace one candidate may use while tuning on ``device``: the fraction
+    ``s.memory_fraction`` of :func:`free_memory`, or ``s.memory_bytes`` when that is set."""
     if s.memory_bytes > 0:
         return s.memory_bytes
+    return free_memory(device, cgroup_root=cgroup_root) * s.memory_fraction
+
+
+def free_memory(device: torch.device, *, cgroup_root: str | os.PathLike[str] | None = None) -> float:
+    """Bytes that a new allocation on ``device`` can take.
+
+    CUDA: the driver's free memory plus what torch's caching allocator holds reserved but unused
+    (it hands that out before asking the driver). CPU: the host's available pages, capped by a
+    container's cgroup limit (``GROUPED_OPS_CGROUP_ROOT`` or ``cgroup_root`` override the folder,
+    for tests); a cgroup-limited job is killed at its limit whatever the host has free.
+    """
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, _ = torch.cuda.mem_get_info(index)
+        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return float(free + max(cached, 0))
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        free = 4 << 30
+    limit = cgroup_free(cgroup_root or os.environ.get("GROUPED_OPS_CGROUP_ROOT") or "/sys/fs/cgroup")
+    return float(free if limit is None else min(free, limit))
+
+
+# (limit file, usage file): cgroup v2 at the root of the process's (namespaced) hierarchy, then v1
+_CGROUP_FILES = (("memory.max", "memory.current"),
+                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+                 ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+_NO_LIMIT = 1 << 60  # v1 reports "no limit" as a huge number (PAGE_COUNTER_MAX pages)
+
+
+def cgroup_free(root: str | os.PathLike[str]) -> float | None:
+    """Bytes left under the cgroup memory limit found below ``root``, or None without a limit."""
+    for limit_name, usage_name in _CGROUP_FILES:
         try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            free = 4 << 30
-    return free * s.memory_fraction
+            raw_limit = (Path(root) / limit_name).read_text().strip()
+            raw_usage = (Path(root) / usage_name).read_text().strip()
+        except OSError:
+            continue
+        if raw_limit == "max":
+            return None
+        try:
+            limit, usage = int(raw_limit), int(raw_usage)
+        except ValueError:
+            continue
+        if limit >= _NO_LIMIT:
+            return None
+        return float(max(limit - usage, 0))
+    return None

@@ -5,7 +5,12 @@ so concurrent writers never clobber each other's entries and a reader never sees
 A corrupted file is reported by name and ignored; the next write for that key heals it.
 
 Shipped tables (``tuning_cache/*.json`` in the repo, installed as ``grouped_ops.tuning_cache``)
-and exports share one format: ``{"format": 1, "entries": [entry, ...]}``.
+and exports share one format: ``{"format": 2, "entries": [entry, ...]}``.
+
+Format 2 (keys name the math settings, ``math[...]``, the live CPU thread count, and the weight
+layouts ``shared``/``chunked``): user-cache files of format 1 live in ``<cache>/v1`` and are no
+longer read; a format-1 table is ignored with a warning naming ``scripts/migrate_cache_keys.py``,
+which converts one.
 """
 
 from __future__ import annotations
@@ -16,29 +21,43 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import platformdirs
 import torch
 
 log = logging.getLogger("grouped_ops")
-FORMAT = 1
+FORMAT = 2  # 2: math settings, live thread count and shared/chunked weights in the key
 _warned_unwritable: set[str] = set()
 
 
 def cache_dir() -> Path:
     """``GROUPED_OPS_CACHE_DIR``, else the platform's user cache folder for grouped_ops."""
     env = os.environ.get("GROUPED_OPS_CACHE_DIR", "").strip()
-    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("grouped_ops"))
+    return Path(env).expanduser() if env else _user_cache_dir()
+
+
+def _user_cache_dir() -> Path:
+    # platformdirs where installed; without it (a bare GPU image), the same folder it would give on
+    # Linux and macOS, so that installing it later keeps the cache where it was.
+    try:
+        import platformdirs
+    except ImportError:
+        if sys.platform == "darwin":
+            return Path.home() / "Library" / "Caches" / "grouped_ops"
+        if os.name == "nt":
+            return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "grouped_ops" / "Cache"
+        return Path(os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache") / "grouped_ops"
+    return Path(platformdirs.user_cache_dir("grouped_ops"))
 
 
 def fingerprint(op_version: str) -> dict[str, str]:
     """What an entry's validity depends on; an entry whose fingerprint differs is re-tuned alone."""
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "grouped_ops": __version__,
@@ -49,7 +68,7 @@ def fingerprint(op_version: str) -> dict[str, str]:
 
 
 class DiskStore:
-    """One JSON file per decision under ``root/v1``."""
+    """One JSON file per decision under ``root/v<FORMAT>`` (older formats' folders are not read)."""
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = (root or cache_dir()) / f"v{FORMAT}"
@@ -149,7 +168,8 @@ def read_table(path: Path) -> list[dict[str, Any]]:
         if not isinstance(entries, list):
             raise ValueError("no 'entries' list")
         if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, this version reads format {FORMAT}")
+            hint = "; convert it with scripts/migrate_cache_keys.py" if data.get("format") == 1 else ""
+            raise ValueError(f"format {data.get('format')!r}, this version reads format {FORMAT}{hint}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("grouped_ops: ignoring tuning table %s (%s)", path, e)
         return []

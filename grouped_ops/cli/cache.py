@@ -1,0 +1,149 @@
+"""``python -m grouped_ops cache``: the tuning cache on disk (path, list, show, clear, export, import)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .. import dispatch
+from .._errors import GroupedOpsError
+from ..dispatch import Decision
+from ..ops import SPECS
+from ..tuning import store
+from ._common import cache_folder
+
+
+def add_parser(sub: Any) -> None:
+    cache = sub.add_parser("cache", help="the tuning cache on disk: path, list, show, clear, export, import",
+                           description="The user tuning cache (GROUPED_OPS_CACHE_DIR, else the platform's "
+                           "user cache folder) and the tables shipped with the library.")
+    cache_sub = cache.add_subparsers(title="actions", metavar="ACTION", required=True)
+    c = cache_sub.add_parser("path", help="print the cache folder")
+    c.set_defaults(func=cmd_cache_path)
+    c = cache_sub.add_parser("list", help="one line per entry (filter: a substring of the key)")
+    c.add_argument("filter", nargs="?", default="", help="only keys containing this")
+    c.add_argument("--shipped", action="store_true", help="list the shipped tables instead")
+    c.set_defaults(func=cmd_cache_list)
+    c = cache_sub.add_parser("show", help="entries in full, with every candidate's timing")
+    c.add_argument("filter", metavar="KEY-or-filter", help="a key, or a substring of keys")
+    c.add_argument("--shipped", action="store_true", help="look in the shipped tables instead")
+    c.set_defaults(func=cmd_cache_show)
+    c = cache_sub.add_parser("clear", help="delete the user cache's entries")
+    c.add_argument("filter", nargs="?", default="", help="only keys containing this")
+    c.set_defaults(func=cmd_cache_clear)
+    c = cache_sub.add_parser("export", help="write the user cache as one table (the shipped format)")
+    c.add_argument("file", type=Path, help="the JSON file to write")
+    c.set_defaults(func=cmd_cache_export)
+    c = cache_sub.add_parser("import", help="merge a table (an export or a shipped table) into the cache")
+    c.add_argument("file", type=Path, help="a JSON table written by `cache export`, or a shipped table")
+    c.add_argument("--keep-existing", action="store_true",
+                   help="keep local entries whose key is also in FILE (default: FILE wins)")
+    c.set_defaults(func=cmd_cache_import)
+
+
+def cmd_cache_path(args: argparse.Namespace) -> int:
+    print(cache_folder())
+    return 0
+
+
+def _status(entry: dict[str, Any]) -> str:
+    op = entry.get("signature", {}).get("op") if isinstance(entry.get("signature"), dict) else None
+    if op not in SPECS:
+        return "unknown-op"
+    current = store.fingerprint(dispatch.impl_set_version(SPECS[op]))
+    return "fresh" if entry.get("fingerprint") == current else "stale"
+
+
+def _matching(entries: Iterable[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    exact = [e for e in entries if e["key"] == text]
+    if exact:
+        return exact
+    needle = text.lower()
+    return [e for e in entries if needle in e["key"].lower()]
+
+
+def _shipped() -> list[tuple[Path, list[dict[str, Any]]]]:
+    folder = store.shipped_dir()
+    return [(p, store.read_table(p)) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def cmd_cache_list(args: argparse.Namespace) -> int:
+    if args.shipped:
+        tables = _shipped()
+        print(f"shipped tables in {store.shipped_dir()}: {len(tables)}")
+        for path, entries in tables:
+            chosen = _matching(entries, args.filter) if args.filter else entries
+            print(f"{path.name}: {len(entries)} entries")
+            for e in chosen:
+                print(f"  {e['impl']:<14} {_status(e):<6} {e['key']}")
+        return 0
+    disk = store.DiskStore()
+    entries = list(disk.entries())
+    chosen = _matching(entries, args.filter) if args.filter else entries
+    print(f"cache folder: {disk.root}")
+    print(f"{len(chosen)} of {len(entries)} entries" + (f" matching {args.filter!r}" if args.filter else ""))
+    for e in sorted(chosen, key=lambda e: e["key"]):
+        print(f"  {e['impl']:<14} {_status(e):<6} {e['key']}")
+    return 0
+
+
+def cmd_cache_show(args: argparse.Namespace) -> int:
+    if args.shipped:
+        entries = [e for _, table in _shipped() for e in table]
+        where = f"the shipped tables in {store.shipped_dir()}"
+    else:
+        disk = store.DiskStore()
+        entries = list(disk.entries())
+        where = str(disk.root)
+    chosen = _matching(entries, args.filter)
+    if not chosen:
+        print(f"no entry matches {args.filter!r} in {where} ({len(entries)} entries)")
+        return 1
+    for e in sorted(chosen, key=lambda e: e["key"]):
+        print(e["key"])
+        print(f"  impl:        {e['impl']} ({_status(e)})")
+        print(f"  created:     {e.get('created', '?')}")
+        fp = e.get("fingerprint", {})
+        print("  fingerprint: " + (", ".join(f"{k}={v}" for k, v in sorted(fp.items())) if isinstance(fp, dict) else str(fp)))
+        d = Decision(e["impl"], "cache", {k: float(v) for k, v in e.get("timings", {}).items()},
+                     dict(e.get("skipped", {})), opinions=tuple(map(str, e.get("opinions", ()))))
+        print(d.table() or "  (no timings: a single candidate, nothing to compare)")
+        print()
+    return 0
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    disk = store.DiskStore()
+    if args.filter:
+        removed = 0
+        for e in _matching(list(disk.entries()), args.filter):
+            path = disk.path_for(e["key"])
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+    else:
+        removed = disk.clear()
+    dispatch.clear_memory()
+    print(f"removed {removed} entries from {disk.root}")
+    return 0
+
+
+def cmd_cache_export(args: argparse.Namespace) -> int:
+    disk = store.DiskStore()
+    n = store.write_table(args.file, disk.entries())
+    print(f"exported {n} entries from {disk.root} to {args.file}")
+    return 0
+
+
+def cmd_cache_import(args: argparse.Namespace) -> int:
+    if not Path(args.file).is_file():
+        raise GroupedOpsError(f"cache import: no such file {args.file}")
+    entries = store.read_table(args.file)
+    disk = store.DiskStore()
+    n = disk.merge(entries, overwrite=not args.keep_existing)
+    print(f"imported {n} of {len(entries)} entries from {args.file} into {disk.root}")
+    return 0 if n or not entries else 1

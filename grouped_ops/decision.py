@@ -1,0 +1,56 @@
+"""Decision: which implementation a signature uses, and why; one table renderer for every report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .signature import Signature
+
+# Sources whose decision was measured on this hardware (guesses must not seed further guesses).
+MEASURED = frozenset({"tuned", "cache", "broadcast"})
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which implementation a signature uses, and why.
+
+    source: ``"cache"`` (memory, disk or a shipped table), ``"tuned"`` (this call timed it),
+    ``"forced"`` (a ``use_impl`` scope), ``"env"`` (GROUPED_OPS_IMPL), ``"broadcast"`` (taken
+    from rank 0 at a collective prewarm), ``"stale"`` (an entry from other library/torch versions,
+    used because tuning is not allowed here), ``"nearest"`` (the decision of the nearest tuned batch
+    size) or ``"default"`` (the op's documented rule).
+    timings: median seconds per call of each timed candidate; skipped: why the others were not timed.
+    opinions: where batch prewarm tuned a close call again, each tuning's pick in order (the
+    decision is their majority); empty otherwise.
+    provisional: timed where timings are not representative (under a profiler): used in this
+    process until one clean re-tuning, never written to disk.
+    """
+
+    impl: str
+    source: str
+    timings: Mapping[str, float] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    signature: Signature | None = None
+    opinions: tuple[str, ...] = ()
+    provisional: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.impl} ({self.source})" + (f" for {self.signature}" if self.signature else "")
+
+    def table(self) -> str:
+        """Every candidate's timing or the reason it was not timed, fastest first."""
+        rows = []
+        best = min(self.timings.values(), default=None)
+        for name, t in sorted(self.timings.items(), key=lambda kv: kv[1]):
+            mark = "*" if name == self.impl else " "
+            ratio = f"x{t / best:.2f}" if best else ""
+            rows.append(f" {mark} {name:<14} {t * 1e6:>12.1f} us   {ratio}")
+        for name, why in self.skipped.items():
+            if name not in self.timings:
+                rows.append(f"   {name:<14} {'-':>12}      {why}")
+            else:
+                rows.append(f"   {'':<14} {'':>12}      ({name}: {why})")
+        if self.opinions:
+            rows.append(f"   picks of {len(self.opinions)} tunings: {', '.join(self.opinions)}")
+        return "\n".join(rows)

@@ -1,0 +1,108 @@
+"""The one path every op call takes: describe the arguments, look the choice up, call it.
+
+The hot path (a decided signature) is ``spec.meta`` (a cheap hashable description), one dict
+lookup keyed by that description, the ``impl`` argument and the overrides' state, and the call.
+Everything else (validation, signatures, forced and remembered choices, tuning) is
+:func:`grouped_ops.dispatch.resolve.decide`, shared by eager calls, torch.compile, prewarm and lookup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from .._errors import GroupedOpsError
+from ..decision import Decision
+from ..ops._spec import OpSpec
+from ..registry import Implementation
+from ..signature import bucketing_mode
+from . import overrides, resolve
+from .resolve import (
+    checked_impl,
+    clear_memory,
+    decide,
+    decide_signature,
+    entry_for,
+    impl_set_version,
+    known_decision,
+    use_timer,
+)
+
+__all__ = [
+    "Decision", "call", "checked_impl", "clear_memory", "decide", "decide_signature", "entry_for",
+    "impl_set_version", "implementation_for", "known_decision", "use_timer",
+]
+
+# (op, argument description, impl, overrides, deterministic) -> implementation, for decided calls.
+# Bounded: a workload with endless distinct shapes (dynamic batch sizes in exact-bucket mode) must
+# not grow it forever; when full it is emptied, and hot entries come back on their next call.
+MEMO_LIMIT = 4096
+_MEMO: dict[Hashable, Implementation] = {}
+RECORDERS: list[Any] = []  # active grouped_ops.record() blocks; each sees every call while active
+
+
+def call(spec: OpSpec, args: tuple[Any, ...], impl: str) -> torch.Tensor:
+    """Run ``spec``'s op on ``args`` with implementation ``impl`` (or ``"auto"``)."""
+    m = spec.meta(*args)
+    key = (spec.name, m, impl, overrides.state(spec.name), torch.are_deterministic_algorithms_enabled())
+    if not RECORDERS:
+        implementation = _MEMO.get(key)
+        if implementation is not None:
+            return implementation(*args)
+    implementation, keep = _choose(spec, args, m, impl)
+    if keep:
+        if len(_MEMO) >= MEMO_LIMIT:
+            _MEMO.clear()
+        _MEMO[key] = implementation
+    return implementation(*args)
+
+
+def implementation_for(spec: OpSpec, args: tuple[Any, ...], m: Hashable, impl: str,
+                       around: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> Implementation:
+    """What :func:`call` would run, for a description ``m`` that the caller adjusted (the
+    torch.compile custom op passes the traced call's grad flags; ``impl=""`` means ``auto``).
+    A decision still to be made is made inside ``around()``."""
+    impl = impl or "auto"
+    key = (spec.name, m, impl, overrides.state(spec.name), torch.are_deterministic_algorithms_enabled())
+    implementation = _MEMO.get(key)
+    if implementation is None:
+        with around():
+            implementation, keep = _choose(spec, args, m, impl)
+        if keep:
+            _MEMO[key] = implementation
+    return implementation
+
+
+def _choose(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: str) -> tuple[Implementation, bool]:
+    if torch.jit.is_tracing():
+        # Under torch.jit.trace sizes arrive as traced values, and checking or describing them warns
+        # that the trace may not generalise. The checks and the choice are meant to be fixed at
+        # trace time (only the data path is recorded, and it keeps its sizes symbolic), so hush them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return _choose_here(spec, args, m, impl)
+    return _choose_here(spec, args, m, impl)
+
+
+def _choose_here(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: str) -> tuple[Implementation, bool]:
+    spec.validate(*args)
+    if m is None:  # validate() accepted what meta() could not describe: a bug, never a silent answer
+        raise GroupedOpsError(f"{spec.name}: could not describe the arguments {args!r}")
+    sig = spec.signature(m, bucketing_mode() == "pow2")
+    exact = spec.signature(m, False)
+    for rec in RECORDERS:
+        rec._add(sig, exact)
+    if impl != "auto":
+        return checked_impl(spec, sig, impl), True
+    # Recording only notes signatures: the batch prewarm after it tunes them all with second
+    # opinions, as `python -m grouped_ops prewarm --from FILE` does.
+    decision, keep = decide(spec, sig, args, at=exact, tune_allowed=not RECORDERS)
+    return spec.registry[decision.impl], keep and not RECORDERS
+
+
+resolve.on_clear.append(_MEMO.clear)

@@ -1,0 +1,226 @@
+"""Timing an op's candidates on private inputs, isolated from whatever context the caller is in.
+
+The first call of a signature can happen anywhere: under activation checkpointing (saved-tensor
+hooks), a TorchDispatchMode or TorchFunctionMode (flop counters, ``torch.device`` contexts),
+autocast, anomaly mode, ``inference_mode`` or a profiler. :func:`isolated` gives the tuning a clean
+context and restores the caller's exactly; what cannot be left (a profiler) is labelled and makes
+the decision provisional. Contexts the tuning cannot run in at all (tracing, torch.func
+transforms, CUDA graph capture, fake or meta tensors) are refused earlier, by the resolver.
+
+Knows no op by name: it receives the op's spec (registry, private inputs, gradient targets).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Collection, Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from ..decision import Decision
+from ..registry import tolerance
+from ..signature import Signature
+from .settings import Settings, memory_budget
+from .timer import Timer, timer_for
+from .tuner import tune
+
+log = logging.getLogger("grouped_ops")
+
+# Where a call this long is bound by arithmetic, so that doing 10x the arithmetic cannot win. CPU:
+# in every sweep cell (122) with a leader of 1 ms or more, masked_dense at 10x+ the arithmetic was
+# at least 1.21x slower, and its long calls used up the budget and slowed the next candidate timed.
+# CUDA: not measured yet, so not assumed (a dense GEMM can beat a badly occupied batched one).
+_ARITHMETIC_BOUND_S = {"cpu": 1e-3}
+
+
+def profiling() -> bool:
+    """Whether a torch profiler is recording (every call is slowed, so timings are not normal)."""
+    return bool(torch.autograd.profiler._is_profiler_enabled)
+
+
+@contextlib.contextmanager
+def isolated(label: str) -> Iterator[None]:
+    """A clean context for the tuning's own work, inside one ``record_function(label)``.
+
+    Popped for the block and restored after: the caller's TorchDispatchModes and TorchFunctionModes
+    (so a FlopCounterMode counts only the user's call), saved-tensor hooks (so checkpointing does
+    not pack the private tensors), autocast, anomaly mode and inference mode. The caller's RNG is
+    never drawn from: the private inputs use their own generator.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_disable_current_modes())
+        stack.enter_context(_no_function_modes())
+        stack.enter_context(_no_saved_tensor_hooks())
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.autograd.set_detect_anomaly(False))
+        for device_type in ("cpu", "cuda"):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        stack.enter_context(torch.autograd.profiler.record_function(label))
+        yield
+
+
+@contextlib.contextmanager
+def _no_function_modes() -> Iterator[None]:
+    popped = []
+    try:
+        while torch._C._len_torch_function_stack() > 0:
+            popped.append(torch._C._pop_torch_function_stack())
+        yield
+    finally:
+        for mode in reversed(popped):
+            torch._C._push_on_torch_function_stack(mode)
+
+
+@contextlib.contextmanager
+def _no_saved_tensor_hooks() -> Iterator[None]:
+    # The innermost default hooks are the ones used; identity hooks on top hide the caller's.
+    autograd = torch._C._autograd
+    if not autograd._saved_tensors_hooks_is_enabled():  # nobody may add hooks here, so none to hide
+        yield
+        return
+    autograd._push_saved_tensors_default_hooks(_identity, _identity)
+    try:
+        yield
+    finally:
+        autograd._pop_saved_tensors_default_hooks()
+
+
+def _identity(t: Any) -> Any:
+    return t
+
+
+def compare(dtype: torch.dtype) -> Callable[[Any, Any], str | None]:
+    """The agreement check between candidates: relative error in each result under the tolerance
+    for ``dtype``. Computed in float32 at most (float64 only for float64), so it needs at most 2x
+    a half-precision result's memory."""
+    tol = tolerance(dtype).agree
+
+    def check(ref: Any, got: Any) -> str | None:
+        for i, (a, b) in enumerate(zip(ref, got, strict=False)):
+            if a.shape != b.shape:
+                return f"result {i} has shape {tuple(b.shape)}, expected {tuple(a.shape)}"
+            if a.numel() == 0:
+                continue
+            wide = torch.float64 if a.dtype == torch.float64 else torch.float32
+            a_, b_ = a.detach().to(wide), b.detach().to(wide)
+            err = torch.linalg.vector_norm(a_ - b_) / torch.linalg.vector_norm(a_).clamp_min(1e-30)
+            if not bool(err <= tol):  # also false for nan
+                return f"relative error {float(err):.2e} in result {i} (tolerance {tol:g})"
+        return None
+
+    return check
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
+            only: Collection[str] | None = None, excluded: Collection[str] = (),
+            timer: Timer | None = None) -> tuple[Decision, bool]:
+    """Time the candidates (``only`` these, none of ``excluded``) for ``sig``, in an isolated
+    context: (decision, whether it may be persisted).
+
+    ``at`` is the exact signature of the call that asked (a bucket is timed at its real batch size).
+    Not persisted: a tuning where no candidate ran, one that ran out of memory anywhere (a partial
+    result), or one timed under a profiler (provisional).
+    """
+    timed = at if at is not None and at.dim("batch") > 0 else sig  # what the candidates run on
+    skipped: dict[str, str] = {}
+    budget = memory_budget(sig.device, s)
+    candidates = []
+    for name, implementation in spec.registry.items():
+        if (only is not None and name not in only) or name in excluded:
+            continue
+        reasons = implementation.not_supported_reasons(sig)
+        if reasons:
+            skipped[name] = "unsupported: " + "; ".join(reasons)
+        elif (need := implementation.extra_memory(timed)) > budget:
+            skipped[name] = (f"needs {need / 2**30:.2f} GiB of workspace, over the tuning memory budget "
+                             f"of {budget / 2**30:.2f} GiB (GROUPED_OPS_TUNE_MEMORY_FRACTION/_BYTES)")
+        else:
+            candidates.append(name)
+    if len(candidates) <= 1:
+        impl = candidates[0] if candidates else default_allowed(spec, sig, excluded)
+        return Decision(impl, "tuned" if candidates else "default", {}, skipped, sig), True
+
+    provisional = profiling()
+    ooms: list[BaseException] = []
+
+    def after_error(e: BaseException) -> None:
+        if _is_oom(e):
+            ooms.append(e)
+            if sig.device_type == "cuda":
+                torch.cuda.empty_cache()
+
+    with isolated(f"grouped_ops.tune {sig}"):
+        try:
+            generator = torch.Generator(device=sig.device).manual_seed(0)
+            args = spec.make_inputs(timed, generator)
+            targets = spec.grad_args(timed, args)
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            after_error(e)
+            skipped["(inputs)"] = f"out of memory making the private inputs: {str(e).splitlines()[0][:120]}"
+            return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig), False
+        grad_out: list[torch.Tensor] = []
+
+        def make_run(name: str) -> Callable[[], Any]:
+            implementation = spec.registry[name]
+            if not sig.needs_grad:
+                def run() -> Any:
+                    with torch.no_grad():
+                        return (implementation(*args),)
+                return run
+
+            def run_with_grad() -> Any:
+                with torch.enable_grad():
+                    out = implementation(*args)
+                    if not grad_out:
+                        grad_out.append(torch.randn(out.shape, dtype=out.dtype, device=out.device,
+                                                    generator=generator))
+                    grads = torch.autograd.grad(out, targets, grad_out[0])
+                    # Training accumulates into .grad in each tensor's own layout: AccumulateGrad
+                    # copies a gradient whose strides differ. Time that copy too, or implementations
+                    # whose gradients come out transposed look cheaper than they are (measured: bmm
+                    # chosen at 0.47 ms, 2.8x slower than grouped_mm in a real .backward() step).
+                    grads = tuple(g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)
+                                  for g, t in zip(grads, targets, strict=True))
+                return (out.detach(), *grads)
+            return run_with_grad
+
+        result = tune(
+            candidates,
+            make_run=make_run,
+            timer=timer or timer_for(sig.device),
+            check=compare(sig.dtype),
+            work_factor={n: spec.registry[n].work_factor(timed) for n in candidates},
+            budget_s=s.budget_s,
+            max_reps=s.max_reps,
+            arithmetic_bound_s=_ARITHMETIC_BOUND_S.get(sig.device_type),
+            on_error=after_error,
+        )
+        del args, targets, grad_out
+    skipped.update(result.skipped)
+    for name, why in result.skipped.items():
+        if why.startswith(("disagrees", "raised")):
+            log.warning("grouped_ops: %s: excluded %s while tuning %s: %s", spec.name, name, sig, why)
+    if result.winner is None:
+        return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig), False
+    decision = Decision(result.winner, "tuned", result.timings, skipped, sig, provisional=provisional)
+    return decision, not (provisional or ooms)
+
+
+def default_allowed(spec: Any, sig: Signature, excluded: Collection[str] = ()) -> str:
+    """The op's default rule, or where that is excluded, the first supported implementation left."""
+    name = spec.default_impl(sig)
+    if name not in excluded:
+        return name
+    for other, implementation in spec.registry.items():
+        if other not in excluded and implementation.supports(sig):
+            return other
+    return name  # everything excluded: the exclusion cannot be honoured, the default still runs

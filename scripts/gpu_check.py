@@ -1,0 +1,142 @@
+"""One GPU validation run (issue 14): ``python3 scripts/gpu_check.py OUTDIR [--dry-run] [--budget S]``.
+
+Runs each step of scripts/gpu_check_steps.py in its own process with its own time box, and after
+every step rewrites OUTDIR/report.md and OUTDIR/results.json, so a step that hangs or a call that
+runs out of time still leaves the earlier results. The `gpu`-marked tests run as a step of their
+own (log in OUTDIR/gpu_tests.log). ``--dry-run``: every step on CPU with tiny sizes (CI runs this).
+
+Files written (at most 8, for the device tool): report.md, results.json, steps.log, gpu_tests.log,
+<device>-table.json (the tuned table, by the tune_table step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# (step, seconds on an H200, seconds in a dry run): 9 minutes in all on the GPU, with start-ups
+STEPS = [
+    ("env", 25, 30),
+    ("gpu_tests", 130, 90),
+    ("grouped_mm_probe", 60, 40),
+    ("autocast", 25, 20),
+    ("timer_check", 20, 15),
+    ("sync_debug", 30, 20),
+    ("cuda_graph", 25, 15),
+    ("compile_ro", 70, 60),
+    ("oom", 25, 15),
+    ("bench", 120, 50),
+    ("tune_table", 110, 50),
+]
+RESERVE_S = 5  # for the last report
+
+
+def run_step(name: str, box: float, out: Path, dry: bool, log: Any) -> dict[str, Any]:
+    """Run one step in a child process, killed at ``box`` seconds; its result or what it left."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "PYTHONUNBUFFERED": "1"}
+    if name == "gpu_tests":
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "--no-header", "-p", "no:cacheprovider",
+               str(REPO / "tests")]
+    else:
+        cmd = [sys.executable, str(REPO / "scripts" / "gpu_check_steps.py"), name, str(out)]
+        cmd += ["--dry-run"] if dry else []
+    start = time.monotonic()
+    log.write(f"\n===== {name} (time box {box:.0f} s): {' '.join(cmd)}\n")
+    log.flush()
+    target = open(out / "gpu_tests.log", "w") if name == "gpu_tests" else log  # noqa: SIM115
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=box)
+        text, status = proc.stdout, ("ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})")
+    except subprocess.TimeoutExpired as e:
+        raw = e.stdout or ""
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        status = f"timed out after {box:.0f} s"
+    finally:
+        wall = time.monotonic() - start
+    target.write(text)
+    target.flush()
+    if target is not log:
+        target.close()
+    result: dict[str, Any] = {"status": status, "wall_s": round(wall, 1)}
+    if name == "gpu_tests":
+        tail = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
+        result.update(summary=[tail[0]], problems=[] if status == "ok" else [f"pytest: {tail[0]}"],
+                      data={"log": "gpu_tests.log"})
+        if dry and "no tests ran" in tail[0]:  # exit code 5: every gpu test deselected/skipped
+            result["status"] = "ok"
+        return result
+    marker = [line for line in text.splitlines() if line.startswith("@@RESULT ")]
+    partial = out / f".partial-{name}.json"
+    if marker:
+        result.update(json.loads(marker[-1][len("@@RESULT "):]))
+    elif partial.exists():
+        result.update(json.loads(partial.read_text()))
+        result.setdefault("problems", []).append(f"{name} {status}: partial results only")
+    else:
+        result.update(summary=[], problems=[f"{name} {status}: no results"], data={"tail": text[-2000:]})
+    if partial.exists():
+        partial.unlink()
+    return result
+
+
+def write_report(out: Path, results: dict[str, Any], meta: dict[str, Any]) -> None:
+    (out / "results.json").write_text(json.dumps({"meta": meta, "steps": results}, indent=1, default=str))
+    lines = [f"# GPU check {'(dry run, CPU)' if meta['dry_run'] else ''}", "",
+             f"Started {meta['started']}, {meta['elapsed_s']:.0f} s so far of a {meta['budget_s']:.0f} s budget. "
+             f"Commit {meta['commit']}.", "", "| step | status | wall s | problems |", "|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['status']} | {r['wall_s']} | {len(r.get('problems', []))} |")
+    for name, r in results.items():
+        lines += ["", f"## {name}", ""]
+        lines += [f"- {s}" for s in r.get("summary", [])] or ["- (no summary)"]
+        lines += [f"- **problem**: {p}" for p in r.get("problems", [])]
+    lines += ["", "Full data: results.json; step output: steps.log; the gpu-marked tests: gpu_tests.log.", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="GPU validation run; see docs/gpu.md")
+    p.add_argument("out", type=Path)
+    p.add_argument("--dry-run", action="store_true", help="every step on CPU with tiny sizes")
+    p.add_argument("--budget", type=float, help="seconds for the whole run (default 530, dry run 290)")
+    p.add_argument("--only", help="comma-separated steps to run")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    budget = args.budget or (290.0 if args.dry_run else 530.0)
+    start = time.monotonic()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    meta = {"dry_run": args.dry_run, "budget_s": budget, "commit": commit, "elapsed_s": 0.0,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    results: dict[str, Any] = {}
+    only = set(args.only.split(",")) if args.only else None
+    with open(args.out / "steps.log", "a", encoding="utf-8") as log:
+        for name, gpu_s, dry_s in STEPS:
+            if only is not None and name not in only:
+                continue
+            left = budget - (time.monotonic() - start) - RESERVE_S
+            if left < 5:
+                results[name] = {"status": "skipped: out of time", "wall_s": 0, "summary": [], "problems": []}
+            else:
+                results[name] = run_step(name, min(dry_s if args.dry_run else gpu_s, left), args.out,
+                                         args.dry_run, log)
+            meta["elapsed_s"] = time.monotonic() - start
+            write_report(args.out, results, meta)
+            print(f"{name}: {results[name]['status']} ({results[name]['wall_s']} s)", flush=True)
+    problems = sum(len(r.get("problems", [])) for r in results.values())
+    print(f"report: {args.out / 'report.md'} ({problems} problems, {meta['elapsed_s']:.0f} s)")
+    failed = [n for n, r in results.items() if r["status"] != "ok"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
