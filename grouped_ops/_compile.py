@@ -31,9 +31,9 @@ from torch import Tensor
 from torch.fx.experimental import symbolic_shapes
 
 from . import dispatch
-from .dispatch import overrides
 from ._custom_ops import _grad_mask, _grouped_linear_auto, _weighted_combine_auto
 from ._errors import GroupedOpsError
+from .dispatch import overrides
 from .ops import SPECS
 from .signature import Signature, bucketing_mode
 
@@ -135,7 +135,7 @@ def traced_call(op: str, args: tuple[Any, ...], impl: str) -> Tensor:
     if kind == "error":
         raise GroupedOpsError(name)
     if kind == "inline":
-        return spec.registry[name].fn(*args)
+        return spec.registry[name](*args)
     if op == "grouped_linear":
         x, w, b = args
         return _grouped_linear_auto(x, w, b, _grad_mask(m[-1]), name)

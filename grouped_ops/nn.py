@@ -80,6 +80,11 @@ class GroupedLinear(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         return grouped_linear(input, self.weight, self.bias, impl=self.impl)
 
+    def __prepare_scriptable__(self) -> GroupedLinear:
+        # torch.jit.script calls this first: fail with a way forward, not a TorchScript parse error.
+        raise GroupedOpsError("GroupedLinear: torch.jit.script is not supported (the op chooses its "
+                              "implementation in Python); use torch.jit.trace, torch.compile or torch.export")
+
     def extra_repr(self) -> str:
         text = (f"groups={self.groups}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")

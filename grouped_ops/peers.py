@@ -122,8 +122,13 @@ BUILDERS: dict[str, Callable[[Iterable[nn.Linear]], nn.Module]] = {
 
 
 def build(name: str, linears: Iterable[nn.Linear]) -> nn.Module:
-    """``"grouped"`` (GroupedLinear.from_linears), one of :data:`PEERS`, or a compiled model
-    (``"compiled_grouped_mlp"`` / ``"compiled_tabm_mlp"``), from ``linears``."""
+    """``"grouped"`` (GroupedLinear.from_linears), ``"grouped:<impl>"`` (the same with a forced
+    implementation), one of :data:`PEERS`, or a compiled model (``"compiled_grouped_mlp"`` /
+    ``"compiled_tabm_mlp"``), from ``linears``."""
+    if name.startswith("grouped:"):
+        from .nn import GroupedLinear  # noqa: PLC0415
+
+        return GroupedLinear.from_linears(linears, impl=name.partition(":")[2])
     return BUILDERS[name](linears)
 
 
@@ -204,12 +209,14 @@ def run_peers(shapes: Sequence[Shape | tuple[int, int, int, int]], threads: Sequ
               passes: int = 3, *, modes: Sequence[str] = ("fwd", "train"),
               variants: Sequence[str] = ("grouped", "tabm", "vmap", "loop", "compiled_loop"),
               rounds: int = 7, round_s: float = 5e-3, bias: bool = True, dtype: torch.dtype = torch.float32,
-              seed: int = 0, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+              seed: int = 0, skip: Callable[[Shape, str, str], bool] | None = None,
+              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Time ``variants`` side by side on every (shape, threads, mode) cell, on CPU.
 
     A pass visits every cell once; in each cell every variant is timed in ``rounds`` interleaved
     rounds (shuffled order, each ~``round_s`` long) and its median kept. Passes repeat the whole
-    grid, so one busy spell of a shared machine touches one pass only.
+    grid, so one busy spell of a shared machine touches one pass only. ``skip(shape, mode,
+    variant)`` leaves a variant out of a cell (e.g. a compile that would take minutes).
 
     Returns one row per (shape, threads, mode, variant): ``{"shape": [batch, n, in, out],
     "threads", "mode", "variant", "us"`` (median over passes of the pass medians, microseconds),
@@ -228,7 +235,8 @@ def run_peers(shapes: Sequence[Shape | tuple[int, int, int, int]], threads: Sequ
                     for mode in modes:
                         key = (shape, mode)
                         if key not in built:
-                            built[key] = _build_cell(shape, mode, variants, bias, dtype, seed)
+                            kept = [v for v in variants if not (skip and skip(shape, mode, v))]
+                            built[key] = _build_cell(shape, mode, kept, bias, dtype, seed)
                         fns = built[key]
                         if p == 0:
                             for fn in fns.values():
@@ -253,7 +261,11 @@ def _build_cell(shape: Shape, mode: str, variants: Sequence[str], bias: bool, dt
     for v in variants:
         x = torch.randn(shape.batch, shape.n, shape.inn, dtype=dtype, generator=gen)
         grad = torch.randn(shape.batch, shape.n, shape.out, dtype=dtype, generator=gen)
-        fns[v] = step_fn(build(v, linears), x, mode, grad)
+        module = build(v, linears)
+        eager = getattr(module, "_orig_mod", None)
+        if eager is not None:  # tune GroupedLinear eagerly first, so the compiled graph inlines its pick
+            step_fn(eager, x.detach().clone(), mode, grad)()
+        fns[v] = step_fn(module, x, mode, grad)
     return fns
 
 

@@ -61,7 +61,9 @@ def fresh_contiguous(y: torch.Tensor) -> torch.Tensor:
     """
     if not y.is_contiguous():
         return y.contiguous()
-    if y._is_view():
+    if torch.compiler.is_compiling():  # _is_view() cannot be traced; in a graph the re-label is free
+        return torch.ops.aten._unsafe_view(y, y.shape)
+    if y._is_view() and not torch.jit.is_tracing():  # (a traced _unsafe_view would fix its sizes)
         return torch.ops.aten._unsafe_view(y, y.shape)
     return y
 

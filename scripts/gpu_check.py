@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     results: dict[str, Any] = {}
     only = set(args.only.split(",")) if args.only else None
+    # hermetic: a private cache and no shipped tables, so every first call really is one
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    (scratch / "shipped").mkdir()
+    os.environ.update(GROUPED_OPS_CACHE_DIR=str(scratch / "cache"), GROUPED_OPS_SHIPPED_DIR=str(scratch / "shipped"))
     with open(args.out / "steps.log", "a", encoding="utf-8") as log:
         for name, gpu_s, dry_s in STEPS:
             if only is not None and name not in only:

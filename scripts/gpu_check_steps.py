@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -169,10 +167,10 @@ def grouped_mm_probe(ctx: Ctx) -> None:
     for dtype in (torch.bfloat16, torch.float16):
         x, w, b = _gl_inputs(ctx, 8 if ctx.dry else 256, 8 if ctx.dry else 32, d, d, dtype)
         with torch.no_grad():
-            t = {name: _median_time(ctx, lambda f=f: f(x, w, b), 10, deadline) for name, f in
+            t = {name: _median_time(ctx, lambda f=f, x=x, w=w, b=b: f(x, w, b), 10, deadline) for name, f in
                  (("grouped_mm", gl.grouped_mm), ("bmm", gl.bmm))}
         ctx.data[f"speed_{str(dtype)[6:]}"] = t
-        ctx.note(f"{dtype}: grouped_mm {t['grouped_mm']}, bmm {t['bmm']} s/call")
+        ctx.note(f"{dtype} {tuple(x.shape)}: " + ", ".join(f"{k} {v * 1e6:.1f} us" for k, v in t.items() if v))
     for n in ns[-2:]:
         x, w, b = _gl_inputs(ctx, batch, n, d, d, torch.bfloat16)
         try:
@@ -304,8 +302,10 @@ def cuda_graph(ctx: Ctx) -> None:
             else:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up outside capture, as torch's docs do
-                    grouped_ops.grouped_linear(x, w, b)
+                with torch.cuda.stream(side):  # warm-up outside capture (cuBLAS handles), not through
+                    torch.einsum("bni,noi->bno", x, w)  # grouped_ops: "cold" means its first sight
+                    if case != "cold":
+                        grouped_ops.grouped_linear(x, w, b)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
@@ -393,82 +393,15 @@ def oom(ctx: Ctx) -> None:
 
 
 def bench(ctx: Ctx) -> None:
-    """Headline (batch 256, n 32, 64->64) and a slice of the grid: auto, each implementation,
-    nn.ModuleList, torch.func vmap ensemble, torch's grouped_mm; bf16 and float32; fwd and training."""
-    import grouped_ops
-    from grouped_ops.ops import grouped_linear as gl
+    from gpu_check_bench import bench as run
 
-    deadline = time.monotonic() + (40 if ctx.dry else 100)
-    shapes = [(8, 4, 16, 16)] if ctx.dry else [(256, 32, 64, 64), (32, 8, 256, 256), (1024, 64, 64, 64),
-                                                 (4096, 16, 128, 128)]
-    table = ctx.data.setdefault("rows", [])
-    for batch, n, inn, out in shapes:
-        for dtype in (torch.bfloat16, torch.float32):
-            for train in (False, True):
-                x, w, b = _gl_inputs(ctx, batch, n, inn, out, dtype, grad=train)
-                layers = nn.ModuleList(nn.Linear(inn, out, device=ctx.dev, dtype=dtype) for _ in range(n))
-                params = torch.func.stack_module_state(list(layers))
-                base = nn.Linear(inn, out, device="meta", dtype=dtype)
-
-                def ensemble(x=x, params=params, base=base):
-                    call = lambda p, b_, xi: torch.func.functional_call(base, (p, b_), (xi,))  # noqa: E731
-                    return torch.func.vmap(call, in_dims=(0, 0, 1), out_dims=1)(*params, x)
-
-                variants = {"auto": lambda: grouped_ops.grouped_linear(x, w, b),
-                            **{i: (lambda i=i: grouped_ops.grouped_linear(x, w, b, impl=i))
-                               for i in grouped_ops.implementations("grouped_linear")},
-                            "ModuleList": lambda: torch.stack([m(x[:, i]) for i, m in enumerate(layers)], 1),
-                            "vmap": ensemble,
-                            "torch.grouped_mm": lambda: gl._grouped_mm_op()(
-                                x.transpose(0, 1).contiguous(), w.transpose(1, 2)) + b.unsqueeze(1)}
-                row = {"shape": [batch, n, inn, out], "dtype": str(dtype)[6:], "train": train}
-                for name, fn in variants.items():
-                    if time.monotonic() > deadline:
-                        row[name] = "out of time"
-                        continue
-                    run = (lambda fn=fn: fn().sum().backward()) if train else fn
-                    try:
-                        with torch.set_grad_enabled(train):
-                            row[name] = _median_time(ctx, run, 15, deadline)
-                    except Exception as e:  # noqa: BLE001
-                        row[name] = _err(e)
-                table.append(row)
-                ctx.note(_bench_line(row))
-
-
-def _bench_line(row: dict[str, Any]) -> str:
-    cells = [f"{k}={v * 1e6:.1f}us" if isinstance(v, float) else f"{k}={v}"
-             for k, v in row.items() if k not in ("shape", "dtype", "train")]
-    return f"{row['shape']} {row['dtype']} {'train' if row['train'] else 'fwd'}: " + " ".join(cells)
+    run(ctx)
 
 
 def tune_table(ctx: Ctx) -> None:
-    """Tune a small grid with prewarm into a private cache; export it as OUTDIR/<device>-table.json."""
-    cache, shipped = tempfile.mkdtemp(), tempfile.mkdtemp()
-    os.environ.update(GROUPED_OPS_CACHE_DIR=cache, GROUPED_OPS_SHIPPED_DIR=shipped,
-                      GROUPED_OPS_TUNE_BUDGET_S="0.05" if ctx.dry else "0.3")
-    import grouped_ops
-    from grouped_ops.signature import device_name
-    from grouped_ops.tuning import store
+    from gpu_check_bench import tune_table as run
 
-    deadline = time.monotonic() + (40 if ctx.dry else 100)
-    grid = [(b, n, d) for b in ((1, 16) if ctx.dry else (1, 16, 128, 512, 2048))
-            for n in ((4,) if ctx.dry else (8, 32)) for d in ((16,) if ctx.dry else (32, 128))]
-    done = 0
-    for dtype in (torch.bfloat16, torch.float32):
-        for train in (False, True):
-            for batch, n, d in grid:
-                if time.monotonic() > deadline:
-                    break
-                x, w, b = _gl_inputs(ctx, batch, n, d, d, dtype, grad=train)
-                with torch.set_grad_enabled(train):
-                    grouped_ops.prewarm("grouped_linear", x, w, b)
-                done += 1
-    name = device_name(ctx.dev).lower().replace(" ", "-").replace("/", "-")
-    dest = ctx.out / f"{name}-table.json"
-    count = store.write_table(dest, store.DiskStore().entries())
-    ctx.data.update(tuned=done, planned=len(grid) * 4, table=str(dest), entries=count)
-    ctx.note(f"tuned {done} of {len(grid) * 4} signatures; {count} entries in {dest.name}")
+    run(ctx)
 
 
 STEPS = {f.__name__: f for f in (env, grouped_mm_probe, autocast, timer_check, sync_debug, cuda_graph,

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..recording import prewarm
 from ..functional import grouped_linear, weighted_combine
 from ..ops import SPECS
+from ..recording import prewarm
 from .cells import Cell, Env, Variant, _dname, _gib
 from .grids import GL, WC
 from .measurement import _grad_mode, _short

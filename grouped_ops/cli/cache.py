@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import dispatch
 from .._errors import GroupedOpsError
-from ..dispatch import Decision
+from ..decision import Decision
 from ..ops import SPECS
 from ..tuning import store
 from ._common import cache_folder

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..recording import prewarm
-from ..dispatch import Decision
+from ..decision import Decision
 from ..functional import grouped_linear, weighted_combine
+from ..recording import prewarm
 from ..registry import tolerance
 from ..signature import device_name, parse_dtype
 from ..tuning.timer import timer_for

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from .. import dispatch
-from ..dispatch import Decision
+from ..decision import Decision
 from ..ops import SPECS
 from ..ops._spec import OpSpec
 from ..signature import Signature, bucketing_mode

@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import recording
 from .._errors import GroupedOpsError
-from ..dispatch import Decision
+from ..decision import Decision
 from ..tuning.settings import settings
 from ._common import (
     add_signature_commands,

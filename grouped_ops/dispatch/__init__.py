@@ -21,6 +21,7 @@ from ..decision import Decision
 from ..ops._spec import OpSpec
 from ..registry import Implementation
 from ..signature import bucketing_mode
+from ..tuning.harness import no_function_modes
 from . import overrides, resolve
 from .resolve import (
     checked_impl,
@@ -79,6 +80,14 @@ def implementation_for(spec: OpSpec, args: tuple[Any, ...], m: Hashable, impl: s
 
 
 def _choose(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: str) -> tuple[Implementation, bool]:
+    # A TorchFunctionMode sees every Tensor method: the checks and describing done here once per
+    # signature are ours, not the user's call, so they are hidden from it (the call itself is not).
+    with no_function_modes():
+        return _choose_quietly(spec, args, m, impl)
+
+
+def _choose_quietly(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None,
+                    impl: str) -> tuple[Implementation, bool]:
     if torch.jit.is_tracing():
         # Under torch.jit.trace sizes arrive as traced values, and checking or describing them warns
         # that the trace may not generalise. The checks and the choice are meant to be fixed at

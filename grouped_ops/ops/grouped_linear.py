@@ -87,7 +87,8 @@ _functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
 
 def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # Seed 000's "partitioned linear": one dense matmul over a block-diagonal [n*out, n*in] weight.
-    return _BlockDiagonalLinear.apply(x, w, b)
+    function = _BlockDiagonalLinear if torch.compiler.is_compiling() else _BlockDiagonalLinearWithJvp
+    return function.apply(x, w, b)
 
 
 def _block_diagonal_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -133,6 +134,11 @@ class _BlockDiagonalLinear(torch.autograd.Function):
         gw = torch.einsum("...no,...ni->noi", grad, x) if need_w else None
         gb = (grad if grad.dim() == 2 else grad.flatten(0, -3).sum(0)) if need_b and ctx.has_bias else None
         return gx, gw, gb
+
+
+class _BlockDiagonalLinearWithJvp(_BlockDiagonalLinear):
+    """_BlockDiagonalLinear with forward-mode AD (torch.func.jvp); dynamo cannot trace a custom jvp, so
+    compiled code uses the plain class."""
 
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None) -> Tensor:

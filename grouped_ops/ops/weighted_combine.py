@@ -46,7 +46,8 @@ def masked_dense(inputs: Inputs, weights: Tensor) -> Tensor:
     # One dense [b, b*k] @ [b*k, F] matmul whose left side is block-diagonal: row i holds weights[i]
     # in columns i*k .. i*k+k-1.
     stacked = isinstance(inputs, Tensor)
-    return _BlockDiagonalCombine.apply(weights, stacked, *((inputs,) if stacked else inputs))
+    function = _BlockDiagonalCombine if torch.compiler.is_compiling() else _BlockDiagonalCombineWithJvp
+    return function.apply(weights, stacked, *((inputs,) if stacked else inputs))
 
 
 def _block_diagonal_combine(weights: Tensor, inputs: Inputs) -> Tensor:
@@ -99,6 +100,11 @@ class _BlockDiagonalCombine(torch.autograd.Function):
             else:
                 gxs = [grad * weights[:, i].reshape(b, *tail) for i in range(k)]
         return (gw, None, *gxs)
+
+
+class _BlockDiagonalCombineWithJvp(_BlockDiagonalCombine):
+    """_BlockDiagonalCombine with forward-mode AD (torch.func.jvp); dynamo cannot trace a custom jvp, so
+    compiled code uses the plain class."""
 
     @staticmethod
     def jvp(ctx: Any, weights_t: Tensor | None, _: None, *xs_t: Tensor | None) -> Tensor:

@@ -52,7 +52,7 @@ def isolated(label: str) -> Iterator[None]:
     """
     with contextlib.ExitStack() as stack:
         stack.enter_context(_disable_current_modes())
-        stack.enter_context(_no_function_modes())
+        stack.enter_context(no_function_modes())
         stack.enter_context(_no_saved_tensor_hooks())
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.autograd.set_detect_anomaly(False))
@@ -63,7 +63,8 @@ def isolated(label: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _no_function_modes() -> Iterator[None]:
+def no_function_modes() -> Iterator[None]:
+    """The caller's TorchFunctionModes popped for the block (they see Tensor methods too)."""
     popped = []
     try:
         while torch._C._len_torch_function_stack() > 0:

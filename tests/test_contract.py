@@ -1,0 +1,130 @@
+"""The output contract, for every implementation in the registries and on every path a call takes:
+a fresh (not a view of an intermediate), contiguous result of the documented shape, in the input's
+dtype, or the autocast dtype under autocast; the same layout whatever ``auto`` picks.
+
+Parametrized over the registries, so a new implementation is covered without editing this file.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grouped_ops
+from grouped_ops import dispatch, grouped_linear, weighted_combine
+from grouped_ops.ops import SPECS
+
+CASES = [(op, impl) for op, spec in SPECS.items() for impl in spec.registry]
+PATHS = ["forced", "auto", "compiled-inline", "compiled-custom-op", "exported"]
+
+
+def _args(op: str, dtype: torch.dtype = torch.float32, grad: bool = False, list_inputs: bool = False):
+    g = torch.Generator().manual_seed(0)
+    if op == "grouped_linear":  # in/out multiples of 8: every implementation runs
+        x, w, b = torch.randn(6, 4, 16, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, generator=g)
+        return (x.to(dtype), w.to(dtype).requires_grad_(grad), b.to(dtype)), (6, 4, 8)
+    xs, w = torch.randn(6, 3, 2, 5, generator=g).to(dtype), torch.softmax(torch.randn(6, 3, generator=g), -1).to(dtype)
+    inputs = list(xs.unbind(1)) if list_inputs else xs
+    return (inputs, w.requires_grad_(grad)), (6, 2, 5)
+
+
+def _run(op: str, impl: str, path: str, args: tuple, tmp_path=None) -> torch.Tensor:
+    fn = getattr(grouped_ops, op)
+    if path == "forced":
+        return fn(*args, impl=impl)
+    if path == "auto":
+        with grouped_ops.use_impl(**{op: impl}):
+            return fn(*args)
+    if path in ("compiled-inline", "compiled-custom-op"):
+        torch._dynamo.reset()
+        if path == "compiled-inline":
+            compiled = torch.compile(lambda *a: fn(*a, impl=impl), backend="eager", fullgraph=True)
+            return compiled(*args)
+        # nothing decided and a dynamic batch: the call goes through the custom op, which runs impl
+        with dispatch.use_timer(lambda name, fn_, number: 1e-6 if name == impl else 1e-4):
+            compiled = torch.compile(lambda *a: fn(*a), backend="eager", fullgraph=True, dynamic=True)
+            return compiled(*args)
+
+    class M(torch.nn.Module):
+        def forward(self, *a):
+            return fn(*a, impl=impl)
+
+    flat = tuple(args[0]) + (args[1],) if isinstance(args[0], list) else args
+    if isinstance(args[0], list):
+        module = type("L", (torch.nn.Module,), {"forward": lambda self, *a: fn(list(a[:-1]), a[-1], impl=impl)})()
+    else:
+        module = M()
+    program = torch.export.export(module, flat)
+    return program.module()(*flat)
+
+
+def _check(out: torch.Tensor, shape: tuple, dtype: torch.dtype, what: str) -> None:
+    assert tuple(out.shape) == shape, what
+    assert out.dtype == dtype, what
+    assert out.is_contiguous(), f"{what}: strides {out.stride()}"
+    assert not out._is_view(), f"{what}: a view of an intermediate"
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("op", "impl"), CASES)
+def test_every_implementation_returns_a_fresh_contiguous_result_on_every_path(op, impl, path, grad):
+    if path == "exported" and grad:
+        pytest.skip("export traces inference programs here")
+    args, shape = _args(op, grad=grad)
+    try:
+        out = _run(op, impl, path, args)
+    except grouped_ops.GroupedOpsError as e:
+        if "does not support" in str(e):
+            pytest.skip(f"{impl} does not run this signature here")
+        raise
+    _check(out, shape, torch.float32, f"{op}/{impl}/{path}")
+
+
+@pytest.mark.parametrize(("op", "impl"), CASES)
+def test_list_inputs_and_channels_last_give_a_contiguous_result(op, impl):
+    if op != "weighted_combine":
+        pytest.skip("lists and images are weighted_combine's")
+    branches = [torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last) for _ in range(3)]
+    w = torch.softmax(torch.randn(4, 3), -1)
+    out = weighted_combine(branches, w, impl=impl)
+    # decided: the result is in torch.contiguous_format whatever the branches' memory format
+    _check(out, (4, 3, 5, 5), torch.float32, impl)
+    torch.testing.assert_close(out, sum(b * w[:, i, None, None, None] for i, b in enumerate(branches)))
+
+
+@pytest.mark.parametrize(("op", "impl"), CASES)
+def test_autocast_gives_the_autocast_dtype_for_every_implementation(op, impl):
+    args, shape = _args(op)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            out = getattr(grouped_ops, op)(*args, impl=impl)
+        except grouped_ops.GroupedOpsError:
+            pytest.skip(f"{impl} does not run this signature here")
+    _check(out, shape, torch.bfloat16, f"{op}/{impl}")
+
+
+def test_auto_gives_the_same_layout_whatever_it_picks():
+    args, shape = _args("grouped_linear")
+    layouts = set()
+    for impl in grouped_ops.implementations("grouped_linear"):
+        dispatch.clear_memory()
+        with dispatch.use_timer(lambda name, fn, number, impl=impl: 1e-6 if name == impl else 1e-4):
+            out = grouped_linear(*args)
+        layouts.add((out.stride(), out._is_view()))
+    assert layouts == {((32, 8, 1), False)}
+
+
+def test_in_place_activation_after_the_op_trains_like_the_loop():
+    # nn.ReLU(inplace=True) on the result: fine for a fresh tensor, whichever implementation ran
+    for impl in grouped_ops.implementations("grouped_linear"):
+        args, _ = _args("grouped_linear", grad=True)
+        try:
+            y = grouped_linear(*args, impl=impl)
+        except grouped_ops.GroupedOpsError:
+            continue
+        torch.relu_(y).sum().backward()
+        w = args[1].detach().clone().requires_grad_()
+        ref = torch.stack([torch.nn.functional.linear(args[0][:, i], w[i], args[2][i]) for i in range(4)], 1)
+        ref.relu().sum().backward()
+        torch.testing.assert_close(args[1].grad, w.grad, msg=impl)
