@@ -38,7 +38,8 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
         impl: ``"auto"`` (the tuned choice) or one of ``implementations("grouped_linear")``.
 
     Returns:
-        ``[..., n, out]`` in the input's dtype (the autocast dtype under ``torch.autocast``).
+        ``[..., n, out]``, a fresh contiguous tensor in the input's dtype (the autocast dtype under
+        ``torch.autocast``), whichever implementation ran.
 
     Raises:
         GroupedOpsError: wrong ranks or sizes, mixed dtypes or devices, an unknown ``impl`` or one
@@ -71,7 +72,9 @@ def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, impl
         impl: ``"auto"`` or one of ``implementations("weighted_combine")``.
 
     Returns:
-        ``[b, *f]``.
+        ``[b, *f]``, a fresh contiguous tensor in the promoted dtype of ``inputs`` and ``weights``
+        (torch's type promotion, as ``(inputs * weights[..., None]).sum(1)``: bfloat16 inputs with
+        float32 weights give float32), or the autocast dtype under ``torch.autocast``.
 
     Raises:
         GroupedOpsError: wrong ranks or sizes, ragged or empty lists, mixed dtypes or devices, an

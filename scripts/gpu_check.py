@@ -42,7 +42,7 @@ RESERVE_S = 5  # for the last report
 def run_step(name: str, box: float, out: Path, dry: bool, log: Any) -> dict[str, Any]:
     """Run one step in a child process, killed at ``box`` seconds; its result or what it left."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "GPU_CHECK_END": str(time.time() + box - 8)}
     if name == "gpu_tests":
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "--no-header", "-p", "no:cacheprovider",
                str(REPO / "tests")]

@@ -14,5 +14,5 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 limit=$([ ${#dry[@]} -gt 0 ] && echo 300 || echo 545)
 timeout -k 5 "$limit" python3 scripts/gpu_check.py "${dry[@]}" "$out"
 status=$?
-[ -f "$out/report.md" ] && tail -n 40 "$out/report.md"
+[ -f "$out/report.md" ] && head -c 10000 "$out/report.md"
 exit $status

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from torch import nn
 def bench(ctx: Ctx) -> None:
     """Headline (batch 256, n 32, 64->64) and a slice of the grid: auto, each implementation,
     nn.ModuleList, torch.func vmap ensemble, torch's grouped_mm; bf16 and float32; fwd and training."""
-    deadline = time.monotonic() + (40 if ctx.dry else 100)
+    deadline = ctx.deadline(40 if ctx.dry else 100)
     shapes = [(8, 4, 16, 16)] if ctx.dry else [(256, 32, 64, 64), (32, 8, 256, 256), (1024, 64, 64, 64),
                                                  (4096, 16, 128, 128)]
     table = ctx.data.setdefault("rows", [])
@@ -83,10 +85,8 @@ def tune_table(ctx: Ctx) -> None:
     os.environ.update(GROUPED_OPS_CACHE_DIR=cache, GROUPED_OPS_SHIPPED_DIR=shipped,
                       GROUPED_OPS_TUNE_BUDGET_S="0.05" if ctx.dry else "0.3")
     import grouped_ops
-    from grouped_ops.signature import device_name
-    from grouped_ops.tuning import store
 
-    deadline = time.monotonic() + (40 if ctx.dry else 100)
+    deadline = ctx.deadline(40 if ctx.dry else 100)
     grid = [(b, n, d) for b in ((1, 16) if ctx.dry else (1, 16, 128, 512, 2048))
             for n in ((4,) if ctx.dry else (8, 32)) for d in ((16,) if ctx.dry else (32, 128))]
     done = 0
@@ -99,8 +99,19 @@ def tune_table(ctx: Ctx) -> None:
                 with torch.set_grad_enabled(train):
                     grouped_ops.prewarm("grouped_linear", x, w, b)
                 done += 1
-    name = device_name(ctx.dev).lower().replace(" ", "-").replace("/", "-")
+                if done % 8 == 0:  # exported as it grows: a step killed at its box keeps its table
+                    _export(ctx, done, len(grid) * 4)
+    _export(ctx, done, len(grid) * 4)
+    ctx.note(f"tuned {done} of {len(grid) * 4} signatures; {ctx.data['entries']} entries in "
+             f"{Path(ctx.data['table']).name}")
+
+
+def _export(ctx: Ctx, done: int, planned: int) -> None:
+    from grouped_ops.signature import device_name
+    from grouped_ops.tuning import store
+
+    name = re.sub(r"[^a-z0-9.]+", "-", device_name(ctx.dev).lower()).strip("-")
     dest = ctx.out / f"{name}-table.json"
     count = store.write_table(dest, store.DiskStore().entries())
-    ctx.data.update(tuned=done, planned=len(grid) * 4, table=str(dest), entries=count)
-    ctx.note(f"tuned {done} of {len(grid) * 4} signatures; {count} entries in {dest.name}")
+    ctx.data.update(tuned=done, planned=planned, table=str(dest), entries=count)
+    ctx.save()

@@ -396,3 +396,84 @@ def test_record_tunes_nothing_and_prewarm_then_decides_as_the_cli_does(tmp_path)
         assert disk_impls() == [] and grouped_ops.lookup("grouped_linear", x, w, b) is None
         (d,) = rec.prewarm()
     assert (d.impl, d.source) == ("bmm", "tuned") and disk_impls() == ["bmm"]
+
+
+# ---- bounded memory, one tuning at a time ------------------------------------------------------------
+
+def _many_batch_sizes(count: int) -> None:
+    w = torch.randn(2, 3, 4)
+    x = torch.randn(count + 50, 2, 4)
+    for batch in range(1, count + 1):
+        grouped_linear(x[:batch], w)
+
+
+@pytest.mark.parametrize("buckets", ["pow2", "exact"])
+def test_many_distinct_batch_sizes_keep_every_table_bounded(buckets, monkeypatch):
+    from grouped_ops.dispatch import resolve
+
+    monkeypatch.setenv("GROUPED_OPS_BUCKETS", buckets)
+    monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")  # nothing timed or written: only the tables grow
+    # small limits, so a short run crosses each of them many times
+    monkeypatch.setattr(dispatch, "MEMO_LIMIT", 50)
+    monkeypatch.setattr(resolve, "DECISIONS_LIMIT", 20)
+    monkeypatch.setattr(resolve, "FAMILY_LIMIT", 5)
+    _many_batch_sizes(1500)
+    sizes = resolve.table_sizes()
+    assert len(dispatch._MEMO) <= 50 and sizes["decisions"] <= 20 and sizes["families"] <= 20
+    assert sizes["family_batches"] <= 5 and sizes["tune_locks"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("buckets", ["pow2", "exact"])
+def test_100_000_batch_sizes_keep_every_table_bounded(buckets, monkeypatch):
+    from grouped_ops.dispatch import resolve
+
+    monkeypatch.setenv("GROUPED_OPS_BUCKETS", buckets)
+    monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")
+    _many_batch_sizes(100_000)
+    sizes = resolve.table_sizes()
+    assert len(dispatch._MEMO) <= dispatch.MEMO_LIMIT and sizes["decisions"] <= resolve.DECISIONS_LIMIT
+    assert sizes["families"] <= resolve.DECISIONS_LIMIT and sizes["family_batches"] <= resolve.FAMILY_LIMIT
+
+
+def test_concurrent_first_calls_tune_one_at_a_time():
+    import threading
+    import time
+
+    active, overlaps = [0], []
+    lock = threading.Lock()
+
+    def timer(name, fn, number):
+        with lock:
+            active[0] += 1
+            overlaps.append(active[0])
+        time.sleep(0.001)
+        with lock:
+            active[0] -= 1
+        return {"bmm": 1e-5}.get(name, 2e-5)
+
+    threads = [threading.Thread(target=grouped_linear, args=gl_args(batch=b, dtype=torch.float32))
+               for b in (3, 6, 12, 24)]
+    with dispatch.use_timer(timer):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert overlaps and max(overlaps) == 1
+    assert len(disk_impls()) == 4
+
+
+def test_remembered_tuned_batch_sizes_are_bounded_per_family(monkeypatch):
+    import dataclasses
+
+    from grouped_ops.decision import Decision
+    from grouped_ops.dispatch import resolve
+
+    monkeypatch.setattr(resolve, "FAMILY_LIMIT", 5)
+    monkeypatch.setattr(resolve, "DECISIONS_LIMIT", 20)
+    with dispatch.use_timer(fake_timer):
+        sig = grouped_ops.prewarm("grouped_linear", *gl_args()).signature
+    for batch in range(1, 200):
+        resolve.remember(Decision("bmm", "tuned", {"bmm": 1e-5}, {}, dataclasses.replace(sig).with_dim("batch", batch)))
+    sizes = resolve.table_sizes()
+    assert sizes["family_batches"] == 5 and sizes["decisions"] == 20

@@ -182,9 +182,9 @@ def test_optimizer_steps_match_the_linears_and_keep_the_layout(name):
     torch.manual_seed(1)
     for _ in range(3):
         x = torch.randn(7, N, D_IN, dtype=torch.float64)
-        for opt, out in ((opt_ours, lambda: layer(x)), (opt_ref, lambda: reference(original, x))):
+        for opt, y in ((opt_ours, layer(x)), (opt_ref, reference(original, x))):
             opt.zero_grad()
-            out().square().sum().backward()
+            y.square().sum().backward()
             opt.step()
         # bmm's backward gives the gradient in the parameter's own layout: AccumulateGrad keeps it
         assert layer.weight.grad.stride() == layer.weight.stride()
