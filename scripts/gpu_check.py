@@ -114,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     budget = args.budget or (290.0 if args.dry_run else 530.0)
     start = time.monotonic()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    try:  # the device machine's copy of the tree may have no .git, or no git
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
     meta = {"dry_run": args.dry_run, "budget_s": budget, "commit": commit, "elapsed_s": 0.0,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     results: dict[str, Any] = {}

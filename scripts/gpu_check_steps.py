@@ -9,6 +9,7 @@ Uses only what grouped_ops imports plus torch (the GPU machine has no network, n
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -141,28 +142,32 @@ def grouped_mm_probe(ctx: Ctx) -> None:
     layouts = {"contiguous": lambda w: w, "transposed": lambda w: w.transpose(1, 2).contiguous().transpose(1, 2),
                "shared": lambda w: w[:1].expand_as(w), "chunked": lambda w: torch.cat([w, w], 1)[:, : w.shape[1]]}
     rows = ctx.data.setdefault("cases", [])
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for n in ns:
-            for layout, make in layouts.items():
-                for grad in (False, True):
-                    x, w0, b = _gl_inputs(ctx, batch, n, d, d, dtype)
-                    w = make(w0).detach().requires_grad_(grad) if layout != "shared" else make(w0.detach())
-                    x.requires_grad_(grad)
-                    reasons = gl._grouped_mm_reasons(spec.signature(spec.meta(x, w, b)))
-                    row = {"dtype": str(dtype)[6:], "n": n, "layout": layout, "grad": grad, "reasons": reasons}
-                    try:
-                        y = gl.grouped_mm(x, w, b)
-                        ref = gl.bmm(x.detach().double(), w.detach().double(), b.double())
-                        row["rel_err"] = float((y.double() - ref).norm() / ref.norm())
-                        if grad:
-                            y.backward(torch.randn_like(y))
-                        ctx.sync()
-                        row["runs"] = True
-                    except Exception as e:  # noqa: BLE001
-                        row["runs"], row["error"] = False, _err(e)
-                    rows.append(row)
-                    if not reasons and not row["runs"]:
-                        ctx.problem(f"grouped_mm declared able but failed: {row}")
+    deadline = ctx.deadline(15 if ctx.dry else 30)
+    widths = [(d, d), (d, d - 4), (d - 4, d)]  # (in, out): 16-byte aligned rows, then not
+    for dtype, n, (layout, make), grad, (inn, out) in itertools.product(
+            (torch.bfloat16, torch.float16, torch.float32), ns, layouts.items(), (False, True), widths):
+        if time.monotonic() > deadline:
+            ctx.problem("probe cut short by its time box")
+            break
+        x, w0, b = _gl_inputs(ctx, batch, n, inn, out, dtype)
+        w = make(w0.detach().requires_grad_(grad))  # a view of a leaf: gradients reach the leaf
+        x.requires_grad_(grad)
+        reasons = gl._grouped_mm_reasons(spec.signature(spec.meta(x, w, b)))
+        row = {"dtype": str(dtype)[6:], "n": n, "in": inn, "out": out, "layout": layout, "grad": grad,
+               "reasons": reasons}
+        try:
+            y = gl.grouped_mm(x, w, b)
+            ref = gl.bmm(x.detach().double(), w.detach().double(), b.double())
+            row["rel_err"] = float((y.double() - ref).norm() / ref.norm())
+            if grad:
+                y.backward(torch.randn_like(y))
+            ctx.sync()
+            row["runs"] = True
+        except Exception as e:  # noqa: BLE001
+            row["runs"], row["error"] = False, _err(e)
+        rows.append(row)
+        if not reasons and not row["runs"]:
+            ctx.problem(f"grouped_mm declared able but failed: {row}")
     able = [r for r in rows if not r["reasons"]]
     ctx.note(f"{len(rows)} cases: {len(able)} declared supported, of which {sum(r['runs'] for r in able)} ran; "
              f"{sum(1 for r in rows if r['reasons'] and r['runs'])} declared unsupported ran anyway "

@@ -100,6 +100,8 @@ def test_a_bucketed_batch_says_it_is_a_bucket(capsys):
     assert code == 0 and "batch=128 is a bucket: batch sizes 65..128 share this decision" in out
     code, out, _ = run(capsys, "explain", *GL_FLAGS, "--no-tune")
     assert "batch=128 is a bucket" in out
+    code, out, _ = run(capsys, "cache", "list")
+    assert "batch=128" in out and "batch=B in a key is a bucket" in out
 
 
 def test_prewarm_weighted_combine(capsys):

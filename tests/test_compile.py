@@ -17,9 +17,9 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 import grouped_ops
-from grouped_ops.tuning import harness
 from grouped_ops import GroupedLinear, GroupedOpsError, dispatch, grouped_linear, weighted_combine
 from grouped_ops.ops import SPECS
+from grouped_ops.tuning import harness
 
 CUDA = torch.cuda.is_available()
 

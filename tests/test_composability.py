@@ -113,9 +113,9 @@ def test_every_implementation_works_under_vmap_grad_and_double_backward(op):
         except GroupedOpsError:
             continue  # declared unsupported for float64 here (grouped_mm)
         batched = torch.stack([args[0], 2 * args[0]])
-        torch.testing.assert_close(vmap(lambda a: fn(a, *args[1:], impl=impl))(batched),
+        torch.testing.assert_close(vmap(lambda a, impl=impl: fn(a, *args[1:], impl=impl))(batched),
                                    vmap(lambda a: ref(a, *args[1:]))(batched), msg=impl)
-        torch.testing.assert_close(grad(lambda a: fn(a, *args[1:], impl=impl).pow(3).sum())(args[0]),
+        torch.testing.assert_close(grad(lambda a, impl=impl: fn(a, *args[1:], impl=impl).pow(3).sum())(args[0]),
                                    grad(lambda a: ref(a, *args[1:]).pow(3).sum())(args[0]), msg=impl)
         a = args[0].clone().requires_grad_()
         (g,) = torch.autograd.grad(fn(a, *args[1:], impl=impl).pow(3).sum(), a, create_graph=True)

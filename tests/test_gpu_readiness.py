@@ -117,7 +117,20 @@ def test_cgroup_limits(tmp_path, files, expected):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text + "\n")
-    assert settings_mod.cgroup_free(tmp_path) == expected
+    assert settings_mod.cgroup_free(tmp_path, tmp_path / "no-such-file") == expected
+
+
+def test_the_processs_own_cgroup_counts_and_the_tightest_limit_wins(tmp_path):
+    own = tmp_path / "slurm" / "job_7"
+    own.mkdir(parents=True)
+    (own / "memory.max").write_text("5000\n")
+    (own / "memory.current").write_text("1000\n")
+    (tmp_path / "memory.max").write_text("9000\n")
+    (tmp_path / "memory.current").write_text("2000\n")
+    (tmp_path / "self").write_text("0::/slurm/job_7\n")
+    assert settings_mod.cgroup_free(tmp_path, tmp_path / "self") == 4000
+    (own / "memory.max").write_text("max\n")
+    assert settings_mod.cgroup_free(tmp_path, tmp_path / "self") == 7000
 
 
 def test_the_cpu_budget_honours_a_cgroup_limit(tmp_path, monkeypatch):

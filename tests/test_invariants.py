@@ -157,12 +157,20 @@ def _describe(cycle: list[str], graph: dict[str, dict[str, int]]) -> str:
     return "  " + "\n  ".join(steps)
 
 
-def test_the_graph_sees_imports_inside_functions_and_of_the_package_root():
-    graph = _graph()
-    # a function-level import (functional imports _compile only while torch.compile traces)
-    assert "grouped_ops._compile" in graph["grouped_ops.functional"]
-    # the root imports its submodules
-    assert "grouped_ops.functional" in graph["grouped_ops"]
+def test_the_graph_sees_imports_inside_functions_and_of_the_package_root(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(textwrap.dedent("""
+        from typing import TYPE_CHECKING
+        from .. import __version__          # a name of the package root: an import of the root
+        from ..ops import SPECS             # a name of a package: that package's __init__
+        from . import _common               # a submodule: that module
+        if TYPE_CHECKING:
+            from ..signature import Signature   # never runs: not counted
+        def later():
+            import grouped_ops.tuning.store     # inside a function: counted
+    """))
+    found = {target for target, _ in _imports("grouped_ops.cli.probe", probe)}
+    assert found == {"grouped_ops", "grouped_ops.ops", "grouped_ops.cli._common", "grouped_ops.tuning.store"}
 
 
 def test_the_cycle_finder_finds_and_reports_a_cycle():
@@ -194,6 +202,22 @@ def _long_files() -> list[str]:
 def test_no_file_over_500_lines():
     offenders = _long_files()
     assert not offenders, f"files over {MAX_LINES} lines (split them):\n  " + "\n  ".join(offenders)
+
+
+def test_one_tolerance_table():
+    """Tolerances per dtype live in grouped_ops.registry.TOLERANCE only: no other module has a
+    ``{torch.float32: <number>, ...}`` table."""
+    offenders = []
+    for name, path in MODULES.items():
+        if name == "grouped_ops.registry":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Dict) and any(
+                    isinstance(k, ast.Attribute) and k.attr in ("float32", "bfloat16", "float16")
+                    and isinstance(v, ast.Constant) and isinstance(v.value, float)
+                    for k, v in zip(node.keys, node.values, strict=True)):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, "a per-dtype number table outside registry.TOLERANCE:\n  " + "\n  ".join(offenders)
 
 
 # ---- a cheap import ----------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from grouped_ops.ops import SPECS
 from grouped_ops.recording import prewarm_signatures
 from grouped_ops.signature import Signature
 from grouped_ops.tuning import harness, store
-from grouped_ops.tuning.settings import settings
 from grouped_ops.tuning import tuner as tuner_module
+from grouped_ops.tuning.settings import settings
 from grouped_ops.tuning.tuner import tune
 
 GL, WC = SPECS["grouped_linear"], SPECS["weighted_combine"]

@@ -78,6 +78,8 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
             print(f"{path.name}: {len(entries)} entries")
             for e in chosen:
                 print(f"  {e['impl']:<14} {_status(e):<6} {e['key']}")
+        if tables:
+            print(BUCKET_LEGEND)
         return 0
     disk = store.DiskStore()
     entries = list(disk.entries())
@@ -86,7 +88,14 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     print(f"{len(chosen)} of {len(entries)} entries" + (f" matching {args.filter!r}" if args.filter else ""))
     for e in sorted(chosen, key=lambda e: e["key"]):
         print(f"  {e['impl']:<14} {_status(e):<6} {e['key']}")
+    if chosen:
+        print(BUCKET_LEGEND)
     return 0
+
+
+# Keys show a bucket by its edge; say so once under every listing of keys.
+BUCKET_LEGEND = ("(batch=B in a key is a bucket: batch sizes B/2+1..B share its decision; "
+                 "with GROUPED_OPS_BUCKETS=exact, B is the exact size)")
 
 
 def cmd_cache_show(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import types
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
@@ -26,7 +27,8 @@ ENV_EXCLUDE = "GROUPED_OPS_EXCLUDE"
 
 # op -> (forced name or None, excluded names) of the current ``with`` blocks; a new dict per block.
 Scope = Mapping[str, tuple[str | None, frozenset[str]]]
-_scope: contextvars.ContextVar[Scope] = contextvars.ContextVar("grouped_ops_overrides", default={})
+_scope: contextvars.ContextVar[Scope] = contextvars.ContextVar("grouped_ops_overrides",
+                                                               default=types.MappingProxyType({}))
 
 # os.environ.get costs ~0.8 us (it encodes the key each time); the hot path reads the raw mapping
 # with pre-encoded keys instead, falling back to os.environ where that mapping is not there.

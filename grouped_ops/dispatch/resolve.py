@@ -91,7 +91,9 @@ def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
         known = _remembered(spec, sig, excluded)  # another thread may have tuned it meanwhile
         if known is not None and not known.provisional:
             return _respecting(spec, known, excluded), True
-        decision, persist = harness.measure(spec, sig, s, at, excluded=excluded, timer=injected_timer())
+        retune = known is not None  # a provisional decision gets one more tuning, and no more
+        decision, persist = harness.measure(spec, sig, s, at, excluded=excluded, timer=injected_timer(),
+                                            final=retune)
         if distributed.active(s):
             log.info("grouped_ops: rank %s decided %s locally (ranks agree at a collective prewarm)",
                      distributed.rank(), sig)

@@ -362,7 +362,9 @@ def _weight_layout(shape: torch.Size, stride: tuple[int, ...]) -> str:
     if n > 1 and out * inn > 1 and stride[0] == 0:
         return "shared"
     if (out <= 1 or stride[1] == inn) and (inn <= 1 or stride[2] == 1):
-        return "chunked" if n > 1 and stride[0] > out * inn else "contiguous"
+        if n <= 1 or out * inn <= 1 or stride[0] == out * inn:
+            return "contiguous"
+        return "chunked" if stride[0] > out * inn else "strided"  # overlapping groups: as_strided
     if (out <= 1 or stride[1] == 1) and (inn <= 1 or stride[2] == out):
         return "transposed"
     return "strided"

@@ -13,6 +13,7 @@ Knows no op by name: it receives the op's spec (registry, private inputs, gradie
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
@@ -25,7 +26,7 @@ from ..registry import tolerance
 from ..signature import Signature
 from .settings import Settings, memory_budget
 from .timer import Timer, timer_for
-from .tuner import tune
+from .tuner import SPELL_FACTOR, tune
 
 log = logging.getLogger("grouped_ops")
 
@@ -58,8 +59,24 @@ def isolated(label: str) -> Iterator[None]:
         stack.enter_context(torch.autograd.set_detect_anomaly(False))
         for device_type in ("cpu", "cuda"):
             stack.enter_context(torch.autocast(device_type, enabled=False))
+        stack.enter_context(_no_sync_debug())
         stack.enter_context(torch.autograd.profiler.record_function(label))
         yield
+
+
+@contextlib.contextmanager
+def _no_sync_debug() -> Iterator[None]:
+    # A user's torch.cuda.set_sync_debug_mode("error") would make the agreement check (which reads
+    # a result on the host, once per candidate, at tuning time only) raise for every candidate.
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 @contextlib.contextmanager
@@ -121,17 +138,24 @@ def _is_oom(e: BaseException) -> bool:
 
 def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
             only: Collection[str] | None = None, excluded: Collection[str] = (),
-            timer: Timer | None = None) -> tuple[Decision, bool]:
+            timer: Timer | None = None, final: bool = False) -> tuple[Decision, bool]:
     """Time the candidates (``only`` these, none of ``excluded``) for ``sig``, in an isolated
     context: (decision, whether it may be persisted).
 
     ``at`` is the exact signature of the call that asked (a bucket is timed at its real batch size).
     Not persisted: a tuning where no candidate ran, one that ran out of memory anywhere (a partial
-    result), or one timed under a profiler (provisional).
+    result), or one timed under a profiler or through a busy spell (provisional: used until one
+    more tuning on a later call; with ``final``, that later tuning, it is used but not stored).
     """
     timed = at if at is not None and at.dim("batch") > 0 else sig  # what the candidates run on
     skipped: dict[str, str] = {}
-    budget = memory_budget(sig.device, s)
+    # The tuning's own private operands, output and gradients come out of the same budget.
+    private = private_bytes(spec, timed)
+    budget = memory_budget(sig.device, s) - private
+    if budget <= 0:
+        skipped["(inputs)"] = (f"the private inputs, outputs and gradients need {private / 2**30:.2f} GiB, over "
+                               "the tuning memory budget (GROUPED_OPS_TUNE_MEMORY_FRACTION/_BYTES)")
+        return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig), False
     candidates = []
     for name, implementation in spec.registry.items():
         if (only is not None and name not in only) or name in excluded:
@@ -205,15 +229,30 @@ def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
             arithmetic_bound_s=_ARITHMETIC_BOUND_S.get(sig.device_type),
             on_error=after_error,
         )
-        del args, targets, grad_out
     skipped.update(result.skipped)
     for name, why in result.skipped.items():
         if why.startswith(("disagrees", "raised")):
             log.warning("grouped_ops: %s: excluded %s while tuning %s: %s", spec.name, name, sig, why)
     if result.winner is None:
         return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig), False
+    if result.disturbed:
+        log.info("grouped_ops: a busy spell while tuning %s (a candidate's samples spread over %gx); "
+                 "%s", sig, SPELL_FACTOR, "not stored" if final else "tuning again on a later call")
+    clean = not (provisional or result.disturbed or ooms)
+    provisional = provisional or (result.disturbed and not final)
     decision = Decision(result.winner, "tuned", result.timings, skipped, sig, provisional=provisional)
-    return decision, not (provisional or ooms)
+    return decision, clean
+
+
+def private_bytes(spec: Any, sig: Signature) -> int:
+    """Bytes a tuning of ``sig`` allocates besides workspace: its private arguments, and as much
+    again for the output and the gradients (measured on meta tensors: nothing is allocated)."""
+    meta_sig = dataclasses.replace(sig, device=torch.device("meta"))
+    with torch.autocast("cpu", enabled=False):
+        args = spec.make_inputs(meta_sig, torch.Generator().manual_seed(0))
+    flat = [t for a in args for t in (a if isinstance(a, tuple) else (a,)) if isinstance(t, torch.Tensor)]
+    operands = sum(t.untyped_storage().nbytes() for t in flat)
+    return operands * (3 if sig.needs_grad else 2)
 
 
 def default_allowed(spec: Any, sig: Signature, excluded: Collection[str] = ()) -> str:

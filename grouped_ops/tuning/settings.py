@@ -80,28 +80,42 @@ def free_memory(device: torch.device, *, cgroup_root: str | os.PathLike[str] | N
     return float(free if limit is None else min(free, limit))
 
 
-# (limit file, usage file): cgroup v2 at the root of the process's (namespaced) hierarchy, then v1
-_CGROUP_FILES = (("memory.max", "memory.current"),
-                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
-                 ("memory.limit_in_bytes", "memory.usage_in_bytes"))
 _NO_LIMIT = 1 << 60  # v1 reports "no limit" as a huge number (PAGE_COUNTER_MAX pages)
 
 
-def cgroup_free(root: str | os.PathLike[str]) -> float | None:
-    """Bytes left under the cgroup memory limit found below ``root``, or None without a limit."""
-    for limit_name, usage_name in _CGROUP_FILES:
-        try:
-            raw_limit = (Path(root) / limit_name).read_text().strip()
-            raw_usage = (Path(root) / usage_name).read_text().strip()
-        except OSError:
-            continue
+def cgroup_free(root: str | os.PathLike[str], self_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> float | None:
+    """Bytes left under the tightest cgroup memory limit on this process, or None without one.
+
+    Looks in the process's own cgroup (its path from ``self_cgroup``, below ``root``) and at
+    ``root`` itself (inside a container the namespace puts the process's cgroup there), for
+    cgroup v2 (``memory.max``, ``memory.current``) and v1 (``memory/memory.limit_in_bytes``,
+    ``memory/memory.usage_in_bytes``)."""
+    v2, v1 = "", ""
+    try:
+        for line in Path(self_cgroup).read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                v2 = path.strip().lstrip("/")
+            elif "memory" in controllers.split(","):
+                v1 = path.strip().lstrip("/")
+    except (OSError, ValueError):
+        pass
+    base = Path(root)
+    pairs = [(base / v2 / "memory.max", base / v2 / "memory.current"),
+             (base / "memory.max", base / "memory.current"),
+             (base / "memory" / v1 / "memory.limit_in_bytes", base / "memory" / v1 / "memory.usage_in_bytes"),
+             (base / "memory" / "memory.limit_in_bytes", base / "memory" / "memory.usage_in_bytes"),
+             (base / "memory.limit_in_bytes", base / "memory.usage_in_bytes")]
+    left = [x for limit, usage in dict.fromkeys(pairs) if (x := _left(limit, usage)) is not None]
+    return min(left, default=None)
+
+
+def _left(limit_file: Path, usage_file: Path) -> float | None:
+    try:
+        raw_limit, raw_usage = limit_file.read_text().strip(), usage_file.read_text().strip()
         if raw_limit == "max":
             return None
-        try:
-            limit, usage = int(raw_limit), int(raw_usage)
-        except ValueError:
-            continue
-        if limit >= _NO_LIMIT:
-            return None
-        return float(max(limit - usage, 0))
-    return None
+        limit, usage = int(raw_limit), int(raw_usage)
+    except (OSError, ValueError):
+        return None
+    return None if limit >= _NO_LIMIT else float(max(limit - usage, 0))

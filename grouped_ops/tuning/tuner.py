@@ -28,6 +28,8 @@ CONFIRM_BUDGET_ROUNDS = 3  # the time budget may end a confirmation after this m
 TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of a gap to the best, clamped to 1%..5%
 SECOND_OPINION_BAND = 0.3  # batch prewarm tunes again the signatures whose runner-up was this close
                            # (a busy spell has decided a miss on a gap of 21%)
+SPELL_FACTOR = 5.0  # a candidate whose slowest sample is this many times its fastest lived through a
+                    # busy spell (a preempted thread, another process): the pick may be the spell's
 
 
 @dataclass
@@ -35,6 +37,7 @@ class TuneResult:
     timings: dict[str, float] = field(default_factory=dict)  # name -> median seconds per call
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it has no timing, or why it was cut
     winner: str | None = None
+    disturbed: bool = False  # some candidate's samples spread over SPELL_FACTOR: a busy spell
 
 
 def tune(
@@ -62,6 +65,14 @@ def tune(
     """
     work = work_factor or {}
     order = sorted(candidates, key=lambda n: work.get(n, 1.0))
+    seen: dict[str, list[float]] = {}  # every sample of every candidate, for the busy-spell check
+    measure = timer
+
+    def timer(name: str, fn: Callable[[], Any], number: int) -> float:
+        t = measure(name, fn, number)
+        seen.setdefault(name, []).append(t)
+        return t
+
     result = TuneResult()
     samples: dict[str, list[float]] = {}
     runs: dict[str, Callable[[], Any]] = {}
@@ -111,6 +122,7 @@ def tune(
     finally:
         if gc_was_enabled:
             gc.enable()
+    result.disturbed = any(len(s) >= 2 and max(s) > SPELL_FACTOR * min(s) for s in seen.values())
     result.timings = {n: statistics.median(s) for n, s in samples.items()}
     result.timings.update(paired)
     if result.timings:
