@@ -104,9 +104,8 @@ def _mlp(kind: str) -> Callable[[Iterable[nn.Linear]], nn.Module]:
     def make(linears: Iterable[nn.Linear]) -> nn.Module:
         first = list(linears)
         n, out = len(first), first[0].out_features
-        with torch.random.fork_rng():
-            second = make_linears(Shape(0, n, out, out), bias=first[0].bias is not None,
-                                  dtype=first[0].weight.dtype, seed=1)
+        second = make_linears(Shape(0, n, out, out), bias=first[0].bias is not None,
+                              dtype=first[0].weight.dtype, seed=1)
         return torch.compile(nn.Sequential(build(kind, first), nn.ReLU(), build(kind, second)))
     return make
 
@@ -148,9 +147,11 @@ class Shape(NamedTuple):
 
 def make_linears(shape: Shape, *, bias: bool = True, dtype: torch.dtype = torch.float32,
                  seed: int = 0) -> nn.ModuleList:
-    """The ``nn.ModuleList`` every variant of a cell is built from."""
-    torch.manual_seed(seed)
-    return nn.ModuleList(nn.Linear(shape.inn, shape.out, bias=bias, dtype=dtype) for _ in range(shape.n))
+    """The ``nn.ModuleList`` every variant of a cell is built from (seeded; the caller's RNG
+    state is left as it was)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.ModuleList(nn.Linear(shape.inn, shape.out, bias=bias, dtype=dtype) for _ in range(shape.n))
 
 
 def step_fn(module: nn.Module, x: Tensor, mode: str, grad: Tensor | None = None) -> Callable[[], Any]:

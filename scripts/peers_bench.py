@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     command = "python scripts/peers_bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     start = time.time()
+    load_before = _load()
 
     def progress(what: str) -> None:
         print(f"[{time.time() - start:6.0f}s] {what}", file=sys.stderr, flush=True)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         results["auto"] = peers.run_peers(shapes, variants=("grouped", *impls), skip=_skip_impl, **common)
     meta = {"command": command, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "minutes": round((time.time() - start) / 60, 1), "passes": args.passes, "rounds": args.rounds}
+            "minutes": round((time.time() - start) / 60, 1), "passes": args.passes, "rounds": args.rounds,
+            "load_before": load_before, "load_after": _load()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, **results}, indent=1))
@@ -94,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}"
           + (f", {out.with_suffix('.png')}" if plotted else " (no matplotlib: no plot)"), file=sys.stderr)
     return 0
+
+
+def _load() -> str:
+    """1-minute load average (other processes' work on these cores shows up as noise)."""
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"
 
 
 def _skip_impl(shape: peers.Shape, mode: str, variant: str) -> bool:
@@ -147,7 +154,8 @@ def _verdict(ratios: list[float], per_pass: list[float]) -> str:
 def render(results: dict[str, list[dict]], meta: dict) -> str:
     out = ["# GroupedLinear against the layers users already write (CPU)", "",
            f"Command: `{meta['command']}` ({meta['minutes']} min; torch {meta['torch']}, "
-           f"{meta['cpus']} CPUs, {meta['passes']} passes of {meta['rounds']} interleaved rounds; "
+           f"{meta['cpus']} CPUs, load average {meta['load_before']} before and {meta['load_after']} "
+           f"after; {meta['passes']} passes of {meta['rounds']} interleaved rounds; "
            "microseconds per call, the median pass). Reproduce with that command; "
            "`grouped_ops.peers.run_peers` is the function behind it.", "",
            "Speed-up = the fastest other column's time / GroupedLinear's (>= 1: GroupedLinear is "

@@ -146,5 +146,4 @@ def test_the_private_operands_count_against_the_memory_budget(monkeypatch):
     with dispatch.use_timer(timer):
         y = grouped_linear(*args())
     d = grouped_ops.lookup("grouped_linear", *args())
-    assert y.shape == (8, 4, 8) and d.source == "default" and "private inputs" in d.skipped["(inputs)"]
-    assert stored() == []
+    assert y.shape == (8, 4, 8) and d.source == "default" and "private operands" in d.skipped["einsum"]

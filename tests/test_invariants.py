@@ -358,4 +358,7 @@ def test_a_non_editable_install_imports_every_subpackage(tmp_path):
                               "resources.files('grouped_ops.tuning_cache').iterdir()))"],
                              capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert ".json" in shipped.stdout, shipped.stdout + shipped.stderr
+    script = subprocess.run([str(venv / "bin" / "grouped-ops"), "--version"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path, env=env)
+    assert script.stdout.startswith("grouped_ops "), script.stdout + script.stderr
     assert time.perf_counter() - start < 120

@@ -224,3 +224,42 @@ def test_every_change_of_the_weight_shows_in_the_next_output(change):
         got = layer(x)
     expected = torch.einsum("bni,noi->bno", x, layer.weight.detach()) + layer.bias.detach()
     torch.testing.assert_close(got, expected)
+
+
+# ---- bmm / einsum produce the output contract's layout themselves ----------------------------------
+
+@pytest.mark.parametrize("fn", ["bmm", "bmm_out", "einsum"])
+@pytest.mark.parametrize("lead", [(), (1,), (5,), (2, 3)], ids=str)
+@pytest.mark.parametrize("stored", ["n_out_in", "n_in_out"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_bmm_and_einsum_return_a_fresh_contiguous_result(fn, lead, stored, grad):
+    from grouped_ops.ops import grouped_linear as ops  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    x = torch.randn(*lead, N, D_IN, dtype=torch.float64)
+    w = torch.randn(N, D_OUT, D_IN, dtype=torch.float64)
+    if stored == "n_in_out":
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    b = torch.randn(N, D_OUT, dtype=torch.float64)
+    w.requires_grad_(grad)
+    for bias in (b, None):
+        y = getattr(ops, fn)(x, w, bias)
+        assert y.is_contiguous() and not y._is_view() and y.shape == (*lead, N, D_OUT)
+        expected = torch.einsum("...ni,noi->...no", x, w) + (0 if bias is None else bias)
+        torch.testing.assert_close(y, expected)
+        assert y.requires_grad == grad
+
+
+def test_bmm_out_takes_the_functional_path_where_out_is_not_allowed():
+    from grouped_ops.ops.grouped_linear import bmm_out  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, N, D_IN), torch.randn(N, D_OUT, D_IN), torch.randn(N, D_OUT)
+    expected = torch.einsum("bni,noi->bno", x, w) + b
+    vmapped = torch.vmap(bmm_out, in_dims=(0, None, None))(x.unsqueeze(1), w, b)  # functorch wrappers
+    torch.testing.assert_close(vmapped.squeeze(1), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bmm_out(x, w, b).dtype == torch.bfloat16  # autocast applies, as for bmm
+    wg = w.clone().requires_grad_()
+    bmm_out(x, wg, b).sum().backward()  # autograd: no out= (which cannot be differentiated)
+    assert wg.grad is not None

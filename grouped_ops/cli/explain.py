@@ -81,10 +81,10 @@ def explain_table(spec: OpSpec, sig: Signature, decision: Decision | None, budge
             if reasons:
                 notes.append("unsupported: " + "; ".join(reasons))
             elif need > budget:
-                notes.append(f"workspace {_bytes(need)} over the tuning budget {_bytes(budget)}")
+                notes.append(f"workspace {_bytes(need)} over the tuning memory budget {_bytes(budget)}")
             else:
                 notes.append("not timed")
-        if need:
+        if need and not any("workspace" in note for note in notes):
             notes.append(f"workspace {_bytes(need)}")
         if name in timings:
             t = timings[name]

@@ -32,10 +32,11 @@ def _split(x: Tensor, w: Tensor) -> tuple[tuple[int, ...], int, int, int, int]:
 
 def einsum(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # torch.einsum hands contraction-order planning to opt_einsum when it is installed. Its result
-    # is a permuted view of a [n, rows, out] product: made contiguous first so the bias add writes
-    # the contract's fresh [..., n, out] layout (no copy at all without bias and rows or n == 1).
-    y = torch.einsum("...ni,noi->...no", x, w).contiguous()
-    return y if b is None else y + b
+    # is a permuted view of a [n, rows, out] product: without bias one copy makes it the
+    # contract's fresh contiguous [..., n, out]; with bias the add writes a fresh tensor in the
+    # layout of its contiguous operand.
+    y = torch.einsum("...ni,noi->...no", x, w)
+    return y.clone(memory_format=torch.contiguous_format) if b is None else y.contiguous() + b
 
 
 def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -46,11 +47,12 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
     y = torch.bmm(xt, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xt, wt)
     # [n, rows, out] -> the contract's fresh contiguous [..., n, out]: one copy, whose result is
-    # no view (a view would cost the dispatcher an _unsafe_view). Writing bmm's product straight
-    # there (out= a permuted view, see bmm_out) is not faster in general on CPU: ATen then runs
-    # one gemm per group (measured 0.2-1.8x, fp32 and bf16, one thread).
+    # no view, also where rows or n is 1 (there a copy of that small result is cheaper than the
+    # dispatcher's aten._unsafe_view of a view). Writing bmm's product straight there (out= a
+    # permuted view, see bmm_out) is not faster in general on CPU: ATen then runs one gemm per
+    # group (measured 0.2-1.8x, fp32 and bf16, one thread).
     y = y.transpose(0, 1)
-    return (y if len(lead) == 1 else y.reshape(*lead, n, out)).contiguous()
+    return (y if len(lead) == 1 else y.reshape(*lead, n, out)).clone(memory_format=torch.contiguous_format)
 
 
 def bmm_out(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

@@ -139,6 +139,13 @@ def _is_oom(e: BaseException) -> bool:
 def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
             only: Collection[str] | None = None, excluded: Collection[str] = (),
             timer: Timer | None = None, final: bool = False) -> tuple[Decision, bool]:
+    with isolated(f"grouped_ops.tune {sig}"):
+        return _measure(spec, sig, s, at, only, excluded, timer, final)
+
+
+def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
+             only: Collection[str] | None, excluded: Collection[str],
+             timer: Timer | None, final: bool) -> tuple[Decision, bool]:
     """Time the candidates (``only`` these, none of ``excluded``) for ``sig``, in an isolated
     context: (decision, whether it may be persisted).
 
@@ -151,11 +158,7 @@ def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
     skipped: dict[str, str] = {}
     # The tuning's own private operands, output and gradients come out of the same budget.
     private = private_bytes(spec, timed)
-    budget = memory_budget(sig.device, s) - private
-    if budget <= 0:
-        skipped["(inputs)"] = (f"the private inputs, outputs and gradients need {private / 2**30:.2f} GiB, over "
-                               "the tuning memory budget (GROUPED_OPS_TUNE_MEMORY_FRACTION/_BYTES)")
-        return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig), False
+    budget = memory_budget(sig.device, s)
     candidates = []
     for name, implementation in spec.registry.items():
         if (only is not None and name not in only) or name in excluded:
@@ -163,9 +166,10 @@ def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
         reasons = implementation.not_supported_reasons(sig)
         if reasons:
             skipped[name] = "unsupported: " + "; ".join(reasons)
-        elif (need := implementation.extra_memory(timed)) > budget:
-            skipped[name] = (f"needs {need / 2**30:.2f} GiB of workspace, over the tuning memory budget "
-                             f"of {budget / 2**30:.2f} GiB (GROUPED_OPS_TUNE_MEMORY_FRACTION/_BYTES)")
+        elif (need := implementation.extra_memory(timed)) + private > budget:
+            skipped[name] = (f"needs {need / 2**30:.2g} GiB of workspace and {private / 2**30:.2g} GiB for the "
+                             f"tuning's private operands, over the tuning memory budget of "
+                             f"{budget / 2**30:.2g} GiB (GROUPED_OPS_TUNE_MEMORY_FRACTION/_BYTES)")
         else:
             candidates.append(name)
     if len(candidates) <= 1:
@@ -181,54 +185,53 @@ def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
             if sig.device_type == "cuda":
                 torch.cuda.empty_cache()
 
-    with isolated(f"grouped_ops.tune {sig}"):
-        try:
-            generator = torch.Generator(device=sig.device).manual_seed(0)
-            args = spec.make_inputs(timed, generator)
-            targets = spec.grad_args(timed, args)
-        except Exception as e:
-            if not _is_oom(e):
-                raise
-            after_error(e)
-            skipped["(inputs)"] = f"out of memory making the private inputs: {str(e).splitlines()[0][:120]}"
-            return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig), False
-        grad_out: list[torch.Tensor] = []
+    try:
+        generator = torch.Generator(device=sig.device).manual_seed(0)
+        args = spec.make_inputs(timed, generator)
+        targets = spec.grad_args(timed, args)
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        after_error(e)
+        skipped["(inputs)"] = f"out of memory making the private inputs: {str(e).splitlines()[0][:120]}"
+        return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig), False
+    grad_out: list[torch.Tensor] = []
 
-        def make_run(name: str) -> Callable[[], Any]:
-            implementation = spec.registry[name]
-            if not sig.needs_grad:
-                def run() -> Any:
-                    with torch.no_grad():
-                        return (implementation(*args),)
-                return run
+    def make_run(name: str) -> Callable[[], Any]:
+        implementation = spec.registry[name]
+        if not sig.needs_grad:
+            def run() -> Any:
+                with torch.no_grad():
+                    return (implementation(*args),)
+            return run
 
-            def run_with_grad() -> Any:
-                with torch.enable_grad():
-                    out = implementation(*args)
-                    if not grad_out:
-                        grad_out.append(torch.randn(out.shape, dtype=out.dtype, device=out.device,
-                                                    generator=generator))
-                    grads = torch.autograd.grad(out, targets, grad_out[0])
-                    # Training accumulates into .grad in each tensor's own layout: AccumulateGrad
-                    # copies a gradient whose strides differ. Time that copy too, or implementations
-                    # whose gradients come out transposed look cheaper than they are (measured: bmm
-                    # chosen at 0.47 ms, 2.8x slower than grouped_mm in a real .backward() step).
-                    grads = tuple(g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)
-                                  for g, t in zip(grads, targets, strict=True))
-                return (out.detach(), *grads)
-            return run_with_grad
+        def run_with_grad() -> Any:
+            with torch.enable_grad():
+                out = implementation(*args)
+                if not grad_out:
+                    grad_out.append(torch.randn(out.shape, dtype=out.dtype, device=out.device,
+                                                generator=generator))
+                grads = torch.autograd.grad(out, targets, grad_out[0])
+                # Training accumulates into .grad in each tensor's own layout: AccumulateGrad
+                # copies a gradient whose strides differ. Time that copy too, or implementations
+                # whose gradients come out transposed look cheaper than they are (measured: bmm
+                # chosen at 0.47 ms, 2.8x slower than grouped_mm in a real .backward() step).
+                grads = tuple(g if g.stride() == t.stride() else torch.empty_like(t).copy_(g)
+                              for g, t in zip(grads, targets, strict=True))
+            return (out.detach(), *grads)
+        return run_with_grad
 
-        result = tune(
-            candidates,
-            make_run=make_run,
-            timer=timer or timer_for(sig.device),
-            check=compare(sig.dtype),
-            work_factor={n: spec.registry[n].work_factor(timed) for n in candidates},
-            budget_s=s.budget_s,
-            max_reps=s.max_reps,
-            arithmetic_bound_s=_ARITHMETIC_BOUND_S.get(sig.device_type),
-            on_error=after_error,
-        )
+    result = tune(
+        candidates,
+        make_run=make_run,
+        timer=timer or timer_for(sig.device),
+        check=compare(sig.dtype),
+        work_factor={n: spec.registry[n].work_factor(timed) for n in candidates},
+        budget_s=s.budget_s,
+        max_reps=s.max_reps,
+        arithmetic_bound_s=_ARITHMETIC_BOUND_S.get(sig.device_type),
+        on_error=after_error,
+    )
     skipped.update(result.skipped)
     for name, why in result.skipped.items():
         if why.startswith(("disagrees", "raised")):
