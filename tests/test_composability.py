@@ -241,34 +241,39 @@ def test_flop_counter_counts_exactly_the_users_flops_on_a_first_call():
     assert counter.get_total_flops() == 2 * 8 * 4 * 16 * 32  # bmm wins the fake timing
 
 
-def test_first_call_in_inference_mode_and_anomaly_mode():
+@pytest.mark.parametrize("op", ["grouped_linear", "weighted_combine"])
+def test_first_call_in_inference_mode_and_anomaly_mode(op):
+    make, ref = (gl_args, gl_ref) if op == "grouped_linear" else (wc_args, wc_ref)
+    fn = getattr(grouped_ops, op)
     with dispatch.use_timer(fake_timer):
         with torch.inference_mode():
-            y = grouped_linear(*gl_args())
+            y = fn(*make())
         assert y.is_inference()
-        torch.testing.assert_close(y, gl_ref(*gl_args()))
-        x, w, b = gl_args(batch=9)
-        w.requires_grad_()
+        torch.testing.assert_close(y, ref(*make()))
+        args = make(batch=9)
+        args[1].requires_grad_()
         with torch.autograd.detect_anomaly():
-            grouped_linear(x, w, b).sum().backward()
+            fn(*args).sum().backward()
         assert torch.is_anomaly_enabled() is False
     assert len(disk_impls()) == 2  # anomaly mode is switched off for the tuning, so it is stored
 
 
-def test_profiler_shows_the_tuning_under_one_label_and_nothing_is_stored():
+@pytest.mark.parametrize("op", ["grouped_linear", "weighted_combine"])
+def test_profiler_shows_the_tuning_under_one_label_and_nothing_is_stored(op):
     from torch.profiler import ProfilerActivity, profile
 
-    args = gl_args(dtype=torch.float32)
+    args = (gl_args if op == "grouped_linear" else wc_args)(dtype=torch.float32)
+    fn = getattr(grouped_ops, op)
     with dispatch.use_timer(fake_timer):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            grouped_linear(*args)
+            fn(*args)
         labels = [e.name for e in prof.events() if e.name.startswith("grouped_ops.tune")]
-        assert len(labels) == 1 and "grouped_linear" in labels[0]
+        assert len(labels) == 1 and op in labels[0]
         assert disk_impls() == []  # timed under the profiler: provisional
-        assert grouped_ops.lookup("grouped_linear", *args).provisional
-        grouped_linear(*args)  # outside the profiler: tuned once more, and stored
+        assert grouped_ops.lookup(op, *args).provisional
+        fn(*args)  # outside the profiler: tuned once more, and stored
     assert disk_impls() == ["bmm"]
-    assert not grouped_ops.lookup("grouped_linear", *args).provisional
+    assert not grouped_ops.lookup(op, *args).provisional
 
 
 def test_the_callers_state_is_unchanged_by_a_first_call():

@@ -264,8 +264,8 @@ def _grouped_mm_reasons(sig: Signature) -> list[str]:
         reasons += _cuda_reasons(sig)
     layout = sig.layout_of("weight")
     if layout == "strided":
-        reasons.append("weight must have unit stride along out or in (contiguous, transposed, chunked or "
-                       "shared), as torch's stride check requires")
+        reasons.append("weight must be contiguous, transposed, chunked or shared (unit stride along out or "
+                       "in), as torch's stride check requires")
     align = 16 // sig.dtype.itemsize
     # rows of x are `in` wide; of the weight, `in` (or `out` when transposed); of the output's
     # gradient in backward, `out`. torch pads its own output, so forward alone does not need `out`.
