@@ -384,7 +384,9 @@ def oom(ctx: Ctx) -> None:
     if ctx.dry:  # the same path, its allocations failing as a full GPU's would
         real = gl.random_like
 
-        def failing(*a: Any, **k: Any) -> torch.Tensor:
+        def failing(shape: Any, dtype: Any, device: Any, *a: Any, **k: Any) -> torch.Tensor:
+            if torch.device(device).type == "meta":  # sizes only, allocates nothing
+                return real(shape, dtype, device, *a, **k)
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         gl.random_like = failing
     else:

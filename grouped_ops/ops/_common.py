@@ -40,6 +40,19 @@ def check_dtypes_devices(op: str, named: dict[str, torch.Tensor], shapes: dict[s
         raise fail(op, f"arguments must be on one device, got {listed}", **shapes)
 
 
+def may_write_into(*tensors: torch.Tensor) -> bool:
+    """Whether an implementation may write its result into a fresh buffer with ``out=``: no autograd
+    graph to record for these tensors and no torch.func transform (neither takes ``out=``).
+
+    Writing ``[..., n, out]`` results straight into their own buffer keeps the output contract
+    (a fresh tensor, not a view of an intermediate) without the ~4 us re-label that a reshaped
+    matmul result needs (measured: ``aten._unsafe_view`` from Python, 2-core CPU).
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not torch._C._are_functorch_transforms_active()
+
+
 def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """``Tensor.is_contiguous()`` from a shape and strides (dims of size 1 may have any stride)."""
     if 0 in shape:  # as torch says: an empty tensor is contiguous whatever its strides

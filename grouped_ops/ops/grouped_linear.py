@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
-from ._common import check_dtypes_devices, fail, is_contiguous, random_like, tensor_meta
+from ._common import check_dtypes_devices, fail, is_contiguous, may_write_into, random_like, tensor_meta
 from ._spec import OpSpec
 
 OP = "grouped_linear"
@@ -100,9 +100,17 @@ def _block_diagonal_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # torch.func.vmap they are batched like w and the in-place copy is allowed.
     block = torch.zeros_like(w)[:, :, None, :].expand(n, out, n, inn).contiguous()
     torch.diagonal(block, dim1=0, dim2=2).copy_(w.permute(1, 2, 0))
-    y = F.linear(x.reshape(rows, n * inn), block.reshape(n * out, n * inn),
-                 None if b is None else b.reshape(n * out))
-    return y.reshape(*lead, n, out)
+    x2, block2 = x.reshape(rows, n * inn), block.reshape(n * out, n * inn)
+    if not may_write_into(x, w, *(() if b is None else (b,))):
+        y = F.linear(x2, block2, None if b is None else b.reshape(n * out))
+        return y.reshape(*lead, n, out)
+    result = x.new_empty(*lead, n, out)
+    flat = result.view(rows, n * out)
+    if b is None:
+        torch.mm(x2, block2.t(), out=flat)
+    else:
+        torch.addmm(b.reshape(n * out), x2, block2.t(), out=flat)
+    return result
 
 
 class _BlockDiagonalLinear(torch.autograd.Function):

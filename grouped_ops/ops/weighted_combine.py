@@ -13,7 +13,7 @@ import torch
 
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
-from ._common import check_dtypes_devices, fail, is_contiguous, random_like, tensor_meta
+from ._common import check_dtypes_devices, fail, is_contiguous, may_write_into, random_like, tensor_meta
 from ._spec import OpSpec
 
 OP = "weighted_combine"
@@ -39,7 +39,11 @@ def bmm(inputs: Inputs, weights: Tensor) -> Tensor:
     b, k = weights.shape
     f = _features(inputs)
     flat = _stacked(inputs).reshape(b, k, math.prod(f))
-    return torch.bmm(weights.unsqueeze(1), flat).reshape(b, *f)
+    if not may_write_into(weights, flat):
+        return torch.bmm(weights.unsqueeze(1), flat).reshape(b, *f)
+    result = flat.new_empty(b, *f)
+    torch.bmm(weights.unsqueeze(1), flat, out=result.view(b, 1, math.prod(f)))
+    return result
 
 
 def masked_dense(inputs: Inputs, weights: Tensor) -> Tensor:
@@ -57,7 +61,11 @@ def _block_diagonal_combine(weights: Tensor, inputs: Inputs) -> Tensor:
     block = torch.zeros_like(weights)[:, None, :].expand(b, b, k).contiguous()
     torch.diagonal(block, dim1=0, dim2=1).copy_(weights.t())
     flat = _stacked(inputs).reshape(b * k, math.prod(f))
-    return (block.reshape(b, b * k) @ flat).reshape(b, *f)
+    if not may_write_into(weights, flat):
+        return (block.reshape(b, b * k) @ flat).reshape(b, *f)
+    result = flat.new_empty(b, *f)
+    torch.mm(block.reshape(b, b * k), flat, out=result.view(b, math.prod(f)))
+    return result
 
 
 class _BlockDiagonalCombine(torch.autograd.Function):
