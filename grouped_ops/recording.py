@@ -198,7 +198,11 @@ def progress_bar(show: bool) -> Iterator[Progress | None]:
     if not show:
         yield None
         return
-    from tqdm import tqdm  # only when a bar is shown: a cheap import for everyone else
+    try:
+        from tqdm import tqdm  # only when a bar is shown: a cheap import for everyone else
+    except ImportError:  # an optional nicety: without tqdm, no bar
+        yield None
+        return
 
     bar = tqdm(total=0, desc="prewarm", unit="tuning", file=sys.stderr)
 

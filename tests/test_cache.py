@@ -293,7 +293,7 @@ def test_export_import_round_trip(tmp_path, monkeypatch):
     table = tmp_path / "export.json"
     assert store.write_table(table, store.DiskStore().entries()) == 3
     data = json.loads(table.read_text())
-    assert data["format"] == 1 and [e["key"] for e in data["entries"]] == [e["key"] for e in before]
+    assert data["format"] == store.FORMAT and [e["key"] for e in data["entries"]] == [e["key"] for e in before]
     assert store.DiskStore().clear() == 3 and entries() == []
     monkeypatch.setenv("GROUPED_OPS_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert store.DiskStore().merge(store.read_table(table)) == 3
@@ -307,7 +307,7 @@ def test_import_merges_and_can_keep_existing_entries(tmp_path):
     store.DiskStore().put({"key": "a", "impl": "bmm", "timings": {}})
     store.DiskStore().put({"key": "b", "impl": "bmm", "timings": {}})
     table = tmp_path / "t.json"
-    table.write_text(json.dumps({"format": 1, "entries": [
+    table.write_text(json.dumps({"format": store.FORMAT, "entries": [
         {"key": "b", "impl": "loop", "timings": {}}, {"key": "c", "impl": "loop", "timings": {}},
         {"key": 3, "impl": None}]}))  # the malformed one is dropped
     assert store.DiskStore().merge(store.read_table(table), overwrite=False) == 1
@@ -319,6 +319,6 @@ def test_import_merges_and_can_keep_existing_entries(tmp_path):
 def test_the_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("GROUPED_OPS_CACHE_DIR", str(tmp_path / "mine"))
     assert store.cache_dir() == tmp_path / "mine"
-    assert store.DiskStore().root == tmp_path / "mine" / "v1"
+    assert store.DiskStore().root == tmp_path / "mine" / f"v{store.FORMAT}"
     monkeypatch.delenv("GROUPED_OPS_CACHE_DIR")
     assert "grouped_ops" in str(store.cache_dir())  # the platform's user cache folder

@@ -73,8 +73,10 @@ def add_signature_commands(parser: argparse.ArgumentParser, *, many_batches: boo
     gl.add_argument("--out", dest="out_features", type=positive, required=True,
                     help="output features per group")
     gl.add_argument("--no-bias", action="store_true", help="bias=None")
-    gl.add_argument("--weight-layout", choices=("contiguous", "transposed", "strided"), default="contiguous",
-                    help="contiguous [n, out, in]; transposed: W.transpose(1, 2) of an [n, in, out] tensor")
+    gl.add_argument("--weight-layout", choices=("contiguous", "transposed", "chunked", "shared", "strided"),
+                    default="contiguous",
+                    help="contiguous [n, out, in]; transposed: W.transpose(1, 2) of an [n, in, out] tensor; "
+                    "chunked: groups further apart than out*in; shared: one weight expanded to n groups")
     gl.add_argument("--input-layout", choices=("contiguous", "strided"), default="contiguous",
                     help="contiguous [batch, n, in]; strided: a [batch, n, in] view of an [n, batch, in] tensor")
     gl.add_argument("--grad", action="store_true", help="training: weight and bias need gradients")

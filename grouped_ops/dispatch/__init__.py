@@ -39,7 +39,7 @@ __all__ = [
     "impl_set_version", "implementation_for", "known_decision", "use_timer",
 ]
 
-# (op, argument description, impl, overrides, deterministic) -> implementation, for decided calls.
+# (op, argument description, impl, overrides, settings) -> implementation, for decided calls.
 # Bounded: a workload with endless distinct shapes (dynamic batch sizes in exact-bucket mode) must
 # not grow it forever; when full it is emptied, and hot entries come back on their next call.
 MEMO_LIMIT = 4096
@@ -47,10 +47,17 @@ _MEMO: dict[Hashable, Implementation] = {}
 RECORDERS: list[Any] = []  # active grouped_ops.record() blocks; each sees every call while active
 
 
+def _settings() -> tuple[Any, ...]:
+    # What changes a decision besides the arguments, read on every call (~0.2 us): the overrides,
+    # deterministic mode, the CPU thread count and float32 matmul precision (part of the signature).
+    return (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
+            torch.get_float32_matmul_precision())
+
+
 def call(spec: OpSpec, args: tuple[Any, ...], impl: str) -> torch.Tensor:
     """Run ``spec``'s op on ``args`` with implementation ``impl`` (or ``"auto"``)."""
     m = spec.meta(*args)
-    key = (spec.name, m, impl, overrides.state(spec.name), torch.are_deterministic_algorithms_enabled())
+    key = (spec.name, m, impl, overrides.state(spec.name), _settings())
     if not RECORDERS:
         implementation = _MEMO.get(key)
         if implementation is not None:
@@ -69,7 +76,7 @@ def implementation_for(spec: OpSpec, args: tuple[Any, ...], m: Hashable, impl: s
     torch.compile custom op passes the traced call's grad flags; ``impl=""`` means ``auto``).
     A decision still to be made is made inside ``around()``."""
     impl = impl or "auto"
-    key = (spec.name, m, impl, overrides.state(spec.name), torch.are_deterministic_algorithms_enabled())
+    key = (spec.name, m, impl, overrides.state(spec.name), _settings())
     implementation = _MEMO.get(key)
     if implementation is None:
         with around():

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..decision import Decision
 from ..registry import tolerance
-from ..signature import Signature
+from ..signature import Signature, applied_numerics
 from .settings import Settings, memory_budget
 from .timer import Timer, timer_for
 from .tuner import SPELL_FACTOR, tune
@@ -139,7 +139,8 @@ def _is_oom(e: BaseException) -> bool:
 def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
             only: Collection[str] | None = None, excluded: Collection[str] = (),
             timer: Timer | None = None, final: bool = False) -> tuple[Decision, bool]:
-    with isolated(f"grouped_ops.tune {sig}"):
+    # under the signature's math settings: one read from a recording may have been made under others
+    with isolated(f"grouped_ops.tune {sig}"), applied_numerics(sig):
         return _measure(spec, sig, s, at, only, excluded, timer, final)
 
 
