@@ -64,7 +64,7 @@ def prewarm(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Decision
     sig, exact = _signatures(spec, args)
     if distributed.active(settings()):
         return prewarm_signatures([(sig, exact)], second_opinion=False)[0]
-    return resolve.decide(spec, sig, args, at=exact)[0]
+    return resolve.decide_signature(spec, sig, at=exact)
 
 
 def lookup(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Decision | None:

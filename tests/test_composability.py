@@ -482,3 +482,28 @@ def test_remembered_tuned_batch_sizes_are_bounded_per_family(monkeypatch):
         resolve.remember(Decision("bmm", "tuned", {"bmm": 1e-5}, {}, dataclasses.replace(sig).with_dim("batch", batch)))
     sizes = resolve.table_sizes()
     assert sizes["family_batches"] == 5 and sizes["decisions"] == 20
+
+
+def test_eager_compiled_prewarm_and_lookup_all_ask_the_one_resolve_function(monkeypatch):
+    from grouped_ops.dispatch import resolve
+
+    asked = []
+    real = resolve.decide
+
+    def counting(spec, sig, *a, **k):
+        asked.append(k.get("guess", True))
+        return real(spec, sig, *a, **k)
+
+    monkeypatch.setattr(resolve, "decide", counting)
+    args = gl_args(dtype=torch.float32)
+    with dispatch.use_timer(fake_timer):
+        grouped_linear(*args)  # eager
+        assert len(asked) == 1
+        grouped_ops.lookup("grouped_linear", *args)
+        assert len(asked) == 2 and asked[-1] is False
+        grouped_ops.prewarm("grouped_linear", *gl_args(batch=40, dtype=torch.float32))
+        assert len(asked) == 3
+        torch._dynamo.reset()
+        compiled = torch.compile(grouped_linear, backend="eager", fullgraph=True, dynamic=True)
+        compiled(*gl_args(batch=200, dtype=torch.float32))  # planned at trace time, run by the custom op
+        assert len(asked) >= 4

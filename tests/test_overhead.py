@@ -90,7 +90,7 @@ def test_a_cached_call_takes_the_dict_lookup_path(monkeypatch):
 
         with monkeypatch.context() as m:
             m.setattr(dispatch, "_choose", no_slow_path)
-            m.setattr(dispatch, "decide", no_slow_path)
+            m.setattr(dispatch.resolve, "decide", no_slow_path)
             public(*args)
             public(*args, impl=impl)
             with use_impl(**{other: "loop" for other in SPECS if other != op}):  # another op's scope

@@ -117,7 +117,8 @@ def _choose_here(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: 
         return checked_impl(spec, sig, impl), True
     # Recording only notes signatures: the batch prewarm after it tunes them all with second
     # opinions, as `python -m grouped_ops prewarm --from FILE` does.
-    decision, keep = decide(spec, sig, args, at=exact, tune_allowed=not RECORDERS)
+    decision, keep = resolve.decide(spec, sig, args, at=exact, tune_allowed=not RECORDERS)
+    assert decision is not None  # guessing is allowed: there is always an answer
     return spec.registry[decision.impl], keep and not RECORDERS
 
 

@@ -64,12 +64,15 @@ def checked_impl(spec: OpSpec, sig: Signature, impl: str) -> Implementation:
 
 
 def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
-           at: Signature | None = None, tune_allowed: bool = True) -> tuple[Decision, bool]:
+           at: Signature | None = None, tune_allowed: bool = True, guess: bool = True) -> tuple[Decision | None, bool]:
     """(decision, whether callers may remember it for these arguments). See the module docstring.
+    Every path that needs a decision asks here: eager calls, torch.compile (at trace time and in
+    its custom op), prewarm, lookup and the CLI.
 
     ``args`` are the caller's arguments (only inspected, never run); ``at`` is the exact signature
     of the call that asks: a bucket that must be tuned is timed at that batch size, not at its edge
-    (measured: 1.34x off at batch 384 tuned as 512).
+    (measured: 1.34x off at batch 384 tuned as 512). Without ``guess`` (lookup), nothing known
+    gives None instead of a stale entry, the nearest batch size or the default rule.
     """
     forced = overrides.forced_name(spec.name)
     if forced is not None:
@@ -85,6 +88,8 @@ def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
     if known is not None and not (known.provisional and blocker is None and not harness.profiling()):
         return _respecting(spec, known, excluded), not known.provisional
     if blocker is not None:
+        if not guess:
+            return None, False
         return _guess(spec, sig, s, blocker, excluded), not transient
     lock = _TUNE_LOCKS.setdefault(str(sig.device), threading.Lock())
     with lock:
@@ -106,21 +111,15 @@ def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
 
 def decide_signature(spec: OpSpec, sig: Signature, at: Signature | None = None) -> Decision:
     """Decide a signature with no caller tensors at hand (prewarm from a recorded file)."""
-    return decide(spec, sig, None, at=at)[0]
+    decision = decide(spec, sig, None, at=at)[0]
+    assert decision is not None  # guessing is allowed: there is always an answer
+    return decision
 
 
 def known_decision(spec: OpSpec, sig: Signature) -> Decision | None:
     """What ``auto`` would use for ``sig`` without tuning, if anything is known: the forced choice,
     the deterministic rule, or a remembered decision. Never tunes, never guesses."""
-    forced = overrides.forced_name(spec.name)
-    if forced is not None:
-        checked_impl(spec, sig, forced[0])
-        return Decision(forced[0], forced[1], signature=sig)
-    excluded = overrides.excluded(spec.name)
-    if torch.are_deterministic_algorithms_enabled():
-        return Decision(harness.default_allowed(spec, sig, excluded), "default", signature=sig)
-    known = _remembered(spec, sig, excluded)
-    return None if known is None else _respecting(spec, known, excluded)
+    return decide(spec, sig, tune_allowed=False, guess=False)[0]
 
 
 def remember(decision: Decision, excluded: frozenset[str] = frozenset()) -> None:

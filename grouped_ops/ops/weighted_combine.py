@@ -13,7 +13,14 @@ import torch
 
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
-from ._common import check_dtypes_devices, fail, is_contiguous, may_write_into, random_like, tensor_meta
+from ._common import (
+    check_dtypes_devices,
+    fail,
+    is_contiguous,
+    may_write_into,
+    random_like,
+    tensor_meta,
+)
 from ._spec import OpSpec
 
 OP = "weighted_combine"
