@@ -52,21 +52,31 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     lead, rows, n, out, inn = _split(x, w)
     xt = x.reshape(rows, n, inn).transpose(0, 1)  # [n, rows, in]
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
-    y = torch.bmm(xt, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xt, wt)
-    # [n, rows, out] -> the contract's fresh contiguous [..., n, out]: one copy, whose result is
-    # no view, also where rows or n is 1 (there a copy of that small result is cheaper than the
-    # dispatcher's aten._unsafe_view of a view). Writing bmm's product straight there (out= a
-    # permuted view, see bmm_out) is not faster in general on CPU: ATen then runs one gemm per
-    # group (measured 0.2-1.8x, fp32 and bf16, one thread).
-    y = y.transpose(0, 1)
-    return (y if len(lead) == 1 else y.reshape(*lead, n, out)).clone(memory_format=torch.contiguous_format)
+    # The product is [n, rows, out]; the contract wants a fresh contiguous [..., n, out], i.e. one
+    # pass that reorders it. Writing bmm's product straight there (out= a permuted view, see
+    # bmm_out) is not faster in general on CPU: ATen then runs one gemm per group (measured
+    # 0.2-1.8x, fp32 and bf16, one thread).
+    if b is not None and not _may_write_out(x, w, b):
+        y = torch.baddbmm(b.unsqueeze(1), xt, wt).transpose(0, 1)
+    else:
+        y = torch.bmm(xt, wt).transpose(0, 1)
+    y = y if len(lead) == 1 else y.reshape(*lead, n, out)  # a view: rows splits into lead
+    if b is None:
+        # a copy even where rows or n is 1 (then y is contiguous already, but a view, which would
+        # cost the dispatcher an aten._unsafe_view: slower than copying that small result)
+        return y.clone(memory_format=torch.contiguous_format)
+    if y.requires_grad or not _may_write_out(x, w, b):
+        return y.clone(memory_format=torch.contiguous_format)
+    # No autograd: the bias add is the reordering pass (saves baddbmm's bias fill; 2-3 us on
+    # launch-bound shapes, which puts bmm level with the TabM layer there).
+    return torch.add(y, b, out=x.new_empty(*lead, n, out))
 
 
 def bmm_out(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """bmm writing its product straight into the contiguous ``[..., n, out]`` result (no copy)
     where that is allowed (eager, no autograd, no autocast, plain tensors), else :func:`bmm`.
-    Faster than bmm with many rows and narrow outputs, slower with many small groups (CPU,
-    docs/benchmarks/peers.md): a candidate for the tuner, not a replacement."""
+    Faster than bmm with many rows and narrow outputs, slower with many small groups (CPU, one
+    thread): a candidate for the tuner, not a replacement."""
     if not _may_write_out(x, w, b):
         return bmm(x, w, b)
     lead, rows, n, out, inn = _split(x, w)
@@ -80,18 +90,23 @@ def bmm_out(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return y
 
 
-def _may_write_out(*tensors: Tensor | None) -> bool:
-    """Whether an ``out=`` call is allowed: autograd, autocast, torch.func wrappers and
-    torch.compile tracing all need the functional form."""
-    ts = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(ts[0].device.type):
-        return False
-    return all(type(t) in (Tensor, torch.nn.Parameter) and not _functorch_wrapped(t) for t in ts)
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
-_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+def _may_write_out(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """Whether ``out=`` calls are allowed: autograd, torch.compile tracing, torch.func transforms,
+    autocast and tensor subclasses all need the functional form. (Cheap: on the hot path.)"""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return False
+    if torch.compiler.is_compiling() or _functorch_active() is not None:
+        return False
+    if type(x) not in _PLAIN or type(w) not in _PLAIN or (b is not None and type(b) not in _PLAIN):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+# the innermost active torch.func transform (vmap, grad, jvp ...), None outside them
+_functorch_active = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
 
 def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

@@ -81,18 +81,21 @@ def tune(
     reference_name: str | None = None  # the first candidate that ran; the others must agree with it
 
     for name in order:
-        leader = min((s[0] for s in samples.values()), default=None)
+        # the fastest first call so far (the table shows medians: say which this is)
+        leader_name = min(samples, key=lambda n: samples[n][0], default=None)
+        leader = samples[leader_name][0] if leader_name is not None else None
         factor = work.get(name, 1.0)
         if leader is not None and factor > 1 and leader * factor > budget_s:
-            result.skipped[name] = (f"predicted ~{leader * factor:.3g}s a call ({factor:.0f}x the arithmetic), "
-                                    f"over the {budget_s:g}s tuning budget")
+            result.skipped[name] = (f"predicted ~{leader * factor:.3g}s a call ({factor:.0f}x the arithmetic of "
+                                    f"{leader_name}, whose first call took {leader * 1e3:.3g} ms), over the "
+                                    f"{budget_s:g}s tuning budget")
             continue
         if (leader is not None and arithmetic_bound_s is not None and factor >= HOPELESS_FACTOR
                 and leader >= arithmetic_bound_s):
             # It would be cut as hopeless after two samples anyway; meanwhile its long calls eat
             # the budget and their after-effects (large allocations) skew whoever runs next.
             result.skipped[name] = (f"predicted ~{leader * factor:.3g}s a call ({factor:.0f}x the arithmetic "
-                                    f"of a {leader * 1e3:.3g} ms leader): it cannot win")
+                                    f"of {leader_name}, whose first call took {leader * 1e3:.3g} ms): it cannot win")
             continue
         try:
             run = make_run(name)
