@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.fx.experimental import symbolic_shapes
 
 from . import dispatch
-from ._custom_ops import _grad_mask, _grouped_linear_auto, _weighted_combine_auto
+from ._custom_ops import call_auto
 from ._errors import GroupedOpsError
 from .dispatch import overrides
 from .ops import SPECS
@@ -136,9 +136,4 @@ def traced_call(op: str, args: tuple[Any, ...], impl: str) -> Tensor:
         raise GroupedOpsError(name)
     if kind == "inline":
         return spec.registry[name](*args)
-    if op == "grouped_linear":
-        x, w, b = args
-        return _grouped_linear_auto(x, w, b, _grad_mask(m[-1]), name)
-    inputs, weights = args
-    stacked = isinstance(inputs, Tensor)
-    return _weighted_combine_auto([inputs] if stacked else list(inputs), weights, stacked, _grad_mask(m[-1]), name)
+    return call_auto(op, args, m[-1], name)

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from . import dispatch
 from .ops import SPECS
+from .ops.grouped_linear import SPEC as _GL
+from .ops.weighted_combine import SPEC as _WC
 
 
 def _grad_mask(grad: Any) -> int:
@@ -35,7 +37,7 @@ def _flags(mask: int, count: int) -> Any:
 
 @torch.library.custom_op("grouped_ops::grouped_linear_auto", mutates_args=())
 def _grouped_linear_auto(input: Tensor, weight: Tensor, bias: Tensor | None, grad_mask: int, impl: str) -> Tensor:
-    return _run_tuned("grouped_linear", (input, weight, bias), grad_mask, 3, impl).contiguous()
+    return _run_tuned(_GL.name, (input, weight, bias), grad_mask, 3, impl).contiguous()
 
 
 @_grouped_linear_auto.register_fake
@@ -68,7 +70,7 @@ _grouped_linear_auto.register_autograd(_gl_backward, setup_context=_gl_setup)
 def _weighted_combine_auto(inputs: Sequence[Tensor], weights: Tensor, stacked: bool, grad_mask: int,
                            impl: str) -> Tensor:
     args = (inputs[0] if stacked else tuple(inputs), weights)
-    return _run_tuned("weighted_combine", args, grad_mask, 2, impl).contiguous()
+    return _run_tuned(_WC.name, args, grad_mask, 2, impl).contiguous()
 
 
 @_weighted_combine_auto.register_fake
@@ -139,3 +141,14 @@ _AUTOGRAD_KEYS = tuple(
     getattr(torch._C.DispatchKey, name) for name in ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor")
     if hasattr(torch._C.DispatchKey, name)
 )
+
+
+def call_auto(op: str, args: tuple[Any, ...], grad: Any, impl: str) -> Tensor:
+    """The traced call of ``op`` as its custom op: ``impl`` forced at trace time, or "" to decide
+    when the compiled code runs; ``grad`` is the traced call's grad flags (its description's last)."""
+    if op == _GL.name:
+        x, w, b = args
+        return _grouped_linear_auto(x, w, b, _grad_mask(grad), impl)
+    inputs, weights = args
+    stacked = isinstance(inputs, Tensor)
+    return _weighted_combine_auto([inputs] if stacked else list(inputs), weights, stacked, _grad_mask(grad), impl)

@@ -11,10 +11,9 @@ from . import dispatch
 from ._errors import GroupedOpsError
 from .ops import SPECS
 from .ops._spec import OpSpec
+from .ops.grouped_linear import SPEC as _GL
+from .ops.weighted_combine import SPEC as _WC
 from .ops.weighted_combine import promote
-
-_GL = SPECS["grouped_linear"]
-_WC = SPECS["weighted_combine"]
 
 
 def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl: str = "auto") -> Tensor:

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import GroupedOpsError
-from .functional import grouped_linear, implementations
+from .functional import grouped_linear
+from .ops.grouped_linear import SPEC as _GL
 
 
 class GroupedLinear(nn.Module):
@@ -279,9 +280,8 @@ def _laid_out(weight: Tensor) -> Tensor:
 
 
 def _check_impl(who: str, impl: str) -> None:
-    if impl != "auto" and impl not in implementations("grouped_linear"):
-        raise GroupedOpsError(f"{who}: unknown impl {impl!r}; valid options are "
-                              f"{['auto', *implementations('grouped_linear')]}")
+    if impl != "auto" and impl not in _GL.registry:
+        raise GroupedOpsError(f"{who}: unknown impl {impl!r}; valid options are {['auto', *_GL.registry]}")
 
 
 def _describe(layer: nn.Linear) -> str:

@@ -204,6 +204,38 @@ def test_no_file_over_500_lines():
     assert not offenders, f"files over {MAX_LINES} lines (split them):\n  " + "\n  ".join(offenders)
 
 
+# Rooms that still name the ops: the CLI's argument parsing, the testing agreement check and the
+# bench grids (issue 12: their per-op knowledge is to move into the op modules). Shrink, never grow.
+OP_NAMES_STILL_IN = {"cli/_common.py", "cli/demo.py", "testing/agree.py", "bench/grids.py"}
+
+
+def _op_name_literals() -> dict[str, list[int]]:
+    from grouped_ops.ops import SPECS
+
+    found: dict[str, list[int]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel.startswith("ops/"):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        exported = {id(n) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+                    for n in ast.walk(node.value)}
+        lines = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                 and node.value in SPECS and id(node) not in exported]
+        if lines:
+            found[rel] = lines
+    return found
+
+
+def test_no_op_name_literal_outside_ops_but_the_listed_rooms():
+    found = _op_name_literals()
+    unexpected = {rel: lines for rel, lines in found.items() if rel not in OP_NAMES_STILL_IN}
+    assert not unexpected, f"op names written outside ops/ (pass the spec instead): {unexpected}"
+    stale = OP_NAMES_STILL_IN - set(found)
+    assert not stale, f"no op names left in {sorted(stale)}: take them off OP_NAMES_STILL_IN"
+
+
 def test_one_tolerance_table():
     """Tolerances per dtype live in grouped_ops.registry.TOLERANCE only: no other module has a
     ``{torch.float32: <number>, ...}`` table."""

@@ -50,22 +50,21 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # A weight stored [n, in, out] (GroupedLinear's, TabM's) makes wt a contiguous operand, which
     # CPU BLAS runs ~1.3x faster than nn.Linear's [n, out, in] passed transposed.
     lead, rows, n, out, inn = _split(x, w)
-    xt = x.reshape(rows, n, inn).transpose(0, 1)  # [n, rows, in]
+    xt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
+    plain = b is not None and _may_write_out(x, w, b)
     # The product is [n, rows, out]; the contract wants a fresh contiguous [..., n, out], i.e. one
     # pass that reorders it. Writing bmm's product straight there (out= a permuted view, see
     # bmm_out) is not faster in general on CPU: ATen then runs one gemm per group (measured
     # 0.2-1.8x, fp32 and bf16, one thread).
-    if b is not None and not _may_write_out(x, w, b):
+    if b is not None and not plain:
         y = torch.baddbmm(b.unsqueeze(1), xt, wt).transpose(0, 1)
     else:
         y = torch.bmm(xt, wt).transpose(0, 1)
     y = y if len(lead) == 1 else y.reshape(*lead, n, out)  # a view: rows splits into lead
-    if b is None:
+    if not plain:
         # a copy even where rows or n is 1 (then y is contiguous already, but a view, which would
         # cost the dispatcher an aten._unsafe_view: slower than copying that small result)
-        return y.clone(memory_format=torch.contiguous_format)
-    if y.requires_grad or not _may_write_out(x, w, b):
         return y.clone(memory_format=torch.contiguous_format)
     # No autograd: the bias add is the reordering pass (saves baddbmm's bias fill; 2-3 us on
     # launch-bound shapes, which puts bmm level with the TabM layer there).
@@ -102,11 +101,12 @@ def _may_write_out(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
         return False
     if type(x) not in _PLAIN or type(w) not in _PLAIN or (b is not None and type(b) not in _PLAIN):
         return False
-    return not torch.is_autocast_enabled(x.device.type)
+    return not (_any_autocast() and torch.is_autocast_enabled(x.device.type))
 
 
 # the innermost active torch.func transform (vmap, grad, jvp ...), None outside them
 _functorch_active = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
