@@ -159,8 +159,12 @@ EXPORT_LOAD = textwrap.dedent("""
 
 
 def test_export_with_a_dynamic_batch_saves_and_loads_in_a_fresh_process(tmp_path):
+    class Mixture(nn.Module):  # both ops: heads, then a per-sample mix of the heads
+        def forward(self, h):
+            return weighted_combine(h, torch.softmax(h.mean(-1), -1))
+
     torch.manual_seed(0)
-    model = nn.Sequential(GroupedLinear(3, 8, 6), nn.ReLU(), GroupedLinear(3, 6, 4)).eval()
+    model = nn.Sequential(GroupedLinear(3, 8, 6), nn.ReLU(), GroupedLinear(3, 6, 4), Mixture()).eval()
     x = torch.randn(5, 3, 8)
     batch = torch.export.Dim("batch", min=2, max=1024)
     ep = torch.export.export(model, (x,), dynamic_shapes={"input": {0: batch}})
