@@ -390,6 +390,11 @@ def test_a_non_editable_install_imports_every_subpackage(tmp_path):
                               "resources.files('grouped_ops.tuning_cache').iterdir()))"],
                              capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert ".json" in shipped.stdout, shipped.stdout + shipped.stderr
+    # ... and the library reads them (a namespace package once gave it a MultiplexedPath, and 0 entries)
+    env_shipped = {k: v for k, v in env.items() if k != "GROUPED_OPS_SHIPPED_DIR"}
+    count = subprocess.run([str(python), "-c", "from grouped_ops.tuning import store; print(len(store.shipped_entries()))"],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env_shipped)
+    assert int(count.stdout.strip() or 0) > 0, count.stdout + count.stderr
     script = subprocess.run([str(venv / "bin" / "grouped-ops"), "--version"], capture_output=True, text=True,
                             timeout=120, cwd=tmp_path, env=env)
     assert script.stdout.startswith("grouped_ops "), script.stdout + script.stderr

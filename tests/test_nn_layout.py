@@ -263,3 +263,19 @@ def test_bmm_out_takes_the_functional_path_where_out_is_not_allowed():
     wg = w.clone().requires_grad_()
     bmm_out(x, wg, b).sum().backward()  # autograd: no out= (which cannot be differentiated)
     assert wg.grad is not None
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's own
+@pytest.mark.parametrize("fn", ["bmm", "bmm_out"])
+def test_forward_mode_ad_through_bmm(fn):
+    import torch.autograd.forward_ad as fwad  # noqa: PLC0415
+
+    from grouped_ops.ops import grouped_linear as ops  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, N, D_IN), torch.randn(N, D_OUT, D_IN), torch.randn(N, D_OUT)
+    tangent = torch.randn_like(x)
+    with fwad.dual_level():  # dual tensors need no requires_grad, but out= has no forward AD
+        y = getattr(ops, fn)(fwad.make_dual(x, tangent), w, b)
+        _, jvp = fwad.unpack_dual(y)
+    torch.testing.assert_close(jvp, torch.einsum("bni,noi->bno", tangent, w))

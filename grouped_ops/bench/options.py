@@ -39,7 +39,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("grid")
     size = g.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="grid", const="quick",
-                      help="a small grid (well under 30 s on a 2-core CPU)")
+                      help="a small grid (about 30 s on an idle 2-core CPU)")
     size.add_argument("--full", action="store_const", dest="grid", const="full",
                       help="the whole grid: batch 1..2048, n 4..64, per-group 8..1024, float32 and bfloat16 "
                            "(float16 too on CUDA), both ops, and the masked_dense claims check")
