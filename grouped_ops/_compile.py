@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.fx.experimental import symbolic_shapes
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import dispatch
 from ._custom_ops import call_auto
@@ -36,6 +37,7 @@ from ._errors import GroupedOpsError
 from .dispatch import overrides
 from .ops import SPECS
 from .signature import Signature, bucketing_mode
+from .tuning.harness import no_function_modes
 
 # torch.fx.experimental.symbolic_shapes.has_static_value, which dynamo understands (torch >= 2.5)
 _has_static_value = getattr(symbolic_shapes, "has_static_value", None)
@@ -80,7 +82,9 @@ def _traceable(op: str, sig: Signature, name: str) -> bool:
     spec = SPECS[op]
     meta_sig = dataclasses.replace(sig, device=torch.device("meta"))
     try:
-        with torch.autocast("cpu", enabled=False), torch.enable_grad():
+        # Outside whatever is tracing: under torch.export (non-strict) the probe's ops and an
+        # autocast block would otherwise be recorded into the exported program.
+        with _disable_current_modes(), no_function_modes(), torch.enable_grad():
             args = spec.make_inputs(meta_sig, torch.Generator().manual_seed(0))
             out = spec.registry[name].fn(*args)
             targets = spec.grad_args(meta_sig, args)

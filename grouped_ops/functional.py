@@ -85,7 +85,8 @@ def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, impl
         device_type = weights.device.type
         inputs, weights = _autocast_combine(device_type, inputs, weights)
         with torch.autocast(device_type, enabled=False):  # see _dispatch
-            return _dispatch(_WC, (inputs, weights), impl)
+            # float64 is left alone by autocast: promote as the multiply-and-sum would
+            return _dispatch(_WC, promote(inputs, weights), impl)
     return _dispatch(_WC, promote(inputs, weights), impl)
 
 

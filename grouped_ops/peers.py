@@ -97,6 +97,12 @@ def _grouped(linears: Iterable[nn.Linear]) -> nn.Module:
     return GroupedLinear.from_linears(linears)
 
 
+def _grouped_in_out(linears: Iterable[nn.Linear]) -> nn.Module:
+    from .nn import GroupedLinear  # noqa: PLC0415
+
+    return GroupedLinear.from_linears(linears, weight_layout="in_out")
+
+
 def _mlp(kind: str) -> Callable[[Iterable[nn.Linear]], nn.Module]:
     """A compiled two-layer model ``layer(in->out), ReLU, layer(out->out)`` of ``kind``
     (``"grouped"`` or ``"tabm"``); the second layer's ModuleList is seeded, so both kinds of a
@@ -114,7 +120,7 @@ PEERS: dict[str, Callable[[Iterable[nn.Linear]], nn.Module]] = {
     "tabm": TabMLinear.from_linears, "vmap": VmapLinears, "loop": LoopLinears, "compiled_loop": compiled_loop,
 }
 BUILDERS: dict[str, Callable[[Iterable[nn.Linear]], nn.Module]] = {
-    "grouped": _grouped, **PEERS,
+    "grouped": _grouped, "grouped_in_out": _grouped_in_out, **PEERS,
     # the torch.compile comparison: the same model with either layer, both compiled
     "compiled_grouped_mlp": _mlp("grouped"), "compiled_tabm_mlp": _mlp("tabm"),
 }

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._errors import GroupedOpsError
 from .decision import Decision
-from .dispatch import RECORDERS, distributed, resolve
+from .dispatch import RECORDING, distributed, resolve
 from .ops import SPECS
 from .ops._spec import OpSpec
 from .signature import Signature, bucketing_mode
@@ -110,6 +110,14 @@ def _prewarm_here(requests: Sequence[Request], second_opinion: bool, progress: P
         decisions.append(resolve.decide_signature(SPECS[sig.op], sig, at))
         if progress:
             progress(len(decisions), total, sig, "decided")
+    # A tuning that lived through a busy spell was not stored: tune it once more, a pass later.
+    spelled = [i for i, d in enumerate(decisions) if d.provisional and not harness.profiling()]
+    total += len(spelled)
+    for done, i in enumerate(spelled, start=len(decisions) + 1):
+        sig, at = requests[i]
+        decisions[i] = resolve.decide_signature(SPECS[sig.op], sig, at)
+        if progress:
+            progress(done, total, sig, "tuned again after a busy spell")
     if not second_opinion:
         return decisions
     s = settings()
@@ -219,7 +227,8 @@ def progress_bar(show: bool) -> Iterator[Progress | None]:
 
 @contextlib.contextmanager
 def record() -> Iterator[Recorder]:
-    """Capture every signature the ops see inside the block; nothing is tuned meanwhile.
+    """Capture every signature the ops see inside the block, in this thread (and asyncio task);
+    nothing is tuned meanwhile.
 
     Example:
         >>> with grouped_ops.record() as rec:
@@ -228,9 +237,9 @@ def record() -> Iterator[Recorder]:
         >>> rec.save("signatures.jsonl")   # later: python -m grouped_ops prewarm --from signatures.jsonl
     """
     rec = Recorder()
-    RECORDERS.append(rec)
+    token = RECORDING.set((*RECORDING.get(), rec))
     try:
         yield rec
     finally:
-        RECORDERS.remove(rec)
+        RECORDING.reset(token)
 

@@ -59,11 +59,13 @@ def fresh_contiguous(y: torch.Tensor) -> torch.Tensor:
     that is contiguous but a view (of a reshaped matmul, say) is re-labelled as a tensor of its own
     without a copy (``aten._unsafe_view``, as ``torch.matmul`` does); anything else is copied.
     """
+    if torch.jit.is_tracing():  # recorded once, for every size: a copy, since a view at one size may not be at another
+        return y.clone(memory_format=torch.contiguous_format)
     if not y.is_contiguous():
         return y.contiguous()
     if torch.compiler.is_compiling():  # _is_view() cannot be traced; in a graph the re-label is free
         return torch.ops.aten._unsafe_view(y, y.shape)
-    if y._is_view() and not torch.jit.is_tracing():  # (a traced _unsafe_view would fix its sizes)
+    if y._is_view():
         return torch.ops.aten._unsafe_view(y, y.shape)
     return y
 
@@ -80,6 +82,7 @@ class Implementation:
         extra_memory: bytes of workspace beyond the output, given the op's signature.
         work_factor: how many times the arithmetic of a plain batched matmul it does.
         check: extra reasons it cannot run a given signature (beyond devices/dtypes).
+        forward_ad: whether it supports forward-mode AD (``torch.func.jvp``, dual tensors).
     """
 
     name: str
@@ -89,6 +92,7 @@ class Implementation:
     extra_memory: Callable[[Any], int] = field(default=lambda sig: 0)
     work_factor: Callable[[Any], float] = field(default=lambda sig: 1.0)
     check: Callable[[Any], list[str]] = field(default=lambda sig: [])
+    forward_ad: bool = True
 
     def __call__(self, *args: Any) -> torch.Tensor:
         """Run the implementation; the result keeps the output contract (see :func:`fresh_contiguous`)."""

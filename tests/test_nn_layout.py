@@ -37,11 +37,11 @@ def reference(layers, x):
 @pytest.mark.parametrize("make", ["init", "from_linears", "meta_then_to_empty"])
 def test_weight_is_stored_in_out_with_the_linear_shape(make):
     if make == "init":
-        layer = GroupedLinear(N, D_IN, D_OUT)
+        layer = GroupedLinear(N, D_IN, D_OUT, weight_layout="in_out")
     elif make == "from_linears":
-        layer = GroupedLinear.from_linears(linears())
+        layer = GroupedLinear.from_linears(linears(), weight_layout="in_out")
     else:
-        layer = GroupedLinear(N, D_IN, D_OUT, device="meta").to_empty(device="cpu")
+        layer = GroupedLinear(N, D_IN, D_OUT, weight_layout="in_out", device="meta").to_empty(device="cpu")
     assert layer.weight.shape == (N, D_OUT, D_IN)
     assert stored_transposed(layer.weight)
     assert layer.weight.is_leaf and isinstance(layer.weight, nn.Parameter)
@@ -50,7 +50,7 @@ def test_weight_is_stored_in_out_with_the_linear_shape(make):
 @pytest.mark.parametrize("bias", [True, False])
 def test_init_draws_nn_linears_values_in_nn_linears_order(bias):
     torch.manual_seed(7)
-    layer = GroupedLinear(N, D_IN, D_OUT, bias=bias)
+    layer = GroupedLinear(N, D_IN, D_OUT, weight_layout="in_out", bias=bias)
     torch.manual_seed(7)
     expected = nn.ModuleList(nn.Linear(D_IN, D_OUT, bias=bias) for _ in range(N))
     for g, lin in enumerate(expected):
@@ -64,18 +64,18 @@ def test_init_draws_nn_linears_values_in_nn_linears_order(bias):
 
 def test_conversion_round_trip_is_bit_exact_and_gives_linears_their_own_layout():
     original = linears()
-    layer = GroupedLinear.from_linears(original)
+    layer = GroupedLinear.from_linears(original, weight_layout="in_out")
     back = layer.to_linears()
     for a, b in zip(original, back, strict=True):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
         assert b.weight.is_contiguous()  # nn.Linear's [out, in], not a strided slice
-    again = GroupedLinear.from_linears(back)
+    again = GroupedLinear.from_linears(back, weight_layout="in_out")
     assert torch.equal(again.weight, layer.weight) and stored_transposed(again.weight)
 
 
 def test_forward_result_is_fresh_and_contiguous_and_matches_the_linears():
     original = linears(dtype=torch.float64)
-    layer = GroupedLinear.from_linears(original, impl="bmm")
+    layer = GroupedLinear.from_linears(original, impl="bmm", weight_layout="in_out")
     x = torch.randn(3, 2, N, D_IN, dtype=torch.float64)
     y = layer(x)
     assert y.is_contiguous() and not y._is_view()
@@ -85,11 +85,11 @@ def test_forward_result_is_fresh_and_contiguous_and_matches_the_linears():
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 def test_state_dict_round_trip_through_a_file_is_bit_exact():
-    layer = GroupedLinear.from_linears(linears())
+    layer = GroupedLinear.from_linears(linears(), weight_layout="in_out")
     buf = io.BytesIO()
     torch.save(layer.state_dict(), buf)
     buf.seek(0)
-    other = GroupedLinear(N, D_IN, D_OUT)
+    other = GroupedLinear(N, D_IN, D_OUT, weight_layout="in_out")
     other.load_state_dict(torch.load(buf))
     assert torch.equal(other.weight, layer.weight) and torch.equal(other.bias, layer.bias)
     assert stored_transposed(other.weight)
@@ -98,10 +98,10 @@ def test_state_dict_round_trip_through_a_file_is_bit_exact():
 def test_a_contiguous_checkpoint_loads_into_the_fast_layout():
     torch.manual_seed(0)
     state = {"weight": torch.randn(N, D_OUT, D_IN), "bias": torch.randn(N, D_OUT)}  # an older save
-    layer = GroupedLinear(N, D_IN, D_OUT)
+    layer = GroupedLinear(N, D_IN, D_OUT, weight_layout="in_out")
     layer.load_state_dict(state)
     assert torch.equal(layer.weight, state["weight"]) and stored_transposed(layer.weight)
-    assigned = GroupedLinear(N, D_IN, D_OUT, device="meta")
+    assigned = GroupedLinear(N, D_IN, D_OUT, weight_layout="in_out", device="meta")
     assigned.load_state_dict(state, assign=True)  # assign=True hands over the checkpoint's tensor
     assert torch.equal(assigned.weight, state["weight"]) and stored_transposed(assigned.weight)
     assert isinstance(assigned.weight, nn.Parameter) and assigned.weight.requires_grad
@@ -109,7 +109,7 @@ def test_a_contiguous_checkpoint_loads_into_the_fast_layout():
 
 def test_a_modulelist_checkpoint_and_the_state_dict_helpers_stay_bit_exact():
     original = linears()
-    layer = GroupedLinear(N, D_IN, D_OUT)
+    layer = GroupedLinear(N, D_IN, D_OUT, weight_layout="in_out")
     layer.load_state_dict(original.state_dict())
     assert stored_transposed(layer.weight)
     back = nn.ModuleList(nn.Linear(D_IN, D_OUT) for _ in range(N))
@@ -123,7 +123,7 @@ def test_a_modulelist_checkpoint_and_the_state_dict_helpers_stay_bit_exact():
 @pytest.mark.parametrize("how", ["double", "to_float64", "to_cpu", "deepcopy", "pickle", "torch_save",
                                  "share_memory", "to_meta", "bfloat16"])
 def test_moving_or_copying_the_module_keeps_the_layout_and_values(how):
-    layer = GroupedLinear.from_linears(linears())
+    layer = GroupedLinear.from_linears(linears(), weight_layout="in_out")
     if how == "double":
         moved = copy.deepcopy(layer).double()
     elif how == "to_float64":
@@ -151,7 +151,7 @@ def test_moving_or_copying_the_module_keeps_the_layout_and_values(how):
 
 
 def test_swap_module_params_on_conversion_keeps_the_layout():
-    layer = GroupedLinear.from_linears(linears())
+    layer = GroupedLinear.from_linears(linears(), weight_layout="in_out")
     before = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
@@ -177,7 +177,7 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_optimizer_steps_match_the_linears_and_keep_the_layout(name):
     original = linears(dtype=torch.float64)
-    layer = GroupedLinear.from_linears(original, impl="bmm")
+    layer = GroupedLinear.from_linears(original, impl="bmm", weight_layout="in_out")
     opt_ours, opt_ref = OPTIMIZERS[name](layer.parameters()), OPTIMIZERS[name](original.parameters())
     torch.manual_seed(1)
     for _ in range(3):
@@ -200,7 +200,7 @@ def test_optimizer_steps_match_the_linears_and_keep_the_layout(name):
                                     "no_grad_inplace", "param_assign"])
 def test_every_change_of_the_weight_shows_in_the_next_output(change):
     torch.manual_seed(0)
-    layer = GroupedLinear(N, D_IN, D_OUT)
+    layer = GroupedLinear(N, D_IN, D_OUT, weight_layout="in_out")
     x = torch.randn(3, N, D_IN)
     with torch.no_grad():
         layer(x)  # a first call: decides (and would fill any cache)

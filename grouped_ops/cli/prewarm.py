@@ -10,6 +10,7 @@ from typing import Any
 from .. import recording
 from .._errors import GroupedOpsError
 from ..decision import Decision
+from ..tuning import store
 from ..tuning.settings import settings
 from ._common import (
     add_signature_commands,
@@ -67,8 +68,14 @@ def run(args: argparse.Namespace) -> int:
             print(decision.table())
     summary = ", ".join(f"{n} {source}" for source, n in sorted(counts.items()))
     again = sum(1 for d in decisions if d.opinions)
+    disk = store.DiskStore()
+    unstored = sum(1 for d in decisions if d.source == "tuned" and d.signature is not None
+                   and disk.get(d.signature.key()) is None)
     print(f"prewarmed {len(requests)} signature(s): {summary or 'none'}"
           + (f" ({again} close call(s) tuned again)" if again else "") + f"; cache folder: {cache_folder()}")
+    if unstored and settings().autotune:
+        print(f"{unstored} of them not stored: their tunings ran through a busy spell of this machine "
+              "(a candidate's samples spread over 10x); run the prewarm again when it is quieter")
     return 0
 
 

@@ -9,12 +9,14 @@ Everything else (validation, signatures, forced and remembered choices, tuning) 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .._errors import GroupedOpsError
 from ..decision import Decision
@@ -44,21 +46,24 @@ __all__ = [
 # not grow it forever; when full it is emptied, and hot entries come back on their next call.
 MEMO_LIMIT = 4096
 _MEMO: dict[Hashable, Implementation] = {}
-RECORDERS: list[Any] = []  # active grouped_ops.record() blocks; each sees every call while active
+# The grouped_ops.record() blocks active in this thread (or asyncio task); each sees its calls.
+RECORDING: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("grouped_ops_recording", default=())
 
 
 def _settings() -> tuple[Any, ...]:
-    # What changes a decision besides the arguments, read on every call (~0.2 us): the overrides,
-    # deterministic mode, the CPU thread count and float32 matmul precision (part of the signature).
+    # What changes a decision besides the arguments, read on every call (~0.3 us): deterministic
+    # mode, the CPU thread count and float32 matmul precision (part of the signature), and whether
+    # a torch.func transform or forward-mode AD is on (some implementations cannot run there).
     return (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
-            torch.get_float32_matmul_precision())
+            torch.get_float32_matmul_precision(), torch._C._are_functorch_transforms_active(),
+            getattr(_forward_ad, "_current_level", -1))
 
 
 def call(spec: OpSpec, args: tuple[Any, ...], impl: str) -> torch.Tensor:
     """Run ``spec``'s op on ``args`` with implementation ``impl`` (or ``"auto"``)."""
     m = spec.meta(*args)
     key = (spec.name, m, impl, overrides.state(spec.name), _settings())
-    if not RECORDERS:
+    if not RECORDING.get():
         implementation = _MEMO.get(key)
         if implementation is not None:
             return implementation(*args)
@@ -99,9 +104,11 @@ def _choose_quietly(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None,
         # Under torch.jit.trace sizes arrive as traced values, and checking or describing them warns
         # that the trace may not generalise. The checks and the choice are meant to be fixed at
         # trace time (only the data path is recorded, and it keeps its sizes symbolic), so hush them.
+        # The traced graph must not depend on the grad mode either (trace's check re-runs the
+        # module under no_grad): choose as for inference. (Both ops describe grad flags last.)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return _choose_here(spec, args, m, impl)
+            return _choose_here(spec, args, None if m is None else (*m[:-1], False), impl)
     return _choose_here(spec, args, m, impl)
 
 
@@ -111,15 +118,16 @@ def _choose_here(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: 
         raise GroupedOpsError(f"{spec.name}: could not describe the arguments {args!r}")
     sig = spec.signature(m, bucketing_mode() == "pow2")
     exact = spec.signature(m, False)
-    for rec in RECORDERS:
+    recorders = RECORDING.get()
+    for rec in recorders:
         rec._add(sig, exact)
     if impl != "auto":
-        return checked_impl(spec, sig, impl), True
+        return checked_impl(spec, exact, impl), True  # (exact: an error names the real batch size)
     # Recording only notes signatures: the batch prewarm after it tunes them all with second
     # opinions, as `python -m grouped_ops prewarm --from FILE` does.
-    decision, keep = resolve.decide(spec, sig, args, at=exact, tune_allowed=not RECORDERS)
+    decision, keep = resolve.decide(spec, sig, args, at=exact, tune_allowed=not recorders)
     assert decision is not None  # guessing is allowed: there is always an answer
-    return spec.registry[decision.impl], keep and not RECORDERS
+    return spec.registry[decision.impl], keep and not recorders
 
 
 resolve.on_clear.append(_MEMO.clear)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .._errors import GroupedOpsError
 from ..decision import MEASURED, Decision
@@ -54,10 +55,29 @@ _TIMER: list[Timer] = []  # a test's injected timer, innermost last
 on_clear: list[Callable[[], None]] = []  # memo tables of the callers, emptied with ours
 
 
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD is recording: a dual level, or a torch.func.jvp transform."""
+    if getattr(_forward_ad, "_current_level", -1) >= 0:
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._functorch.pyfunctorch import (
+        retrieve_all_functorch_interpreters,  # loaded with torch.func
+    )
+
+    jvp = torch._C._functorch.TransformType.Jvp
+    return any(i.key() == jvp for i in retrieve_all_functorch_interpreters())
+
+
+def _context_reasons(implementation: Implementation) -> list[str]:
+    return [] if implementation.forward_ad or not forward_ad_active() else \
+        ["no forward-mode AD (torch.func.jvp, dual tensors) in torch for it"]
+
+
 def checked_impl(spec: OpSpec, sig: Signature, impl: str) -> Implementation:
-    """A forced implementation, or an error listing why it cannot run ``sig``."""
+    """A forced implementation, or an error listing why it cannot run ``sig`` here."""
     implementation = spec.registry[impl]  # unknown names raise, listing the valid ones
-    reasons = implementation.not_supported_reasons(sig)
+    reasons = implementation.not_supported_reasons(sig) + _context_reasons(implementation)
     if reasons:
         raise GroupedOpsError(f"{spec.name}: impl {impl!r} does not support {sig}: " + "; ".join(reasons))
     return implementation
@@ -78,14 +98,14 @@ def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
     if forced is not None:
         checked_impl(spec, sig, forced[0])
         return Decision(forced[0], forced[1], signature=sig), True
-    excluded = overrides.excluded(spec.name)
+    excluded = overrides.excluded(spec.name) | {n for n, i in spec.registry.items() if _context_reasons(i)}
     if torch.are_deterministic_algorithms_enabled():
         why = "deterministic algorithms: auto uses the op's default rule, the same in every process"
         return Decision(harness.default_allowed(spec, sig, excluded), "default", {}, {"(tuning)": why}, sig), True
     s = settings()
     blocker, transient = _tuning_blocker(sig, args, s, tune_allowed)
     known = _remembered(spec, sig, excluded)
-    if known is not None and not (known.provisional and blocker is None and not harness.profiling()):
+    if known is not None and not (known.provisional and blocker is None and _may_retune()):
         return _respecting(spec, known, excluded), not known.provisional
     if blocker is not None:
         if not guess:
@@ -248,6 +268,13 @@ def _nearest(spec: OpSpec, sig: Signature, s: Settings) -> Decision | None:
             implementation.extra_memory(sig) > memory_budget(sig.device, s):
         return None
     return Decision(d.impl, "nearest", d.timings, {"(nearest)": f"tuned at batch={batch}"}, sig)
+
+
+def _may_retune() -> bool:
+    """Whether a provisional decision may be tuned again now: not under a profiler (it would be
+    provisional again), and not inside a backward pass, where activation checkpointing recomputes
+    the forward and must run the very implementations the forward ran."""
+    return not harness.profiling() and torch._C._current_graph_task_id() == -1
 
 
 def _capturing(sig: Signature) -> bool:

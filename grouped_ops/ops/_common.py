@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .._errors import GroupedOpsError
 
@@ -40,17 +41,39 @@ def check_dtypes_devices(op: str, named: dict[str, torch.Tensor], shapes: dict[s
         raise fail(op, f"arguments must be on one device, got {listed}", **shapes)
 
 
-def may_write_into(*tensors: torch.Tensor) -> bool:
-    """Whether an implementation may write its result into a fresh buffer with ``out=``: no autograd
-    graph to record for these tensors and no torch.func transform (neither takes ``out=``).
+def may_write_into(*tensors: torch.Tensor | None) -> bool:
+    """Whether an implementation may write its result into a fresh buffer with ``out=``.
 
-    Writing ``[..., n, out]`` results straight into their own buffer keeps the output contract
-    (a fresh tensor, not a view of an intermediate) without the ~4 us re-label that a reshaped
-    matmul result needs (measured: ``aten._unsafe_view`` from Python, 2-core CPU).
+    Writing ``[..., n, out]`` straight into its own buffer keeps the output contract (a fresh
+    tensor, not a view of an intermediate) without a copy, or without the ~4 us re-label that a
+    reshaped matmul result needs (``aten._unsafe_view`` from Python, 2-core CPU). Not allowed where
+    ``out=`` is not: autograd recording for these tensors, forward-mode AD (a dual level), torch.func
+    transforms, torch.compile / torch.export / torch.jit tracing (a traced graph must not depend on
+    the grad mode), autocast, tensor subclasses. Cheap: it runs on the hot path.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
-    return not torch._C._are_functorch_transforms_active()
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active() is not None:
+        return False
+    if getattr(_forward_ad, "_current_level", 0) >= 0:  # -1 outside forward AD's dual_level
+        return False
+    if any(t is not None and type(t) not in _PLAIN for t in tensors):
+        return False
+    first = next(t for t in tensors if t is not None)
+    return not (_any_autocast() and torch.is_autocast_enabled(first.device.type))
+
+
+def own_tensor(y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``y`` reshaped to ``shape`` as a tensor of its own, not a view: what a custom
+    autograd.Function must return for forward-mode AD, whose tangent has no view to follow."""
+    if torch.jit.is_tracing():  # a traced _unsafe_view would fix the sizes of this one call
+        return y.reshape(shape).clone()
+    return torch.ops.aten._unsafe_view(y, shape)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_functorch_active = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:

@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 from ..registry import Implementation, Registry
@@ -21,6 +20,7 @@ from ._common import (
     fail,
     is_contiguous,
     may_write_into,
+    own_tensor,
     random_like,
     tensor_meta,
 )
@@ -53,7 +53,7 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     lead, rows, n, out, inn = _split(x, w)
     xt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
-    plain = b is not None and _may_write_out(x, w, b)
+    plain = b is not None and may_write_into(x, w, b)
     # The product is [n, rows, out]; the contract wants a fresh contiguous [..., n, out], i.e. one
     # pass that reorders it. Writing bmm's product straight there (out= a permuted view, see
     # bmm_out) is not faster in general on CPU: ATen then runs one gemm per group (measured
@@ -82,7 +82,7 @@ def bmm_out(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     where that is allowed (eager, no autograd, no autocast, plain tensors), else :func:`bmm`.
     Faster than bmm with many rows and narrow outputs, slower with many small groups (CPU, one
     thread): a candidate for the tuner, not a replacement."""
-    if not _may_write_out(x, w, b):
+    if not may_write_into(x, w, b):
         return bmm(x, w, b)
     lead, rows, n, out, inn = _split(x, w)
     y = x.new_empty(*lead, n, out)
@@ -95,27 +95,6 @@ def bmm_out(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return y
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _may_write_out(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
-    """Whether ``out=`` calls are allowed: autograd (forward-mode too), torch.compile tracing,
-    torch.func transforms, autocast and tensor subclasses all need the functional form. (Cheap:
-    on the hot path.)"""
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-        return False
-    if torch.compiler.is_compiling() or _functorch_active() is not None:
-        return False
-    if getattr(_forward_ad, "_current_level", 0) >= 0:  # -1 outside forward-AD's dual_level
-        return False
-    if type(x) not in _PLAIN or type(w) not in _PLAIN or (b is not None and type(b) not in _PLAIN):
-        return False
-    return not (_any_autocast() and torch.is_autocast_enabled(x.device.type))
-
-
-# the innermost active torch.func transform (vmap, grad, jvp ...), None outside them
-_functorch_active = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -134,7 +113,7 @@ def _block_diagonal_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     x2, block2 = x.reshape(rows, n * inn), block.reshape(n * out, n * inn)
     if not may_write_into(x, w, *(() if b is None else (b,))):
         y = F.linear(x2, block2, None if b is None else b.reshape(n * out))
-        return y.reshape(*lead, n, out)
+        return own_tensor(y, (*lead, n, out))
     result = x.new_empty(*lead, n, out)
     flat = result.view(rows, n * out)
     if b is None:
@@ -346,7 +325,7 @@ REGISTRY = Registry(OP, [
     Implementation("bmm", bmm),
     Implementation("einsum", einsum),
     Implementation("grouped_mm", grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                   check=_grouped_mm_reasons),
+                   check=_grouped_mm_reasons, forward_ad=False),  # torch has no forward AD formula for it
     Implementation("loop", loop),
     Implementation("masked_dense", masked_dense, extra_memory=_block_bytes,
                    work_factor=lambda sig: float(sig.dim("n"))),

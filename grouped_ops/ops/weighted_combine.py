@@ -18,6 +18,7 @@ from ._common import (
     fail,
     is_contiguous,
     may_write_into,
+    own_tensor,
     random_like,
     tensor_meta,
 )
@@ -69,7 +70,7 @@ def _block_diagonal_combine(weights: Tensor, inputs: Inputs) -> Tensor:
     torch.diagonal(block, dim1=0, dim2=1).copy_(weights.t())
     flat = _stacked(inputs).reshape(b * k, math.prod(f))
     if not may_write_into(weights, flat):
-        return (block.reshape(b, b * k) @ flat).reshape(b, *f)
+        return own_tensor(block.reshape(b, b * k) @ flat, (b, *f))
     result = flat.new_empty(b, *f)
     torch.mm(block.reshape(b, b * k), flat, out=result.view(b, math.prod(f)))
     return result

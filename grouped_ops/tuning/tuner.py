@@ -28,8 +28,9 @@ CONFIRM_BUDGET_ROUNDS = 3  # the time budget may end a confirmation after this m
 TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of a gap to the best, clamped to 1%..5%
 SECOND_OPINION_BAND = 0.3  # batch prewarm tunes again the signatures whose runner-up was this close
                            # (a busy spell has decided a miss on a gap of 21%)
-SPELL_FACTOR = 5.0  # a candidate whose slowest sample is this many times its fastest lived through a
-                    # busy spell (a preempted thread, another process): the pick may be the spell's
+SPELL_FACTOR = 10.0  # a candidate whose slowest sample is this many times its fastest lived through a
+                     # busy spell (a preempted thread, another process): the pick may be the spell's.
+                     # (5x fired in most tunings on a 2-core machine at load 3.5; a spell can be 55x)
 
 
 @dataclass

@@ -1,0 +1,161 @@
+"""Contexts found by trying to break the ops (each was a failure once): forward-mode AD, exported
+programs of decided signatures, torch.jit.trace's own check, autocast with float64, checkpointing
+after a provisional decision, recording in one thread while another runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.func import jvp
+from torch.utils.checkpoint import checkpoint
+
+import grouped_ops
+from grouped_ops import GroupedLinear, GroupedOpsError, dispatch, grouped_linear, weighted_combine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def winner(name: str):
+    return lambda impl, fn, number: 1e-6 if impl == name else 1e-4
+
+
+def gl_args(batch=8, grad=False):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 3, 16, generator=g), torch.randn(3, 8, 16, generator=g).requires_grad_(grad),
+            torch.randn(3, 8, generator=g))
+
+
+def wc_args(batch=8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3, 5, generator=g), torch.softmax(torch.randn(batch, 3, generator=g), -1)
+
+
+@pytest.mark.parametrize("op", ["grouped_linear", "weighted_combine"])
+def test_dual_tensors_work_with_every_implementation_and_auto(op):
+    args = gl_args() if op == "grouped_linear" else wc_args()
+    fn = getattr(grouped_ops, op)
+    tangent = torch.randn_like(args[1])
+    want = jvp(lambda w: fn(args[0], w, *args[2:], impl="loop"), (args[1],), (tangent,))[1]
+    for impl in ("auto", *grouped_ops.implementations(op)):
+        with fwAD.dual_level():
+            try:
+                y = fn(args[0], fwAD.make_dual(args[1], tangent), *args[2:], impl=impl)
+            except GroupedOpsError as e:  # grouped_mm: no forward AD in torch, and it says so
+                assert "forward-mode AD" in str(e) and impl == "grouped_mm"
+                continue
+            torch.testing.assert_close(fwAD.unpack_dual(y).tangent, want, msg=impl)
+
+
+def test_jvp_avoids_a_remembered_grouped_mm_and_a_forced_one_explains():
+    x, w, b = gl_args()
+    with dispatch.use_timer(winner("grouped_mm")):
+        grouped_linear(x, w, b)
+    assert grouped_ops.lookup("grouped_linear", x, w, b).impl == "grouped_mm"
+    got = jvp(lambda a: grouped_linear(a, w, b), (x,), (x,))[1]
+    torch.testing.assert_close(got, grouped_linear(x, w, None, impl="loop"))
+    with pytest.raises(GroupedOpsError, match="impl 'grouped_mm'.*forward-mode AD"):
+        jvp(lambda a: grouped_linear(a, w, b, impl="grouped_mm"), (x,), (x,))
+
+
+LOAD = textwrap.dedent("""
+    import sys, torch
+    import grouped_ops
+    ep = torch.export.load(sys.argv[1])
+    x = torch.load(sys.argv[2])
+    torch.testing.assert_close(ep.module()(x), torch.load(sys.argv[3]))
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("how", ["tuned", "forced-masked_dense", "forced-einsum"])
+def test_an_exported_program_of_a_decided_signature_loads_in_a_fresh_process(tmp_path, how):
+    impl = "auto" if how == "tuned" else how.partition("-")[2]
+    layer = GroupedLinear(3, 16, 8, impl=impl)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            h = self.layer(x)
+            return weighted_combine(h, torch.softmax(h.mean(-1), -1), impl="masked_dense" if impl != "auto" else "auto")
+
+    model = Model()
+    x = torch.randn(6, 3, 16)
+    with dispatch.use_timer(winner("bmm")):
+        model(x).sum().backward()  # decided (and, for auto, tuned) eagerly first
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("b", min=2, max=64)}})
+    assert not [n for n in program.graph.nodes if "out" in str(n.target).split(".")[-1:]]  # no out= ops
+    torch.export.save(program, tmp_path / "p.pt2")
+    other = torch.randn(9, 3, 16)
+    torch.save(other, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model(other), tmp_path / "y.pt")
+    out = subprocess.run([sys.executable, "-c", LOAD, *(str(tmp_path / f) for f in ("p.pt2", "x.pt", "y.pt"))],
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    # the exported module runs with gradients too (an out= op inside would refuse)
+    program.module()(torch.randn(5, 3, 16, requires_grad=True)).sum().backward()
+
+
+def test_jit_trace_with_its_own_check_and_grad_enabled():
+    layer = GroupedLinear(3, 16, 8)
+    traced = torch.jit.trace(layer, torch.randn(4, 3, 16))  # check_trace re-runs under no_grad
+    x = torch.randn(7, 3, 16)
+    y = traced(x)
+    torch.testing.assert_close(y, layer(x))
+    assert y.is_contiguous() and not y._is_view()
+    xs, w = wc_args()
+    traced_wc = torch.jit.trace(lambda a, b: weighted_combine(a, b, impl="einsum"), (xs, w))
+    out = traced_wc(*wc_args(batch=3))
+    assert not out._is_view()
+
+
+def test_autocast_with_float64_weights_promotes_as_multiply_and_sum_does():
+    xs, w = wc_args()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = weighted_combine(xs, w.double())
+        want = (xs * w.double()[..., None]).sum(1)
+    assert got.dtype == want.dtype == torch.float64
+
+
+def test_checkpoint_recompute_runs_what_the_forward_ran_after_a_provisional_decision():
+    x, w, b = gl_args(grad=True)
+    x.requires_grad_()
+    state = {"winner": "loop"}
+    with dispatch.use_timer(lambda impl, fn, number: 1e-6 if impl == state["winner"] else 1e-3):
+        with torch.profiler.profile():
+            y = checkpoint(lambda *a: grouped_linear(*a).sin(), x, w, b, use_reentrant=False)
+        state["winner"] = "masked_dense"  # a second tuning would now pick another implementation
+        y.sum().backward()  # the recompute must not tune again
+    assert x.grad is not None
+
+
+def test_recording_in_one_thread_does_not_touch_another_threads_calls():
+    inside, done = threading.Event(), threading.Event()
+    noted = []
+
+    def recorder():
+        with grouped_ops.record() as rec:
+            inside.set()
+            done.wait()
+        noted.extend(rec.signatures)
+
+    t = threading.Thread(target=recorder)
+    t.start()
+    inside.wait()
+    with dispatch.use_timer(winner("einsum")):
+        grouped_linear(*gl_args())  # this thread is not recording: it tunes
+    done.set()
+    t.join()
+    assert noted == [] and grouped_ops.lookup("grouped_linear", *gl_args()).impl == "einsum"
