@@ -176,7 +176,10 @@ def signatures_from_file(path: Path) -> list[tuple[Signature, Signature | None]]
             spec = json.loads(line)
         except ValueError as e:
             raise GroupedOpsError(f"prewarm: {path}:{number} is not JSON ({e})") from None
-        sig = Signature.from_spec(spec)
+        try:
+            sig = Signature.from_spec(spec)
+        except GroupedOpsError as e:
+            raise GroupedOpsError(f"prewarm: {path}:{number}: {e}") from None
         if sig.op not in SPECS:
             raise GroupedOpsError(f"prewarm: {path}:{number}: unknown op {sig.op!r}; valid ops are {list(OPS)}")
         device(str(sig.device))

@@ -152,6 +152,8 @@ def cmd_cache_import(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         raise GroupedOpsError(f"cache import: no such file {args.file}")
     entries = store.read_table(args.file)
+    if not entries:  # read_table has said why (not a table, another format, no entries)
+        raise GroupedOpsError(f"cache import: {args.file} holds no entries to import")
     disk = store.DiskStore()
     n = disk.merge(entries, overwrite=not args.keep_existing)
     print(f"imported {n} of {len(entries)} entries from {args.file} into {disk.root}")

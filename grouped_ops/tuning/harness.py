@@ -267,4 +267,6 @@ def default_allowed(spec: Any, sig: Signature, excluded: Collection[str] = ()) -
     for other, implementation in spec.registry.items():
         if other not in excluded and implementation.supports(sig):
             return other
-    return name  # everything excluded: the exclusion cannot be honoured, the default still runs
+    log.warning("grouped_ops: %s: every implementation that can run %s is excluded; running the "
+                "default rule's %s anyway", spec.name, sig, name)
+    return name  # the exclusion cannot be honoured: the default still runs
