@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
                               "or --from FILE; see `python -m grouped_ops prewarm --help`")
     if not settings().autotune:
         print("note: GROUPED_OPS_AUTOTUNE=0, so nothing is tuned or written", file=sys.stderr)
-    with recording.progress_bar(not args.no_progress and sys.stderr.isatty()) as progress:
+    with recording.progress_bar(not args.no_progress) as progress:
         decisions = recording.prewarm_signatures(requests, second_opinion=not args.single_opinion,
                                                 progress=progress)
     counts: dict[str, int] = {}
