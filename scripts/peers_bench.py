@@ -43,7 +43,8 @@ COMPILED_SHAPES = [(32, 8, 64, 64), (256, 32, 16, 16), (64, 16, 128, 128), (16, 
 # shapes in no shipped table (n, in, out and batch off the tuned grid)
 AUTO_SHAPES = [(48, 12, 48, 80), (200, 6, 96, 40), (8, 24, 160, 160), (1000, 3, 24, 24),
                (96, 40, 20, 60), (24, 16, 320, 96), (300, 10, 64, 128), (3, 48, 64, 64)]
-PEER_VARIANTS = ("grouped", "tabm", "vmap", "loop", "compiled_loop")
+PEER_VARIANTS = ("grouped", "grouped_in_out", "tabm", "vmap", "loop", "compiled_loop")
+OURS = ("grouped", "grouped_in_out")  # GroupedLinear's two weight layouts: neither is a peer
 COMPILED_VARIANTS = ("compiled_grouped_mlp", "compiled_tabm_mlp")
 QUICK = {"peers": [(32, 8, 64, 64), (128, 32, 32, 32)], "compiled": [(32, 8, 64, 64)],
          "auto": [(48, 12, 48, 80)]}
@@ -121,7 +122,7 @@ def _pass_geomeans(rows: list[dict], ours: str, versus: list[str] | None = None)
     """Per pass, the geometric mean over cells of (best other variant / ours)."""
     per_pass: list[list[float]] = []
     for variants in _cells(rows).values():
-        others = [v for k, v in variants.items() if k != ours and (versus is None or k in versus)]
+        others = [v for k, v in variants.items() if k != ours and k not in OURS and (versus is None or k in versus)]
         for p, t in enumerate(variants[ours]["passes_us"]):
             if len(per_pass) <= p:
                 per_pass.append([])
@@ -135,7 +136,7 @@ def _table(rows: list[dict], ours: str, order: list[str], label: str) -> tuple[l
     ratios = []
     for (shape, threads, mode), variants in sorted(_cells(rows).items()):
         b, n, i, o = shape
-        others = {k: v["us"] for k, v in variants.items() if k != ours}
+        others = {k: v["us"] for k, v in variants.items() if k != ours and k not in OURS}
         best = min(others, key=others.__getitem__)
         ratio = others[best] / variants[ours]["us"]
         ratios.append(ratio)
@@ -164,6 +165,9 @@ def render(results: dict[str, list[dict]], meta: dict) -> str:
     if "peers" in results:
         lines, ratios = _table(results["peers"], "grouped", list(PEER_VARIANTS), "GroupedLinear vs best peer")
         out += ["## 1. GroupedLinear vs its peers", "",
+                "`grouped` is GroupedLinear as constructed by default (nn.Linear's contiguous weight "
+                "layout); `grouped_in_out` with `weight_layout=\"in_out\"` (not a peer, shown for "
+                "comparison). "
                 "Peers: `tabm` (weight [n, in, out], `(x.transpose(0, 1) @ W).transpose(0, 1) + b`), "
                 "`vmap` (torch.func stack_module_state + functional_call), `loop` (ModuleList + "
                 "torch.stack), `compiled_loop` (that loop under torch.compile; its training step is "
@@ -203,7 +207,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> bool:
     for ax, (key, ours) in zip(axes[:, 0], sections, strict=True):
         labels, ratios = [], []
         for (shape, threads, mode), variants in sorted(_cells(results[key]).items()):
-            others = [v["us"] for k, v in variants.items() if k != ours]
+            others = [v["us"] for k, v in variants.items() if k != ours and (key == "auto" or k not in OURS)]
             labels.append(f"{shape[0]},{shape[1]},{shape[2]}→{shape[3]} t{threads} {mode}")
             ratios.append(min(others) / variants[ours]["us"])
         ax.bar(range(len(ratios)), ratios, color=["tab:green" if r >= 1 else "tab:red" for r in ratios])
