@@ -28,7 +28,6 @@ from . import overrides, resolve
 from .resolve import (
     checked_impl,
     clear_memory,
-    decide,
     decide_signature,
     entry_for,
     impl_set_version,
@@ -37,7 +36,7 @@ from .resolve import (
 )
 
 __all__ = [
-    "Decision", "call", "checked_impl", "clear_memory", "decide", "decide_signature", "entry_for",
+    "Decision", "call", "checked_impl", "clear_memory", "decide_signature", "entry_for",
     "impl_set_version", "implementation_for", "known_decision", "use_timer",
 ]
 
@@ -69,10 +68,14 @@ def call(spec: OpSpec, args: tuple[Any, ...], impl: str) -> torch.Tensor:
             return implementation(*args)
     implementation, keep = _choose(spec, args, m, impl)
     if keep:
-        if len(_MEMO) >= MEMO_LIMIT:
-            _MEMO.clear()
-        _MEMO[key] = implementation
+        _remember(key, implementation)
     return implementation(*args)
+
+
+def _remember(key: Hashable, implementation: Implementation) -> None:
+    if len(_MEMO) >= MEMO_LIMIT:
+        _MEMO.clear()
+    _MEMO[key] = implementation
 
 
 def implementation_for(spec: OpSpec, args: tuple[Any, ...], m: Hashable, impl: str,
@@ -87,7 +90,7 @@ def implementation_for(spec: OpSpec, args: tuple[Any, ...], m: Hashable, impl: s
         with around():
             implementation, keep = _choose(spec, args, m, impl)
         if keep:
-            _MEMO[key] = implementation
+            _remember(key, implementation)
     return implementation
 
 
@@ -108,7 +111,8 @@ def _choose_quietly(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None,
         # module under no_grad): choose as for inference. (Both ops describe grad flags last.)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return _choose_here(spec, args, None if m is None else (*m[:-1], False), impl)
+            implementation, _ = _choose_here(spec, args, None if m is None else (*m[:-1], False), impl)
+        return implementation, False  # chosen for another description than the memo's key
     return _choose_here(spec, args, m, impl)
 
 

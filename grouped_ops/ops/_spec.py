@@ -18,7 +18,9 @@ class OpSpec:
 
     meta(*args) -> a hashable description of the arguments that fixes both their validity and their
         Signature (shapes, strides, dtypes, devices, grad flags), or None when the arguments are not
-        even tensors of the right kind (then ``validate`` explains).
+        even tensors of the right kind (then ``validate`` explains). A tuple whose last element
+        is the grad flags (False, or one bool per argument): the compile path and jit tracing
+        replace it.
     validate(*args) -> None, or raises GroupedOpsError with the op name and the shapes.
     signature(meta, bucketed) -> Signature.
     make_inputs(sig, generator) -> private arguments for timing, laid out as ``sig`` says.
