@@ -128,3 +128,19 @@ def test_in_place_activation_after_the_op_trains_like_the_loop():
         ref = torch.stack([torch.nn.functional.linear(args[0][:, i], w[i], args[2][i]) for i in range(4)], 1)
         ref.relu().sum().backward()
         torch.testing.assert_close(args[1].grad, w.grad, msg=impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("op", "impl"), CASES)
+def test_cuda_autocast_gives_the_autocast_dtype_for_every_implementation(op, impl, dtype):
+    # CUDA autocast puts `sum` on its float32 list: an implementation that ran under it would return
+    # float32 (CPU autocast has no such entry, so only a GPU can show this)
+    args, shape = _args(op)
+    args = tuple([t.cuda() for t in a] if isinstance(a, list) else a.cuda() for a in args)
+    with torch.autocast("cuda", dtype=dtype):
+        try:
+            out = getattr(grouped_ops, op)(*args, impl=impl)
+        except grouped_ops.GroupedOpsError:
+            pytest.skip(f"{impl} does not run this signature here")
+    _check(out, shape, dtype, f"{op}/{impl}")
