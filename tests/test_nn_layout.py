@@ -279,3 +279,17 @@ def test_forward_mode_ad_through_bmm(fn):
         y = getattr(ops, fn)(fwad.make_dual(x, tangent), w, b)
         _, jvp = fwad.unpack_dual(y)
     torch.testing.assert_close(jvp, torch.einsum("bni,noi->bno", tangent, w))
+
+
+def test_bmm_weight_left_gives_a_contiguous_weight_its_gradient_without_a_layout_copy():
+    # the reason it exists: with nn.Linear's [n, out, in] weight, bmm's weight gradient comes out
+    # transposed (AccumulateGrad then copies it), bmm_weight_left's in the weight's own layout
+    from grouped_ops.ops import SPECS
+
+    registry = SPECS["grouped_linear"].registry
+    x, w, b = torch.randn(5, N, D_IN), torch.randn(N, D_OUT, D_IN, requires_grad=True), torch.randn(N, D_OUT)
+    grads = {}
+    for name in ("bmm", "bmm_weight_left"):
+        (grads[name],) = torch.autograd.grad(registry[name](x, w, b).sum(), w)
+    assert grads["bmm_weight_left"].is_contiguous() and not grads["bmm"].is_contiguous()
+    torch.testing.assert_close(grads["bmm_weight_left"], grads["bmm"])

@@ -227,7 +227,7 @@ def assert_implementations_agree(
     Example:
         >>> x, w, b = torch.randn(8, 4, 16), torch.randn(4, 32, 16), torch.randn(4, 32)
         >>> assert_implementations_agree("grouped_linear", x, w.requires_grad_(), b)
-        ('bmm', 'einsum', 'grouped_mm', 'loop', 'masked_dense')
+        ('bmm', 'bmm_weight_left', 'einsum', 'grouped_mm', 'loop', 'masked_dense')
 
     Args:
         op: ``"grouped_linear"`` or ``"weighted_combine"`` (or the function itself).
