@@ -48,8 +48,8 @@ def isolated(label: str) -> Iterator[None]:
 
     Popped for the block and restored after: the caller's TorchDispatchModes and TorchFunctionModes
     (so a FlopCounterMode counts only the user's call), saved-tensor hooks (so checkpointing does
-    not pack the private tensors), autocast, anomaly mode and inference mode. The caller's RNG is
-    never drawn from: the private inputs use their own generator.
+    not pack the private tensors), autocast, anomaly mode, inference mode and CUDA's sync-debug
+    mode. The caller's RNG is never drawn from: the private inputs use their own generator.
     """
     with contextlib.ExitStack() as stack:
         stack.enter_context(_disable_current_modes())
