@@ -85,7 +85,9 @@ AGREEMENT = COMMON + textwrap.dedent("""
     dist.barrier()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: a background thread of gloo/FSDP once aborted it ("terminate called")
 """)
 
 DDP_VALIDATION = COMMON + textwrap.dedent("""
@@ -125,7 +127,9 @@ DDP_VALIDATION = COMMON + textwrap.dedent("""
     results["final"] = gathered
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: a background thread of gloo/FSDP once aborted it ("terminate called")
 """)
 
 FSDP_INPLACE = COMMON + textwrap.dedent("""
@@ -153,7 +157,9 @@ FSDP_INPLACE = COMMON + textwrap.dedent("""
     results["losses"] = losses
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: a background thread of gloo/FSDP once aborted it ("terminate called")
 """)
 
 
