@@ -30,7 +30,7 @@ def test_tiny_sweep_prints_every_column_and_writes_every_file(tmp_path, capsys):
     assert _run(*TINY, "--markdown", str(md), "--csv", str(csv_path), "--json", str(js)) == 0
     out = capsys.readouterr().out
     for name in [*REGISTRIES["grouped_linear"], *REGISTRIES["weighted_combine"], "auto", "loop",
-                 "nn.ModuleList", "func.vmap", "F.grouped_mm", "stack_mul_sum", "python_loop"]:
+                 "nn.ModuleList", "func.vmap", "TabM", "F.grouped_mm", "stack_mul_sum", "python_loop"]:
         assert name in out, name
     for heading in ("grouped_linear, float32, forward", "grouped_linear, float32, forward + backward",
                     "weighted_combine, float32, forward", "auto vs nn.ModuleList", "auto/best"):

@@ -12,7 +12,7 @@ PASSES = ("fwd", "fwdbwd")
 PASS_TITLE = {"fwd": "forward", "fwdbwd": "forward + backward"}
 # the code users write today, that auto is compared against
 BASELINE = {GL: "nn.ModuleList", WC: "stack_mul_sum"}
-PEERS = {GL: ("nn.ModuleList", "func.vmap", "F.grouped_mm"), WC: ("stack_mul_sum", "python_loop")}
+PEERS = {GL: ("nn.ModuleList", "func.vmap", "TabM", "F.grouped_mm"), WC: ("stack_mul_sum", "python_loop")}
 
 
 # ---- grids ---------------------------------------------------------------------------------------

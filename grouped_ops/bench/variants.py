@@ -132,9 +132,16 @@ def _gl_variants(cell: Cell, env: Env, with_dense: bool = False) -> list[Variant
     def func_vmap() -> Tensor:
         return vmapped(x, sw, sb)
 
+    # the TabM / rtdl layer: weight stored [n, in, out], one matmul, the result a transposed view
+    w_io = w.detach().transpose(1, 2).contiguous().requires_grad_(grad)
+
+    def tabm() -> Tensor:
+        return (x.transpose(0, 1) @ w_io).transpose(0, 1) + b
+
     peers = [
         Variant("nn.ModuleList", "peer", _pass_fn(cell.pass_, module_list, [x, *linears.parameters()], gen)),
         Variant("func.vmap", "peer", _pass_fn(cell.pass_, func_vmap, [x, sw, sb], gen)),
+        Variant("TabM", "peer", _pass_fn(cell.pass_, tabm, [x, w_io, b], gen)),
     ]
     gmm = _grouped_mm_peer()
     if gmm is None:

@@ -258,8 +258,16 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return bmm(x, w, b)
     # [n, rows, in]: a view of a contiguous input (rows n*in apart) passes torch's checks, no copy
     xt = x.reshape(rows, n, inn).transpose(0, 1)
-    y = _ContiguousGrad.apply(_grouped_mm_op()(_aligned(xt), _aligned(w.transpose(1, 2))))  # [n, rows, out]
-    if b is not None:  # torch's grouped_mm takes no bias yet ("Bias not supported yet")
+    y = _grouped_mm_op()(_aligned(xt), _aligned(w.transpose(1, 2)))  # [n, rows, out]
+    if may_write_into(x, w, b):  # no backward to prepare for: the bias add is the reordering pass
+        result = x.new_empty(*lead, n, out)
+        if b is None:
+            result.view(rows, n, out).copy_(y.transpose(0, 1))
+        else:  # torch's grouped_mm takes no bias yet ("Bias not supported yet")
+            torch.add(y.transpose(0, 1), b, out=result.view(rows, n, out))
+        return result
+    y = _ContiguousGrad.apply(y)  # (the Function costs ~10 us a call: only where a backward may run)
+    if b is not None:
         y = y + b.unsqueeze(1)
     return y.transpose(0, 1).reshape(*lead, n, out)
 
