@@ -228,7 +228,7 @@ def test_every_change_of_the_weight_shows_in_the_next_output(change):
 
 # ---- bmm / einsum produce the output contract's layout themselves ----------------------------------
 
-@pytest.mark.parametrize("fn", ["bmm", "bmm_out", "einsum"])
+@pytest.mark.parametrize("fn", ["bmm", "einsum"])
 @pytest.mark.parametrize("lead", [(), (1,), (5,), (2, 3)], ids=str)
 @pytest.mark.parametrize("stored", ["n_out_in", "n_in_out"])
 @pytest.mark.parametrize("grad", [False, True])
@@ -250,23 +250,8 @@ def test_bmm_and_einsum_return_a_fresh_contiguous_result(fn, lead, stored, grad)
         assert y.requires_grad == grad
 
 
-def test_bmm_out_takes_the_functional_path_where_out_is_not_allowed():
-    from grouped_ops.ops.grouped_linear import bmm_out  # noqa: PLC0415
-
-    torch.manual_seed(0)
-    x, w, b = torch.randn(3, N, D_IN), torch.randn(N, D_OUT, D_IN), torch.randn(N, D_OUT)
-    expected = torch.einsum("bni,noi->bno", x, w) + b
-    vmapped = torch.vmap(bmm_out, in_dims=(0, None, None))(x.unsqueeze(1), w, b)  # functorch wrappers
-    torch.testing.assert_close(vmapped.squeeze(1), expected)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert bmm_out(x, w, b).dtype == torch.bfloat16  # autocast applies, as for bmm
-    wg = w.clone().requires_grad_()
-    bmm_out(x, wg, b).sum().backward()  # autograd: no out= (which cannot be differentiated)
-    assert wg.grad is not None
-
-
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's own
-@pytest.mark.parametrize("fn", ["bmm", "bmm_out"])
+@pytest.mark.parametrize("fn", ["bmm"])
 def test_forward_mode_ad_through_bmm(fn):
     import torch.autograd.forward_ad as fwad  # noqa: PLC0415
 

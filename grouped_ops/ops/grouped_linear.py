@@ -55,8 +55,8 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
     plain = b is not None and may_write_into(x, w, b)
     # The product is [n, rows, out]; the contract wants a fresh contiguous [..., n, out], i.e. one
-    # pass that reorders it. Writing bmm's product straight there (out= a permuted view, see
-    # bmm_out) is not faster in general on CPU: ATen then runs one gemm per group (measured
+    # pass that reorders it. Writing bmm's product straight there (out= a permuted view) is not
+    # faster in general on CPU: ATen then runs one gemm per group (measured
     # 0.2-1.8x, fp32 and bf16, one thread).
     if b is not None and not plain and torch.compiler.is_compiling():
         # traced: inductor fuses this add into the reordering copy below (baddbmm would fill the
@@ -88,23 +88,6 @@ def bmm_weight_left(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     yt = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)  # [n, out, rows]
     return yt.permute(2, 0, 1).reshape(*lead, n, out)  # the output contract makes it contiguous
 
-
-def bmm_out(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """bmm writing its product straight into the contiguous ``[..., n, out]`` result (no copy)
-    where that is allowed (eager, no autograd, no autocast, plain tensors), else :func:`bmm`.
-    Faster than bmm with many rows and narrow outputs, slower with many small groups (CPU, one
-    thread): a candidate for the tuner, not a replacement."""
-    if not may_write_into(x, w, b):
-        return bmm(x, w, b)
-    lead, rows, n, out, inn = _split(x, w)
-    y = x.new_empty(*lead, n, out)
-    yt = y.view(rows, n, out).transpose(0, 1)  # [n, rows, out]: a view of the result
-    xt = x.reshape(rows, n, inn).transpose(0, 1)
-    if b is None:
-        torch.bmm(xt, w.transpose(1, 2), out=yt)
-    else:
-        torch.baddbmm(b.unsqueeze(1), xt, w.transpose(1, 2), out=yt)
-    return y
 
 
 
