@@ -42,6 +42,13 @@ COMMON = textwrap.dedent("""
     def pair(d):
         return None if d is None else [d.impl, d.source]
 
+    def finish(results):  # write this rank's results, then leave together
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)  # skip interpreter teardown: a gloo/FSDP background thread once aborted it ("terminate called")
+
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     results = {}
@@ -82,12 +89,7 @@ AGREEMENT = COMMON + textwrap.dedent("""
         harness.measure = real
         os.environ["GROUPED_OPS_DISTRIBUTED"] = "0"  # opted out: a prewarm is each rank's own
         results["opted_out"] = pair(grouped_ops.prewarm("grouped_linear", *args(6)))
-    dist.barrier()
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown: a background thread of gloo/FSDP once aborted it ("terminate called")
+    finish(results)
 """)
 
 DDP_VALIDATION = COMMON + textwrap.dedent("""
@@ -125,11 +127,7 @@ DDP_VALIDATION = COMMON + textwrap.dedent("""
     gathered = [None] * world
     dist.all_gather_object(gathered, final)
     results["final"] = gathered
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown: a background thread of gloo/FSDP once aborted it ("terminate called")
+    finish(results)
 """)
 
 FSDP_INPLACE = COMMON + textwrap.dedent("""
@@ -155,11 +153,7 @@ FSDP_INPLACE = COMMON + textwrap.dedent("""
             opt.step()
         losses[impl] = float(loss)
     results["losses"] = losses
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown: a background thread of gloo/FSDP once aborted it ("terminate called")
+    finish(results)
 """)
 
 
