@@ -58,10 +58,14 @@ def _settings() -> tuple[Any, ...]:
             getattr(_forward_ad, "_current_level", -1))
 
 
+def _key(spec: OpSpec, m: Hashable, impl: str) -> Hashable:
+    return spec.name, m, impl, overrides.state(spec.name), _settings()
+
+
 def call(spec: OpSpec, args: tuple[Any, ...], impl: str) -> torch.Tensor:
     """Run ``spec``'s op on ``args`` with implementation ``impl`` (or ``"auto"``)."""
     m = spec.meta(*args)
-    key = (spec.name, m, impl, overrides.state(spec.name), _settings())
+    key = _key(spec, m, impl)
     if not RECORDING.get():
         implementation = _MEMO.get(key)
         if implementation is not None:
@@ -84,7 +88,7 @@ def implementation_for(spec: OpSpec, args: tuple[Any, ...], m: Hashable, impl: s
     torch.compile custom op passes the traced call's grad flags; ``impl=""`` means ``auto``).
     A decision still to be made is made inside ``around()``."""
     impl = impl or "auto"
-    key = (spec.name, m, impl, overrides.state(spec.name), _settings())
+    key = _key(spec, m, impl)
     implementation = _MEMO.get(key)
     if implementation is None:
         with around():
