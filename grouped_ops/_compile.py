@@ -128,7 +128,7 @@ def _concrete(m: Any, placeholder: int | None = None) -> Any:
 
 
 def traced_call(op: str, args: tuple[Any, ...], impl: str) -> Tensor:
-    """What ``grouped_linear``/``weighted_combine`` do while dynamo traces them."""
+    """What an op's public function does while dynamo traces it."""
     spec = SPECS[op]
     spec.validate(*args)
     m = spec.meta(*args)

@@ -1,27 +1,33 @@
-"""The custom ops ``grouped_ops::grouped_linear_auto`` and ``grouped_ops::weighted_combine_auto``.
+"""The custom ops ``grouped_ops::<op>_auto``, one per registered op (``grouped_linear_auto``,
+``weighted_combine_auto``, and those of ops registered later), built from each op's spec.
 
-Registered when ``grouped_ops`` is imported (a few milliseconds), so ``torch.export.load`` of a
-program that calls them works in a fresh process. The trace-time planner that emits them lives in
-:mod:`grouped_ops._compile`, imported only while torch.compile traces (it loads ``torch._dynamo``).
+Defined when ``grouped_ops`` is imported (a few milliseconds), and for a later op when it is
+registered, so ``torch.export.load`` of a program that calls them works in a fresh process. The
+trace-time planner that emits them lives in :mod:`grouped_ops._compile`, imported only while
+torch.compile traces (it loads ``torch._dynamo``).
 
+The schema comes from the op's arguments (``OpSpec.arguments``): a ``Tensor`` (``Tensor?`` when
+optional, ``Tensor[]`` plus a ``bool stacked`` for a tensor-or-sequence one), then ``SymInt grad_mask``
+(the traced call's grad flags) and ``str impl`` (forced at trace time, or "" to decide at run time).
 When a compiled program runs, the custom op dispatches (and tunes, if allowed) on the concrete
-shapes, with the grad mode of the traced call; its backward is written with the same ops.
+shapes, with the grad mode of the traced call; its fake kernel and backward are the op's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import dispatch
-from .ops import SPECS
-from .ops.grouped_linear import SPEC as _GL
-from .ops.weighted_combine import SPEC as _WC
+from .ops import SPECS, on_register
+from .ops._spec import Arg, OpSpec
+
+# op name -> its custom op; kept when the op is unregistered (torch.library cannot forget it)
+_DEFINED: dict[str, Any] = {}
 
 
 def _grad_mask(grad: Any) -> int:
@@ -33,89 +39,98 @@ def _flags(mask: int, count: int) -> Any:
     return flags if any(flags) else False
 
 
-# ---- grouped_linear ------------------------------------------------------------------------------
-
-@torch.library.custom_op("grouped_ops::grouped_linear_auto", mutates_args=())
-def _grouped_linear_auto(input: Tensor, weight: Tensor, bias: Tensor | None, grad_mask: int, impl: str) -> Tensor:
-    return _run_tuned(_GL.name, (input, weight, bias), grad_mask, 3, impl).contiguous()
-
-
-@_grouped_linear_auto.register_fake
-def _(input: Tensor, weight: Tensor, bias: Tensor | None, grad_mask: int, impl: str) -> Tensor:
-    return input.new_empty(*input.shape[:-1], weight.shape[1])
+def schema(arguments: tuple[Arg, ...]) -> str:
+    """The custom op's schema for an op with these arguments."""
+    many = [a for a in arguments if a.many]
+    parts = [f"{'Tensor[]' if a.many else 'Tensor?' if a.optional else 'Tensor'} {a.name}" for a in arguments]
+    parts += [f"bool {'stacked' if len(many) == 1 else a.name + '_stacked'}" for a in many]
+    return f"({', '.join(parts)}, SymInt grad_mask, str impl) -> Tensor"
 
 
-def _gl_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, w, b, _, impl = inputs
-    ctx.save_for_backward(x, w)
-    ctx.has_bias = b is not None
-    ctx.impl = impl
+def _pack(arguments: tuple[Arg, ...], args: tuple[Any, ...]) -> list[Any]:
+    """The op's arguments as the custom op takes them (without grad_mask and impl)."""
+    values = [([v] if isinstance(v, Tensor) else list(v)) if a.many else v
+              for a, v in zip(arguments, args, strict=True)]
+    return values + [isinstance(v, Tensor) for a, v in zip(arguments, args, strict=True) if a.many]
 
 
-def _gl_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
-    x, w = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    gx = _grouped_linear_auto(grad, w.transpose(1, 2), None, 0, ctx.impl) if need_x else None
-    gw = torch.einsum("...no,...ni->noi", grad, x) if need_w else None
-    gb = (grad if grad.dim() == 2 else grad.flatten(0, -3).sum(0)) if (need_b and ctx.has_bias) else None
-    return gx, gw, gb, None, None
+def _unpack(arguments: tuple[Arg, ...], packed: tuple[Any, ...] | list[Any]) -> tuple[Any, ...]:
+    stacked = iter(packed[len(arguments):])
+    return tuple(((v[0] if next(stacked) else tuple(v)) if a.many else v)
+                 for a, v in zip(arguments, packed[:len(arguments)], strict=True))
 
 
-_grouped_linear_auto.register_autograd(_gl_backward, setup_context=_gl_setup)
+def define(spec: OpSpec) -> None:
+    """Define ``grouped_ops::<spec.name>_auto`` (once per name; it reads the spec registered under
+    that name when it runs)."""
+    if spec.name in _DEFINED:
+        return
+    name = spec.name
+
+    def run(*packed: Any) -> Tensor:
+        now = SPECS[name]
+        args = _unpack(now.arguments, packed[:-2])
+        return _run_tuned(now, args, packed[-2], packed[-1]).contiguous()
+
+    def fake(*packed: Any) -> Tensor:
+        now = SPECS[name]
+        assert now.fake is not None
+        return now.fake(*_unpack(now.arguments, packed[:-2]))
+
+    op = torch.library.custom_op(f"grouped_ops::{name}_auto", run, mutates_args=(), schema=schema(spec.arguments))
+    op.register_fake(fake)
+    op.register_autograd(_backward(name), setup_context=_setup_context)
+    _DEFINED[name] = op
 
 
-# ---- weighted_combine ----------------------------------------------------------------------------
-
-@torch.library.custom_op("grouped_ops::weighted_combine_auto", mutates_args=())
-def _weighted_combine_auto(inputs: Sequence[Tensor], weights: Tensor, stacked: bool, grad_mask: int,
-                           impl: str) -> Tensor:
-    args = (inputs[0] if stacked else tuple(inputs), weights)
-    return _run_tuned(_WC.name, args, grad_mask, 2, impl).contiguous()
-
-
-@_weighted_combine_auto.register_fake
-def _(inputs: Sequence[Tensor], weights: Tensor, stacked: bool, grad_mask: int, impl: str) -> Tensor:
-    shape = inputs[0].shape[:1] + inputs[0].shape[2:] if stacked else inputs[0].shape
-    return inputs[0].new_empty(shape)
-
-
-def _wc_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    xs, weights, stacked, _, _ = inputs
-    ctx.save_for_backward(weights, *xs)
-    ctx.stacked = stacked
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    # Every tensor argument is saved; where each came from is kept to rebuild the arguments.
+    tensors: list[Tensor] = []
+    spots: list[Any] = []
+    for v in inputs[:-2]:
+        if isinstance(v, Tensor):
+            spots.append(len(tensors))
+            tensors.append(v)
+        elif isinstance(v, (list, tuple)):
+            spots.append(range(len(tensors), len(tensors) + len(v)))
+            tensors.extend(v)
+        else:  # None, or a bool
+            spots.append((v,))
+    ctx.save_for_backward(*tensors)
+    ctx.spots, ctx.impl = spots, inputs[-1]
 
 
-def _wc_backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
-    weights, *xs = ctx.saved_tensors
-    b, k = weights.shape
-    tail = (1,) * (grad.dim() - 1)
-    gx: list[Tensor] | None = None
-    if ctx.needs_input_grad[0]:
-        if ctx.stacked:
-            gx = [grad.unsqueeze(1) * weights.reshape(b, k, *tail)]
-        else:
-            gx = [grad * weights[:, i].reshape(b, *tail) for i in range(k)]
-    gw = None
-    if ctx.needs_input_grad[1]:
-        stacked = xs[0] if ctx.stacked else torch.stack(xs, 1)
-        gw = (stacked * grad.unsqueeze(1)).reshape(b, k, math.prod(grad.shape[1:])).sum(-1)
-    return gx, gw, None, None, None
+def _backward(name: str) -> Callable[..., tuple[Any, ...]]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        spec = SPECS[name]
+        saved = ctx.saved_tensors
+        packed = [saved[s] if isinstance(s, int) else [saved[i] for i in s] if isinstance(s, range) else s[0]
+                  for s in ctx.spots]
+        arguments = spec.arguments
+        needs = tuple(ctx.needs_input_grad[:len(arguments)])
+
+        def again(*args: Any) -> Tensor:
+            return _DEFINED[name](*_pack(arguments, args), 0, ctx.impl)
+
+        assert spec.backward is not None
+        grads = spec.backward(_unpack(arguments, packed), needs, grad, again)
+        out = [(None if g is None else [g] if isinstance(g, Tensor) else list(g)) if a.many else g
+               for a, g in zip(arguments, grads, strict=True)]
+        return (*out, *(None,) * (len(ctx.spots) - len(arguments) + 2))
+
+    return backward
 
 
-_weighted_combine_auto.register_autograd(_wc_backward, setup_context=_wc_setup)
-
-
-def _run_tuned(op: str, args: tuple[Any, ...], grad_mask: int, count: int, impl: str) -> Tensor:
+def _run_tuned(spec: OpSpec, args: tuple[Any, ...], grad_mask: int, impl: str) -> Tensor:
     """Dispatch on concrete tensors with the traced call's grad mode restored into the signature:
     to ``impl`` when one was forced at trace time, else as ``impl="auto"`` does.
 
     Decisions are kept in the dispatcher's own tables, so ``dispatch.clear_memory()`` forgets them
     and later calls cost one dict lookup, as in eager mode.
     """
-    spec = SPECS[op]
     m = spec.meta(*args)
     assert m is not None
-    m = (*m[:-1], _flags(grad_mask, count))
+    m = (*m[:-1], _flags(grad_mask, len(spec.arguments)))
     return dispatch.implementation_for(spec, args, m, impl, around=_autograd_reenabled)(*args)
 
 
@@ -146,9 +161,9 @@ _AUTOGRAD_KEYS = tuple(
 def call_auto(op: str, args: tuple[Any, ...], grad: Any, impl: str) -> Tensor:
     """The traced call of ``op`` as its custom op: ``impl`` forced at trace time, or "" to decide
     when the compiled code runs; ``grad`` is the traced call's grad flags (its description's last)."""
-    if op == _GL.name:
-        x, w, b = args
-        return _grouped_linear_auto(x, w, b, _grad_mask(grad), impl)
-    inputs, weights = args
-    stacked = isinstance(inputs, Tensor)
-    return _weighted_combine_auto([inputs] if stacked else list(inputs), weights, stacked, _grad_mask(grad), impl)
+    return _DEFINED[op](*_pack(SPECS[op].arguments, args), _grad_mask(grad), impl)
+
+
+for _spec in list(SPECS.values()):
+    define(_spec)
+on_register.append(define)

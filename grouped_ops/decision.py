@@ -42,15 +42,16 @@ class Decision:
         """Every candidate's timing or the reason it was not timed, fastest first."""
         rows = []
         best = min(self.timings.values(), default=None)
+        w = max((len(n) for n in (*self.timings, *self.skipped)), default=0) + 1  # one column per name
         for name, t in sorted(self.timings.items(), key=lambda kv: kv[1]):
             mark = "*" if name == self.impl else " "
             ratio = f"x{t / best:.2f}" if best else ""
-            rows.append(f" {mark} {name:<14} {t * 1e6:>12.1f} us   {ratio}")
+            rows.append(f" {mark} {name:<{w}} {t * 1e6:>12.1f} us   {ratio}")
         for name, why in self.skipped.items():
             if name not in self.timings:
-                rows.append(f"   {name:<14} {'-':>12}      {why}")
+                rows.append(f"   {name:<{w}} {'-':>12}      {why}")
             else:
-                rows.append(f"   {'':<14} {'':>12}      ({name}: {why})")
+                rows.append(f"   {'':<{w}} {'':>12}      ({name}: {why})")
         if self.opinions:
             rows.append(f"   picks of {len(self.opinions)} tunings: {', '.join(self.opinions)}")
         return "\n".join(rows)

@@ -1,8 +1,12 @@
-"""The public ops. Each validates once, follows autocast, and hands over to the dispatcher."""
+"""The public ops. Each validates once, follows autocast, and hands over to the dispatcher.
+
+``grouped_linear`` and ``weighted_combine`` are written out (their docstrings are the reference);
+:func:`op_function` makes the public function of any other registered op."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,8 +105,55 @@ def _dispatch(spec: OpSpec, args: tuple, impl: str) -> Tensor:
     return dispatch.call(spec, args, impl)
 
 
+def op_function(spec: OpSpec) -> Callable[..., Tensor]:
+    """The public function of an op registered with ``grouped_ops.ops.register(spec)``.
+
+    ``fn(*args, impl="auto", **kwargs)`` takes the op's arguments as ``spec.arguments`` lists them
+    (by position or name), follows autocast as the built-in ops do (floating-point tensors other than
+    float64 are cast to the autocast dtype, then the op runs with autocast off), and dispatches;
+    under torch.compile it is traced like them. Its ``__name__`` is the op's name, so ``prewarm``,
+    ``lookup`` and ``assert_implementations_agree`` take it in place of the name.
+
+    Raises:
+        GroupedOpsError: from the call: arguments that do not fit ``spec.arguments`` or that
+            ``spec.validate`` rejects, an unknown or unsupported ``impl``.
+    """
+    def fn(*args: Any, impl: str = "auto", **kwargs: Any) -> Tensor:
+        call_args = spec.normalize(args, dict(kwargs), "call")
+        first = next(_tensors(call_args), None)
+        if _any_autocast() and first is not None and _autocast_on(first.device.type):
+            device_type = first.device.type
+            dtype = torch.get_autocast_dtype(device_type)
+            call_args = tuple(tuple(_cast(t, dtype) for t in a) if isinstance(a, tuple) else _cast(a, dtype)
+                              for a in call_args)
+            with torch.autocast(device_type, enabled=False):  # see _dispatch
+                return _dispatch(spec, call_args, impl)
+        return _dispatch(spec, call_args, impl)
+
+    fn.__name__ = fn.__qualname__ = spec.name
+    fn.__doc__ = f"The op {spec.name} (see grouped_ops.functional.op_function)."
+    fn._spec = spec  # type: ignore[attr-defined]
+    _PUBLIC[spec.name] = fn
+    return fn
+
+
+def public(spec: OpSpec) -> Callable[..., Tensor]:
+    """The public function of ``spec``'s op (made by :func:`op_function` when it has none yet)."""
+    fn = _PUBLIC.get(spec.name)
+    return fn if fn is not None and getattr(fn, "_spec", spec) is spec else op_function(spec)
+
+
+def _tensors(args: tuple) -> Any:
+    for a in args:
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, tuple):
+            yield from (t for t in a if isinstance(t, Tensor))
+
+
 def implementations(op: str) -> tuple[str, ...]:
-    """The implementation names of ``op`` ("grouped_linear" or "weighted_combine"), in preference order."""
+    """The implementation names of ``op`` (``"grouped_linear"``, ``"weighted_combine"`` or a
+    registered op's name), in preference order."""
     if op not in SPECS:
         raise GroupedOpsError(f"implementations: unknown op {op!r}; valid ops are {sorted(SPECS)}")
     return tuple(SPECS[op].registry)
@@ -142,3 +193,6 @@ def _autocast_combine(device_type: str, inputs: object, weights: Tensor) -> tupl
     else:
         inputs = _cast(inputs, dtype)
     return inputs, _cast(weights, dtype)
+
+
+_PUBLIC: dict[str, Callable[..., Tensor]] = {_GL.name: grouped_linear, _WC.name: weighted_combine}

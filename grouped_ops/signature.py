@@ -33,6 +33,17 @@ def bucketing_mode() -> str:
     return mode
 
 
+def bucket_note(sig: Signature) -> str:
+    """Says that a signature's batch size is a bucket's edge (empty when it is an exact size)."""
+    if bucketing_mode() != "pow2" or "batch" not in dict(sig.dims):
+        return ""
+    edge = sig.dim("batch")
+    if edge <= 2:
+        return ""
+    return (f"batch={edge} is a bucket: batch sizes {edge // 2 + 1}..{edge} share this decision "
+            "(GROUPED_OPS_BUCKETS=exact keys every size)")
+
+
 def device_name(device: torch.device) -> str:
     """A stable name for the hardware behind ``device``: the GPU model and compute capability, or the
     CPU model and torch's thread count *now* (``torch.set_num_threads`` changes the winner)."""

@@ -27,8 +27,10 @@ from collections.abc import Callable
 import torch
 
 import grouped_ops
+from grouped_ops import recording
 
 os.environ.setdefault("GROUPED_OPS_CACHE_DIR", tempfile.mkdtemp())
+os.environ.setdefault("GROUPED_OPS_SHIPPED_DIR", tempfile.mkdtemp())  # tune everything: no shipped table
 
 
 def inputs(cell: dict, gen: torch.Generator) -> tuple:
@@ -88,12 +90,18 @@ def prewarm_cells(cells: list[dict], second_opinion: bool) -> tuple[list[dict], 
             with torch.set_grad_enabled(st["cell"]["pass"] == "fwdbwd"):
                 getattr(grouped_ops, st["cell"]["op"])(*st["args"], impl="loop")
     assert len(rec.signatures) == len(states), "two cells share a signature"
+    first_pass: list[float] = []
+
+    def progress(done: int, total: int, sig: object, what: str) -> None:
+        if what == "decided" and done == len(states):  # every signature tuned once
+            first_pass.append(time.perf_counter() - start)
+
     start = time.perf_counter()
-    decisions = rec.prewarm(second_opinion=second_opinion)
+    decisions = recording.prewarm_signatures(rec.requests(), second_opinion=second_opinion, progress=progress)
     seconds = time.perf_counter() - start
     for st, decision in zip(states, decisions, strict=True):
         st["decision"] = decision
-    return states, seconds
+    return states, seconds, first_pass[0]
 
 
 def measure(state: dict, samples: int) -> dict:
@@ -135,7 +143,7 @@ def check_cells(cells: list[dict], samples: int, passes: int, second_opinion: bo
     ``passes`` times, one pass over all cells after another, and keep each cell's median pass:
     the machine's slow spells last seconds, so passes minutes apart are independent measurements
     of the same, fixed decision."""
-    states, prewarm_s = prewarm_cells(cells, second_opinion)
+    states, prewarm_s, first_pass_s = prewarm_cells(cells, second_opinion)
     rounds = [[measure(st, samples) for st in states] for _ in range(passes)]
     results = []
     for i, st in enumerate(states):
@@ -145,8 +153,19 @@ def check_cells(cells: list[dict], samples: int, passes: int, second_opinion: bo
         results.append({"name": _name(cell), "op": cell["op"], "pass": cell["pass"], "picked": decision.impl,
                         **median, "pass_ratios": [m["ratio"] for m in per_pass],
                         "tuned": dict(decision.timings), "opinions": list(decision.opinions),
-                        "prewarm_s": prewarm_s / len(states)})
+                        "prewarm_s": prewarm_s / len(states), "first_tuning_s": first_pass_s / len(states),
+                        "first_ratio": _first_ratio(median, decision)})
     return results
+
+
+def _first_ratio(m: dict, decision: object) -> float:
+    """What the first tuning's pick alone would have cost against the fastest: auto's paired ratio,
+    scaled by the first pick's forced time over the final pick's (1 where they are the same)."""
+    first = decision.opinions[0] if decision.opinions else decision.impl
+    forced = m["forced"]
+    if first == decision.impl or first not in forced or decision.impl not in forced:
+        return m["ratio"]
+    return m["ratio"] * forced[first] / forced[decision.impl]
 
 
 def main() -> None:
@@ -178,7 +197,7 @@ def main() -> None:
             results.append(json.loads(out.strip().splitlines()[-1]))
     else:
         results = check_cells(cells, a.samples, a.passes, not a.single_opinion)
-    report(results, f"torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}, "
+    report(results, f"protocol {recording.settings().protocol}, torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}, "
                     f"median of {a.passes} passes" + (", each cell in a fresh process" if a.fresh_process
                                                      else ", all in one process")
            + (", one tuning per signature" if a.single_opinion else ""))
@@ -199,6 +218,9 @@ def report(results: list[dict], header: str) -> None:
     print(f"\nauto picked the fastest implementation in {len(every) - len(wrong)} of {len(every)} cells; "
           f"where it picked another, the worst ratio was {max(wrong, default=1.0):.3f}. Where it picked the "
           "fastest, a ratio other than 1 is this machine's noise between two runs of one function.")
+    firsts = [r["first_ratio"] for r in results]
+    print(f"\nfirst tuning alone (what a first call decides): geometric mean {statistics.geometric_mean(firsts):.3f}, "
+          f"worst {max(firsts):.3f}; {sum(r['first_tuning_s'] for r in results) / len(results):.3f} s per signature")
     total = sum(r["prewarm_s"] for r in results)
     again = [r for r in results if r["opinions"]]
     changed = [r for r in again if r["opinions"][0] != r["picked"]]

@@ -28,7 +28,7 @@ STEPS = [
     ("gpu_tests", 130, 90),
     ("grouped_mm_probe", 60, 40),
     ("autocast", 25, 20),
-    ("timer_check", 20, 15),
+    ("timer_check", 35, 20),
     ("sync_debug", 30, 20),
     ("cuda_graph", 25, 15),
     ("compile_ro", 70, 60),

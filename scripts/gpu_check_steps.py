@@ -251,6 +251,39 @@ def timer_check(ctx: Ctx) -> None:
         ctx.note(f"{name} stream: timer {events * 1e6:.1f} us, wall clock {wall * 1e6:.1f} us (ratio {events / wall:.2f})")
         if not 0.8 < events / wall < 1.25:
             ctx.problem(f"timer and wall clock disagree on the {name} stream: ratio {events / wall:.2f}")
+    _l2_flush_rankings(ctx)
+
+
+def _l2_flush_rankings(ctx: Ctx) -> None:
+    """Back to back (the default) vs an L2 flush before each call (``flush_l2``): does the ranking of
+    grouped_linear's implementations change? (docs/gpu.md, "Tuning conditions"). Data, not a test."""
+    from grouped_ops.ops import SPECS
+    from grouped_ops.tuning.timer import CudaTimer, cpu_timer
+
+    spec = SPECS["grouped_linear"]
+    timers = {"plain": cpu_timer, "flushed": cpu_timer} if ctx.dry else \
+        {"plain": CudaTimer(ctx.dev), "flushed": CudaTimer(ctx.dev, flush_l2=True)}
+    deadline = ctx.deadline(12)
+    shapes = [(16, 4, 8, 8)] if ctx.dry else [(256, 32, 64, 64), (64, 8, 512, 512), (2048, 16, 128, 128)]
+    for batch, n, inn, out in shapes:
+        args = _gl_inputs(ctx, batch, n, inn, out, torch.float32 if ctx.dry else torch.bfloat16)
+        sig = spec.signature(spec.meta(*args))
+        cell: dict[str, dict[str, float]] = {}
+        for impl_name, impl in spec.registry.items():
+            if not impl.supports(sig) or time.monotonic() > deadline:
+                continue
+            fn = lambda impl=impl, args=args: impl(*args)  # noqa: E731
+            with torch.no_grad():
+                fn()
+                ctx.sync()
+                cell[impl_name] = {mode: statistics.median(t(impl_name, fn, 10) for _ in range(3))
+                                   for mode, t in timers.items()}
+        ranks = {mode: sorted(cell, key=lambda k, m=mode: cell[k][m]) for mode in timers}
+        ctx.data[f"l2/{batch}x{n} {inn}->{out}"] = {"us": {k: {m: v * 1e6 for m, v in d.items()} for k, d in cell.items()},
+                                                    "ranking": ranks}
+        ctx.note(f"L2 flush, {batch}x{n} {inn}->{out}: " + ", ".join(
+            f"{k} {d['plain'] * 1e6:.1f}/{d['flushed'] * 1e6:.1f} us" for k, d in cell.items())
+            + f"; winner plain {ranks['plain'][:1]}, flushed {ranks['flushed'][:1]}")
 
 
 def sync_debug(ctx: Ctx) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
+from helpers import FakeTimer, replace_impl
 from hypothesis import settings
 
 from grouped_ops import dispatch
+from grouped_ops.ops import SPECS
+from grouped_ops.tuning import harness
 
 # Keep the default run well inside the CI budget on 2 cores; `--hypothesis-profile=thorough` digs deeper.
 settings.register_profile("default", max_examples=40, deadline=None)
@@ -36,6 +41,61 @@ def _private_cache(tmp_path, monkeypatch):
 def shipped_tables(tmp_path):
     """The empty folder GROUPED_OPS_SHIPPED_DIR points at: a test puts reference tables here."""
     return tmp_path / "no-shipped-tables"
+
+
+@pytest.fixture
+def count_tunings(monkeypatch):
+    """How many times the dispatcher really tuned (timed candidates for) a signature."""
+    counter = collections.Counter()
+    real = harness.measure
+
+    def counting(spec, sig, s, at=None, only=None, **kwargs):
+        if only is None:  # a first tuning, not batch prewarm's second opinion
+            counter[sig.key()] += 1
+        return real(spec, sig, s, at, only, **kwargs)
+
+    monkeypatch.setattr(harness, "measure", counting)
+    return counter
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """Names of the implementations that ran, in order (every one of both ops wrapped)."""
+    log: list[str] = []
+    for op in SPECS:
+        for name, implementation in list(SPECS[op].registry.items()):
+            def spy(*args, _fn=implementation.fn, _name=f"{op}.{name}"):
+                log.append(_name)
+                return _fn(*args)
+            replace_impl(monkeypatch, op, name, spy)
+    return log
+
+
+@pytest.fixture
+def tunings(monkeypatch):
+    """Counts the tunings (timings of candidates for a signature) and which candidates each timed;
+    ``tunings.timer(tables)`` is a fake timer whose times come from ``tables[i]`` during tuning i."""
+
+    class Tunings:
+        def __init__(self) -> None:
+            self.only: list[frozenset[str] | None] = []  # what each tuning timed: None for every candidate
+            self.batches: list[int] = []  # the batch size each tuning timed at
+
+        def timer(self, tables: list[dict[str, float]], default: float = 1e-3) -> FakeTimer:
+            return FakeTimer({name: (lambda count, name=name: tables[min(len(self.only), len(tables)) - 1]
+                                     .get(name, default))
+                              for name in {n for t in tables for n in t}}, default=default)
+
+    seen = Tunings()
+    real = harness.measure
+
+    def measuring(spec, sig, s, at=None, only=None, **kwargs):
+        seen.only.append(None if only is None else frozenset(only))
+        seen.batches.append((at or sig).dim("batch"))
+        return real(spec, sig, s, at, only, **kwargs)
+
+    monkeypatch.setattr(harness, "measure", measuring)
+    return seen
 
 
 def pytest_collection_modifyitems(config, items):

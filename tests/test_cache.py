@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import FakeTimer, make_stale
 
 import grouped_ops
 from grouped_ops import dispatch
@@ -322,3 +323,39 @@ def test_the_cache_folder_follows_the_environment(tmp_path, monkeypatch):
     assert store.DiskStore().root == tmp_path / "mine" / f"v{store.FORMAT}"
     monkeypatch.delenv("GROUPED_OPS_CACHE_DIR")
     assert "grouped_ops" in str(store.cache_dir())  # the platform's user cache folder
+
+
+# ---- stale and unknown entries are retuned -----------------------------------------------------------
+
+def test_an_entry_naming_an_implementation_that_no_longer_exists_is_retuned(count_tunings):
+    x, w, b = gl_args()
+    with dispatch.use_timer(FakeTimer()):
+        key = grouped_ops.prewarm("grouped_linear", x, w, b).signature.key()
+    path = store.DiskStore().path_for(key)
+    path.write_text(path.read_text().replace('"impl": "bmm"', '"impl": "renamed_away"'))
+    dispatch.clear_memory()
+    with dispatch.use_timer(FakeTimer()):
+        d = grouped_ops.prewarm("grouped_linear", x, w, b)
+    assert (d.impl, d.source) == ("bmm", "tuned")
+    assert sum(count_tunings.values()) == 2
+
+
+def test_a_stale_entry_alone_is_retuned(count_tunings):
+    a, b = gl_args(n=2), gl_args(n=3)
+    with dispatch.use_timer(FakeTimer({"einsum": 1e-6})):
+        key_a = grouped_ops.prewarm("grouped_linear", *a).signature.key()
+        key_b = grouped_ops.prewarm("grouped_linear", *b).signature.key()
+    make_stale(key_a)
+    b_file = store.DiskStore().path_for(key_b)
+    b_before = b_file.read_text()
+    dispatch.clear_memory()
+    count_tunings.clear()
+    with dispatch.use_timer(FakeTimer({"loop": 1e-6})):
+        da = grouped_ops.prewarm("grouped_linear", *a)
+        db = grouped_ops.prewarm("grouped_linear", *b)
+    assert (da.impl, da.source) == ("loop", "tuned")
+    assert (db.impl, db.source) == ("einsum", "cache")
+    assert dict(count_tunings) == {key_a: 1}
+    assert b_file.read_text() == b_before
+    entry = store.DiskStore().get(key_a)
+    assert entry["impl"] == "loop" and entry["fingerprint"] == store.fingerprint(dispatch.impl_set_version(GL))

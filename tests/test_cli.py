@@ -242,6 +242,31 @@ def test_cache_list_show_clear_export_import(tmp_path, capsys, shipped_tables):
     assert run(capsys, "cache", "show", "--shipped", "weighted")[1].startswith("weighted_combine")
 
 
+def test_an_empty_user_cache_points_at_the_shipped_tables(capsys, shipped_tables):
+    run(capsys, "prewarm", *GL_FLAGS, "--no-progress")
+    table = shipped_tables / "reference.json"
+    store.write_table(table, store.DiskStore().entries())
+    assert "removed 1 entries" in run(capsys, "cache", "clear")[1]
+    code, out, _ = run(capsys, "cache", "list")
+    assert code == 0 and "0 of 0 entries" in out and "(1 in the shipped tables: `cache list --shipped`)" in out
+    out = run(capsys, "cache", "list", "n=8")[1]
+    assert "(1 in the shipped tables: `cache list --shipped n=8`)" in out
+    assert "shipped" not in run(capsys, "cache", "list", "weighted")[1]  # no shipped entry matches either
+    code, out, _ = run(capsys, "cache", "show", "n=8")
+    assert code == 1 and "1 in the shipped tables: `cache show --shipped n=8`" in out
+
+
+def test_cache_show_says_a_keys_batch_is_a_bucket_and_lines_up_long_names(capsys):
+    run(capsys, "prewarm", *GL_FLAGS, "--no-progress")
+    out = run(capsys, "cache", "show", "batch=128")[1]
+    assert "batch=128" in out and "(batch=B in a key is a bucket" in out
+    entry = next(iter(store.DiskStore().entries()))
+    store.DiskStore().put({**entry, "impl": "bmm_weight_left"})
+    listed = [line for line in run(capsys, "cache", "list")[1].splitlines() if line.startswith("  ")]
+    assert listed[0].split()[:2] == ["bmm_weight_left", "fresh"]
+    assert listed[0].index("fresh") == 2 + max(len(n) for spec in SPECS.values() for n in spec.registry) + 1
+
+
 def test_a_stale_entry_is_listed_as_stale(capsys):
     run(capsys, "prewarm", *GL_FLAGS, "--no-progress")
     (entry,) = store.DiskStore().entries()
@@ -322,3 +347,21 @@ def test_piping_into_head_in_a_shell(tmp_path):
     cmd = f"{sys.executable} -m grouped_ops bench --help | head -n 1"
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=120)
     assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cli_prewarm_tunes_at_the_given_batch_and_tunes_close_calls_again(tunings, capsys):
+    from grouped_ops.cli import main
+    argv = ["prewarm", "grouped_linear", "--batch", "300", "8", "--groups", "4", "--in", "8", "--out", "8",
+            "--no-progress"]
+    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
+        assert main(argv) == 0
+    assert tunings.batches == [300, 8, 300, 8]
+    out = capsys.readouterr().out
+    assert "(picks of 2 tunings: bmm, bmm)" in out
+    assert "prewarmed 2 signature(s): 2 tuned (2 close call(s) tuned again)" in out
+    dispatch.clear_memory()
+    store.DiskStore().clear()
+    tunings.batches.clear()
+    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
+        assert main([*argv, "--single-opinion"]) == 0
+    assert tunings.batches == [300, 8]

@@ -15,7 +15,8 @@ import grouped_ops
 from grouped_ops.ops import SPECS
 from grouped_ops.ops import grouped_linear as gl
 from grouped_ops.signature import numerics
-from grouped_ops.tuning.settings import free_memory
+from grouped_ops.tuning import harness, timer
+from grouped_ops.tuning.settings import free_memory, settings
 from grouped_ops.tuning.timer import timer_for
 
 pytestmark = pytest.mark.gpu
@@ -138,3 +139,58 @@ def test_a_prewarmed_call_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, gl.bmm(x, w, b))
+
+
+# ---- issue 14, review items 5, 7, 8 (their CPU simulations: tests/test_gpu_readiness.py, test_harness.py)
+
+def test_a_tuning_leaves_no_workspace_reserved():
+    # masked_dense's block-diagonal weight here is 32*32*256*256*4 B = 256 MiB, a one-off of the tuning
+    x = torch.randn(64, 32, 256, device="cuda")
+    w, b = torch.randn(32, 256, 256, device="cuda") / 16, torch.randn(32, 256, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()
+    d, _ = harness.measure(GL, GL.signature(GL.meta(x, w, b)), settings(), only={"bmm", "masked_dense"})
+    assert "masked_dense" in d.timings, d
+    assert torch.cuda.max_memory_reserved() - before >= 200 << 20  # the workspace really was made ...
+    assert torch.cuda.memory_reserved() - before < 64 << 20  # ... and handed back
+
+
+def test_the_l2_flush_is_not_timed():
+    work = _sleep_work(1.0)
+    work()
+    flushed = timer.CudaTimer(torch.device("cuda"), flush_l2=True)("sleep", work, 5)
+    plain = timer.CudaTimer(torch.device("cuda"))("sleep", work, 5)
+    assert 0.8 < flushed / plain < 1.25, (flushed, plain)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    assert timer.l2_buffer(torch.cuda.current_device()).numel() >= props.L2_cache_size > 0
+
+
+def test_a_misaligned_weight_runs_bmm_without_a_copy(monkeypatch):
+    x, w, b = _gl(8)
+    flat = torch.empty(w.numel() + 1, device="cuda", dtype=w.dtype)
+    w2 = flat[1:].view_as(w).copy_(w)  # 2 bytes past a 16-byte boundary: a view into a flat buffer
+    assert not gl._offset_ok(w2) and gl._offset_ok(w)
+    called = []
+    real = gl._grouped_mm_op()
+    monkeypatch.setattr(gl, "_grouped_mm_op", lambda: lambda *a: called.append(1) or real(*a))
+    torch.testing.assert_close(gl.grouped_mm(x, w2, b), gl.bmm(x, w2, b))
+    assert called == []
+
+
+def test_a_reduce_overhead_warmup_is_recognised():
+    seen = []
+
+    @torch.library.custom_op("grouped_ops_test::probe", mutates_args=())
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        seen.append(harness.cudagraph_warmup(x.device))
+        return x.clone()
+
+    probe.register_fake(lambda x: torch.empty_like(x))
+    f = torch.compile(lambda x: probe(x) * 2, mode="reduce-overhead")
+    x = torch.randn(64, device="cuda")
+    for _ in range(3):
+        f(x)
+    torch.cuda.synchronize()
+    assert seen and seen[0] and not any(seen[1:]), seen  # warm-up, then recording (capture), then replays
+    assert not harness.cudagraph_warmup(x.device)  # eager, after it

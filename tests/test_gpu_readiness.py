@@ -1,9 +1,9 @@
 """What of the CUDA paths a CPU can show (issue 14): each by simulation, with no GPU.
 
 The timer's device context with a fake device index; the memory guard's CUDA arithmetic and cgroup
-limits; every item of a decision's identity; the cache format change; grouped_mm's supported set
-against torch's own checks (which run on CPU too), on torch without ``F.grouped_mm``, and under
-torch.func. What needs a real GPU is in tests/test_gpu.py and scripts/gpu_check.py.
+limits; the cache format change; grouped_mm's supported set against torch's own checks (which run on
+CPU too), on torch without ``F.grouped_mm``, and under torch.func. What a decision's key holds is in
+tests/test_signature.py; what needs a real GPU is in tests/test_gpu.py and scripts/gpu_check.py.
 """
 
 from __future__ import annotations
@@ -19,25 +19,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import gl_sig
 
 import grouped_ops
 from grouped_ops.ops import SPECS
 from grouped_ops.ops import grouped_linear as gl
-from grouped_ops.signature import Signature, applied_numerics, device_name, numerics
 from grouped_ops.tuning import settings as settings_mod
 from grouped_ops.tuning import store, timer
 
 REPO = Path(__file__).resolve().parents[1]
 GL = SPECS["grouped_linear"]
-
-
-def gl_sig(**kw: Any) -> Signature:
-    dims = {"batch": 8, "n": 4, "in": 16, "out": 16} | {k: v for k, v in kw.items() if k in ("batch", "n", "in", "out")}
-    return Signature(
-        op="grouped_linear", dims=tuple(dims.items()), dtype=kw.get("dtype", torch.bfloat16),
-        device=torch.device(kw.get("device", "cpu")),
-        layout=(("input", "contiguous"), ("weight", kw.get("weight", "contiguous")), ("bias", "yes")),
-        grad=kw.get("grad", ()))
 
 
 # ---- the timer's device ---------------------------------------------------------------------------
@@ -142,7 +133,7 @@ def test_the_cpu_budget_honours_a_cgroup_limit(tmp_path, monkeypatch):
     assert settings_mod.memory_budget(torch.device("cpu"), settings_mod.settings()) == 1000
 
 
-# ---- a decision's identity ------------------------------------------------------------------------
+# ---- keys of the cache format ---------------------------------------------------------------------
 
 def _key(*args: Any) -> str:
     return GL.signature(GL.meta(*args)).key()
@@ -150,70 +141,6 @@ def _key(*args: Any) -> str:
 
 def _args(w: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     return (torch.randn(8, 4, 16), torch.randn(4, 16, 16) if w is None else w)
-
-
-@pytest.fixture
-def restore_math():
-    precision, det = torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled()
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    yield
-    torch.set_float32_matmul_precision(precision)
-    torch.use_deterministic_algorithms(det)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-def test_float32_matmul_precision_is_in_the_key(restore_math):
-    before = _key(*_args())
-    torch.set_float32_matmul_precision("high")
-    assert _key(*_args()) != before and "math[fp32=high," in _key(*_args())
-
-
-def test_deterministic_algorithms_are_in_the_key(restore_math):
-    before = _key(*_args())
-    torch.use_deterministic_algorithms(True)
-    assert _key(*_args()) != before and "det=1]" in _key(*_args())
-
-
-def test_cuda_keys_name_tf32_and_reduced_precision_reductions(restore_math):
-    names = dict(numerics("cuda"))
-    assert set(names) == {"fp32", "tf32", "bf16red", "fp16red", "det"}
-    torch.backends.cuda.matmul.allow_tf32 = not torch.backends.cuda.matmul.allow_tf32
-    assert dict(numerics("cuda"))["tf32"] != names["tf32"]
-    assert set(dict(numerics("cpu"))) == {"fp32", "det"}  # cuBLAS switches do not touch CPU kernels
-
-
-def test_the_cpu_thread_count_is_read_live():
-    threads = torch.get_num_threads()
-    try:
-        before = _key(*_args())
-        torch.set_num_threads(threads + 1)
-        assert f" x{threads + 1}]" in _key(*_args()) and _key(*_args()) != before
-        assert device_name(torch.device("cpu")).endswith(f"x{threads + 1}")
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("layout, make", [
-    ("contiguous", lambda: torch.randn(4, 16, 16)),
-    ("transposed", lambda: torch.randn(4, 16, 16).transpose(1, 2)),
-    ("shared", lambda: torch.randn(16, 16).expand(4, 16, 16)),
-    ("chunked", lambda: torch.randn(4, 48, 16).chunk(3, dim=1)[1]),
-    ("strided", lambda: torch.randn(4, 16, 32)[..., ::2]),
-])
-def test_the_weights_group_stride_is_in_the_key_and_timed_as_such(layout, make):
-    w = make()
-    sig = GL.signature(GL.meta(torch.randn(8, 4, 16), w))
-    assert sig.layout_of("weight") == layout
-    x2, w2, _ = GL.make_inputs(sig, torch.Generator().manual_seed(0))  # the tuner's private inputs
-    assert GL.signature(GL.meta(x2, w2)) == sig
-
-
-def test_math_settings_round_trip_through_a_spec_and_can_be_applied(restore_math):
-    sig = Signature.from_spec({**gl_sig().to_spec(), "numerics": {"fp32": "medium", "det": "0"}})
-    assert dict(sig.numerics)["fp32"] == "medium" and Signature.from_spec(sig.to_spec()) == sig
-    with applied_numerics(sig):
-        assert torch.get_float32_matmul_precision() == "medium"
-    assert torch.get_float32_matmul_precision() == "highest"
 
 
 # ---- the cache format -----------------------------------------------------------------------------
@@ -364,5 +291,108 @@ def test_grouped_mm_under_torch_func():
     gx, gw = torch.func.grad(lambda x, w: gl.grouped_mm(x, w, None).square().sum(), argnums=(0, 1))(x, w)
     rx, rw = torch.func.grad(lambda x, w: gl.bmm(x, w, None).square().sum(), argnums=(0, 1))(x, w)
     torch.testing.assert_close((gx, gw), (rx, rw))
-    ys = torch.func.vmap(gl._ContiguousGrad.apply)(torch.randn(3, 4, 5))  # its own vmap rule
-    assert ys.shape == (3, 4, 5)
+    ys = torch.func.vmap(lambda y: gl._Reorder.apply(y, None, (5, 4, 6)))(torch.randn(3, 4, 5, 6))  # own vmap rule
+    assert ys.shape == (3, 5, 4, 6)
+
+
+# ---- issue 14, review items 5, 7, 8: what the tuner times is what runs, and what it leaves --------
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+@pytest.mark.parametrize("grad_kind", ["dense", "sum"])
+def test_grouped_mm_training_path_matches_a_float64_reference(bias, lead, grad_kind):
+    # the bias add writes the final [..., n, out] layout in one pass (_Reorder): forward and every
+    # gradient against the nn.Linear loop in float64
+    g = torch.Generator().manual_seed(0)
+    n, inn, out = 4, 16, 8
+    x0, w0 = torch.randn(*lead, n, inn, generator=g), torch.randn(n, out, inn, generator=g)
+    b0 = torch.randn(n, out, generator=g) if bias else None
+    upstream = torch.randn(*lead, n, out, generator=g)
+    results = []
+    for impl, dtype in ((gl.grouped_mm, torch.float32), (gl.loop, torch.float64)):
+        x, w = x0.to(dtype, copy=True).requires_grad_(), w0.to(dtype, copy=True).requires_grad_()
+        b = None if b0 is None else b0.to(dtype, copy=True).requires_grad_()
+        y = gl.REGISTRY[impl.__name__](x, w, b)
+        assert y.is_contiguous() and not y._is_view() and y.shape == (*lead, n, out)
+        (y.sum() if grad_kind == "sum" else (y * upstream.to(dtype)).sum()).backward()
+        results.append([t.double() for t in (y, x.grad, w.grad, *(() if b is None else (b.grad,)))])
+    for got, ref in zip(*results, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+class _CudaLike:
+    """Stands in for a CUDA tensor where only its address is read (``_offset_ok``)."""
+
+    def __init__(self, offset: int, itemsize: int = 2) -> None:
+        self.is_cuda, self.offset, self.itemsize = True, offset, itemsize
+
+    def storage_offset(self) -> int:
+        return self.offset
+
+    def element_size(self) -> int:
+        return self.itemsize
+
+
+def test_a_misaligned_cuda_operand_runs_bmm_not_a_copy_per_call(monkeypatch):
+    assert gl._offset_ok(torch.randn(9)[1:])  # CPU: no TMA, no alignment needed
+    assert gl._offset_ok(_CudaLike(8)) and not gl._offset_ok(_CudaLike(1))  # bf16: 8 elements = 16 bytes
+    # Simulated: the weight sits at a misaligned CUDA address (a view into a flat buffer). The tuner
+    # timed grouped_mm on aligned private operands, so the call must not add a copy it never timed.
+    x, w, b = torch.randn(5, 4, 16), torch.randn(4, 8, 16), torch.randn(4, 8)
+    monkeypatch.setattr(gl, "_offset_ok", lambda t: t.data_ptr() != w.data_ptr())
+    called = []
+    monkeypatch.setattr(gl, "_grouped_mm_op", lambda: lambda *a: called.append(a))
+    torch.testing.assert_close(gl.grouped_mm(x, w, b), gl.bmm(x, w, b))
+    assert called == []  # no grouped_mm, and no clone of the weight either
+
+
+class _FlushingCuda(_FakeCuda):
+    """A fake clock on top of _FakeCuda: each candidate call takes 1 ms, the L2 flush 5 ms."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__(monkeypatch)
+        fake, self.clock = self, 0.0
+        base = torch.cuda.Event
+
+        class Event(base):
+            def record(self, stream: Any = None) -> None:
+                super().record(stream)
+                self.t = fake.clock
+
+            def elapsed_time(self, other: Any) -> float:
+                return other.t - self.t
+
+        class Buffer:
+            def zero_(self) -> None:
+                fake.log.append("flush")
+                fake.clock += 5.0
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(timer, "l2_buffer", lambda index: fake.log.append(("buffer", index)) or Buffer())
+
+    def work(self) -> None:
+        self.log.append("call")
+        self.clock += 1.0
+
+
+def test_the_l2_flush_runs_before_every_call_and_is_not_timed(monkeypatch):
+    fake = _FlushingCuda(monkeypatch)
+    t = timer.CudaTimer(torch.device("cuda:1"), flush_l2=True)
+    assert t("bmm", fake.work, 3) == pytest.approx(1e-3)  # 1 ms a call: the 5 ms flushes not counted
+    one = ["flush", ("record", "stream-of-1", 1), "call", ("record", "stream-of-1", 1)]
+    assert fake.log == [("buffer", 1)] + one * 3
+    fake.log.clear()  # the default: back to back, no flush (docs/gpu.md says why)
+    assert timer.CudaTimer(torch.device("cuda:1"))("bmm", fake.work, 3) == pytest.approx(1e-3)
+    assert "flush" not in fake.log and fake.log.count("call") == 3
+    monkeypatch.setenv("GROUPED_OPS_TIMER_FLUSH_L2", "1")
+    assert timer.timer_for(torch.device("cuda:1")).flush_l2
+    monkeypatch.setenv("GROUPED_OPS_TIMER_FLUSH_L2", "0")
+    assert not timer.timer_for(torch.device("cuda:1")).flush_l2
+
+
+def test_the_l2_buffer_is_twice_the_devices_l2(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"L2_cache_size": 1 << 20}))
+    made = []
+    monkeypatch.setattr(torch, "empty", lambda size, dtype, device: made.append((size, dtype, device)))
+    timer.l2_buffer(2)
+    assert made == [(2 << 20, torch.uint8, torch.device("cuda", 2))]

@@ -147,3 +147,64 @@ def test_the_private_operands_count_against_the_memory_budget(monkeypatch):
         y = grouped_linear(*args())
     d = grouped_ops.lookup("grouped_linear", *args())
     assert y.shape == (8, 4, 8) and d.source == "default" and "private operands" in d.skipped["einsum"]
+
+
+# ---- what a CUDA tuning leaves reserved (issue 14, item 5), simulated ----------------------------
+
+class _Allocator:
+    """A fake CUDA caching allocator: reserved bytes per device and the empty_cache calls."""
+
+    def __init__(self, monkeypatch, reserved: int = 1000) -> None:
+        self.reserved, self.emptied, self.asked = reserved, 0, []
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: self.asked.append(i) or self.reserved)
+        monkeypatch.setattr(torch.cuda, "empty_cache", self.empty)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+
+    def empty(self) -> None:
+        self.emptied += 1
+
+
+@pytest.mark.parametrize("grow, emptied", [(500, 1), (0, 0), (-200, 0)])
+def test_a_cuda_tuning_hands_back_only_what_it_made_the_cache_reserve(monkeypatch, grow, emptied):
+    alloc = _Allocator(monkeypatch)
+
+    def fake_measure(spec, sig, *rest):  # masked_dense's workspace, say, grew the cache by `grow`
+        alloc.reserved += grow
+        return "decision", True
+
+    monkeypatch.setattr(harness, "_measure", fake_measure)
+    sig = GL.signature(GL.meta(*args()), True)
+    sig = dataclass_replace(sig, device=torch.device("cuda:1"))
+    assert harness.measure(GL, sig, settings()) == ("decision", True)
+    assert alloc.emptied == emptied and alloc.asked == [1, 1]  # the tensors' device, not the current one
+    with harness.releasing_cache(torch.device("cuda")):  # "cuda": the current device
+        alloc.reserved += 1
+    assert alloc.emptied == emptied + 1 and alloc.asked[-1] == 3
+    with harness.releasing_cache(torch.device("cpu")):  # nothing to ask on CPU
+        pass
+    assert len(alloc.asked) == 4
+
+
+def test_a_reduce_overhead_warmup_is_recognised(monkeypatch):
+    import sys
+    import types
+
+    stream = object()
+    manager = types.SimpleNamespace(in_warmup=True, stream=stream)
+    containers = {0: types.SimpleNamespace(tree_manager=manager)}
+    trees = types.SimpleNamespace(local=None, get_obj=lambda local, name: containers)
+    cuda0 = torch.device("cuda:0")
+    monkeypatch.delitem(sys.modules, "torch._inductor.cudagraph_trees", raising=False)
+    assert not harness.cudagraph_warmup(cuda0)  # never loaded: no compiled graph can be warming up
+    monkeypatch.setitem(sys.modules, "torch._inductor.cudagraph_trees", trees)
+    current = {"stream": stream}
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda i=None: current["stream"])
+    assert harness.cudagraph_warmup(cuda0)  # the tree's warm-up stream is current: inside its warm-up
+    assert not harness.cudagraph_warmup(torch.device("cuda:1"))  # another device's tree: none
+    assert not harness.cudagraph_warmup(torch.device("cpu"))
+    current["stream"] = object()  # warmed up earlier, but this call runs outside it (eager)
+    assert not harness.cudagraph_warmup(cuda0)
+    current["stream"], manager.in_warmup = stream, False  # recording or replaying: capture is refused elsewhere
+    assert not harness.cudagraph_warmup(cuda0)
+    trees.get_obj = lambda local, name: 1 / 0  # torch changed its internals: no crash, no claim
+    assert not harness.cudagraph_warmup(cuda0)

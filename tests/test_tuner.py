@@ -1,4 +1,6 @@
-"""The autotuner's rules, each checked with a fake timer: deterministic, no GPU, no real clock.
+"""The tuning protocol and its harness, each rule checked with a fake timer: deterministic, no GPU,
+no real clock. The statistic, the cuts, the time budget, close-call confirmation rounds, second
+opinions and their vote, failures (OOM, wrong numbers or gradients) and the memory budget.
 
 A fake timer is ``timer(name, fn, number) -> seconds per call``; installing one with
 ``dispatch.use_timer`` makes the tuner believe whatever the test says about each implementation.
@@ -6,109 +8,37 @@ A fake timer is ``timer(name, fn, number) -> seconds per call``; installing one 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import gc
-import json
 import logging
 import math
-import os
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from helpers import (
+    FakeTimer,
+    disk_entries,
+    gl_args,
+    gl_request,
+    lookup_source,
+    replace_impl,
+    wc_args,
+)
 
 import grouped_ops
-from grouped_ops import GroupedOpsError, dispatch, use_impl
-from grouped_ops.dispatch import resolve
+from grouped_ops import dispatch
 from grouped_ops.ops import SPECS
 from grouped_ops.recording import prewarm_signatures
 from grouped_ops.signature import Signature
-from grouped_ops.tuning import harness, store
+from grouped_ops.tuning import store
 from grouped_ops.tuning import tuner as tuner_module
-from grouped_ops.tuning.settings import settings
 from grouped_ops.tuning.tuner import tune
 
-GL, WC = SPECS["grouped_linear"], SPECS["weighted_combine"]
+GL = SPECS["grouped_linear"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-class FakeTimer:
-    """Says each implementation takes ``times[name]`` seconds (a number, or a function of how many
-    times that name has been timed), optionally raising, sleeping or really running ``fn``."""
-
-    def __init__(self, times: dict[str, Any] | None = None, *, default: float = 1e-4, run: bool = False,
-                 sleep: float = 0.0, fail: dict[str, Callable[[int], BaseException | None]] | None = None):
-        self.times, self.default, self.run, self.sleep = dict(times or {}), default, run, sleep
-        self.fail = dict(fail or {})
-        self.calls: collections.Counter[str] = collections.Counter()
-        self.results: dict[str, Any] = {}
-        self.compiling: list[bool] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, name: str, fn: Callable[[], Any], number: int) -> float:
-        with self._lock:
-            self.calls[name] += 1
-            count = self.calls[name]
-        self.compiling.append(torch.compiler.is_compiling())
-        if self.run:
-            self.results[name] = fn()
-        if self.sleep:
-            time.sleep(self.sleep)
-        if name in self.fail and (exc := self.fail[name](count)) is not None:
-            raise exc
-        t = self.times.get(name, self.default)
-        return t(count) if callable(t) else t
-
-
-@pytest.fixture
-def count_tunings(monkeypatch):
-    """How many times the dispatcher really tuned (timed candidates for) a signature."""
-    counter = collections.Counter()
-    real = harness.measure
-
-    def counting(spec, sig, s, at=None, only=None, **kwargs):
-        if only is None:  # a first tuning, not batch prewarm's second opinion
-            counter[sig.key()] += 1
-        return real(spec, sig, s, at, only, **kwargs)
-
-    monkeypatch.setattr(harness, "measure", counting)
-    return counter
-
-
-def gl_args(batch: int = 8, n: int = 4, inn: int = 8, out: int = 8, *, grad: bool = False,
-            bias: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    g = torch.Generator().manual_seed(seed)  # never the global RNG: some tests watch it
-    x = torch.randn(batch, n, inn, generator=g)
-    w = torch.randn(n, out, inn, generator=g).requires_grad_(grad)
-    b = torch.randn(n, out, generator=g).requires_grad_(grad) if bias else None
-    return x, w, b
-
-
-def wc_args(batch: int = 8, k: int = 4, f: int = 16, *, as_list: bool = False, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    if as_list:
-        inputs: Any = [torch.randn(batch, f, generator=g) for _ in range(k)]
-    else:
-        inputs = torch.randn(batch, k, f, generator=g)
-    return inputs, torch.softmax(torch.randn(batch, k, generator=g), -1)
-
-
-def replace_impl(monkeypatch, op: str, name: str, fn: Callable[..., Any]) -> None:
-    """Swap one implementation's function for the rest of the test (Implementation is frozen)."""
-    registry = SPECS[op].registry
-    monkeypatch.setitem(registry._impls, name, dataclasses.replace(registry._impls[name], fn=fn))
-
-
-def disk_entries() -> list[dict[str, Any]]:
-    return list(store.DiskStore().entries())
 
 
 # ---- picking ---------------------------------------------------------------------------------------
@@ -302,8 +232,9 @@ def test_on_cpu_a_candidate_doing_10x_a_slow_leaders_arithmetic_is_not_run(monke
         d = grouped_ops.prewarm("grouped_linear", *gl_args(batch=2, n=16, inn=4, out=4))
     assert ("masked_dense" in timer.calls) == runs
     if not runs:
-        assert d.skipped["masked_dense"] == ("predicted ~0.032s a call (16x the arithmetic of bmm, whose first call "
-                                             "took 2 ms): it cannot win")
+        # the leader's time quoted is the one its row of the table shows
+        assert d.timings["bmm"] == pytest.approx(2e-3)
+        assert d.skipped["masked_dense"] == "predicted ~0.032s a call (16x the arithmetic of bmm, 2 ms a call): it cannot win"
 
 
 def test_tune_alone_needs_no_op():
@@ -376,418 +307,7 @@ def test_tuning_never_touches_the_callers_tensors_or_rng(monkeypatch, grad):
     assert seen and not seen & {x.data_ptr(), w.data_ptr(), b.data_ptr()}
 
 
-def lookup_source(*args: Any) -> str | None:
-    d = grouped_ops.lookup("grouped_linear", *args)
-    return None if d is None else d.source
-
-
-# ---- the key -----------------------------------------------------------------------------------------
-
-def test_grad_mode_is_part_of_the_key_and_training_is_timed_forward_and_backward():
-    # The fake timer runs each candidate: a training run returns (output, *gradients).
-    def timer(name, fn, number):
-        result = fn()
-        training = len(result) > 1
-        seen.append((name, training, [tuple(t.shape) for t in result]))
-        # in inference loop is fastest, in training einsum
-        return {"loop": 1e-6 if not training else 1e-3, "einsum": 1e-6 if training else 1e-3}.get(name, 1e-4)
-
-    seen: list[Any] = []
-    x, w, b = gl_args(grad=True)
-    with dispatch.use_timer(timer):
-        with torch.no_grad():
-            grouped_ops.grouped_linear(x, w, b)
-        y = grouped_ops.grouped_linear(x, w, b)
-    y.sum().backward()
-    assert w.grad is not None and b.grad is not None
-    with torch.no_grad():
-        inference = grouped_ops.lookup("grouped_linear", x, w, b)
-    training = grouped_ops.lookup("grouped_linear", x, w, b)
-    assert inference.impl == "loop" and training.impl == "einsum"
-    assert inference.signature.grad == () and training.signature.grad == ("weight", "bias")
-    assert inference.signature.key() != training.signature.key()
-    # the training decision timed forward + backward: output plus gradients of weight and bias
-    assert any(t and shapes == [(8, 4, 8), (4, 8, 8), (4, 8)] for _, t, shapes in seen)
-    assert {e["key"].rsplit(" grad=", 1)[1] for e in disk_entries()} == {"- batch=8", "weight,bias batch=8"}
-
-
-def test_requires_grad_under_no_grad_is_inference():
-    with dispatch.use_timer(FakeTimer()), torch.no_grad():
-        d = grouped_ops.prewarm("grouped_linear", *gl_args(grad=True))
-    assert d.signature.grad == ()
-
-
-@pytest.mark.parametrize("op", ["grouped_linear", "weighted_combine"])
-def test_batch_sizes_1_to_512_tune_about_ten_times(op, count_tunings):
-    with dispatch.use_timer(FakeTimer()):
-        for batch in range(1, 513):
-            if op == "grouped_linear":
-                x = torch.randn(batch, 2, 4)
-                grouped_ops.grouped_linear(x, torch.randn(2, 4, 4))
-            else:
-                grouped_ops.weighted_combine(torch.randn(batch, 2, 4), torch.randn(batch, 2))
-    assert sum(count_tunings.values()) == 10  # 1, 2, 4, ..., 512
-    assert len(disk_entries()) == 10
-
-
-def test_exact_bucketing_mode(monkeypatch, count_tunings):
-    monkeypatch.setenv("GROUPED_OPS_BUCKETS", "exact")
-    w = torch.randn(2, 4, 4)
-    with dispatch.use_timer(FakeTimer()):
-        for batch in range(1, 41):
-            grouped_ops.grouped_linear(torch.randn(batch, 2, 4), w)
-    assert sum(count_tunings.values()) == 40
-    assert sorted(e["signature"]["dims"]["batch"] for e in disk_entries()) == list(range(1, 41))
-
-
-def test_leading_dims_fold_into_one_batch(count_tunings):
-    w = torch.randn(2, 4, 4)
-    with dispatch.use_timer(FakeTimer()):
-        grouped_ops.grouped_linear(torch.randn(4, 8, 2, 4), w)  # 32 rows
-        grouped_ops.grouped_linear(torch.randn(32, 2, 4), w)
-        grouped_ops.grouped_linear(torch.randn(2, 4), w)  # unbatched: 1 row
-    assert sorted(e["signature"]["dims"]["batch"] for e in disk_entries()) == [1, 32]
-    assert sum(count_tunings.values()) == 2
-
-
-def test_weight_layout_is_part_of_the_key():
-    x, w, b = gl_args()
-    w_t = w.transpose(1, 2).contiguous().transpose(1, 2)  # the same values stored [n, in, out]
-    with dispatch.use_timer(FakeTimer()):
-        a = grouped_ops.prewarm("grouped_linear", x, w, b)
-        t = grouped_ops.prewarm("grouped_linear", x, w_t, b)
-    assert a.signature.layout_of("weight") == "contiguous"
-    assert t.signature.layout_of("weight") == "transposed"
-    assert a.signature.key() != t.signature.key()
-
-
-# ---- when tuning is not allowed ----------------------------------------------------------------------
-
-def test_autotune_off_tunes_nothing_and_writes_nothing(monkeypatch, tmp_path, count_tunings):
-    monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")
-    timer = FakeTimer()
-    x, w, b = gl_args()
-    with dispatch.use_timer(timer):
-        y = grouped_ops.grouped_linear(x, w, b)
-        d = grouped_ops.prewarm("grouped_linear", x, w, b)
-        wc = grouped_ops.prewarm("weighted_combine", *wc_args(as_list=True))
-    torch.testing.assert_close(y, grouped_ops.grouped_linear(x, w, b, impl="loop"))
-    assert (d.impl, d.source) == ("bmm", "default")  # remembered from the call above, still a guess
-    assert (wc.impl, wc.source) == ("loop", "default")  # the documented rule for lists
-    assert not timer.calls and not count_tunings
-    assert not (tmp_path / "cache").exists()
-    dispatch.clear_memory()
-    assert grouped_ops.prewarm("grouped_linear", x, w, b).source == "default"
-
-
-def test_autotune_off_uses_the_disk_cache_and_stale_entries(monkeypatch):
-    x, w, b = gl_args()
-    with dispatch.use_timer(FakeTimer({"einsum": 1e-6})):
-        assert grouped_ops.prewarm("grouped_linear", x, w, b).impl == "einsum"
-    x2, w2, b2 = gl_args(n=2)
-    with dispatch.use_timer(FakeTimer({"loop": 1e-6})):
-        assert grouped_ops.prewarm("grouped_linear", x2, w2, b2).impl == "loop"
-    _make_stale(grouped_ops.lookup("grouped_linear", x2, w2, b2).signature.key())
-    dispatch.clear_memory()
-    monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")
-    timer = FakeTimer()
-    with dispatch.use_timer(timer):
-        fresh = grouped_ops.prewarm("grouped_linear", x, w, b)
-        stale = grouped_ops.prewarm("grouped_linear", x2, w2, b2)
-    assert (fresh.impl, fresh.source) == ("einsum", "cache")
-    assert (stale.impl, stale.source) == ("loop", "stale")  # better than a guess when we may not tune
-    assert not timer.calls
-
-
-def test_autotune_off_answers_a_new_batch_size_from_the_nearest_tuned_one(monkeypatch):
-    with dispatch.use_timer(FakeTimer({"einsum": 1e-6})):
-        grouped_ops.prewarm("grouped_linear", *gl_args(batch=64))
-    monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")
-    d = grouped_ops.prewarm("grouped_linear", *gl_args(batch=100))
-    assert (d.impl, d.source) == ("einsum", "nearest")
-    other = grouped_ops.prewarm("grouped_linear", *gl_args(batch=100, n=3))  # another family
-    assert other.source == "default"
-
-
-def test_never_tunes_while_compiling(monkeypatch, count_tunings):
-    x, w, b = gl_args()
-    timer = FakeTimer()
-    with monkeypatch.context() as m, dispatch.use_timer(timer):
-        m.setattr(torch.compiler, "is_compiling", lambda: True)
-        y = dispatch.call(GL, (x, w, b), "auto")
-    torch.testing.assert_close(y, grouped_ops.grouped_linear(x, w, b, impl="loop"))
-    assert not timer.calls and not count_tunings
-    assert grouped_ops.lookup("grouped_linear", x, w, b) is None  # a tracing-time answer is not kept
-    assert disk_entries() == []
-
-
-def test_torch_compile_does_not_tune_while_tracing():
-    x, w, b = gl_args()
-    timer = FakeTimer()
-
-    @torch.compile(backend="eager", fullgraph=True)
-    def f(x, w, b):
-        return grouped_ops.grouped_linear(x, w, b) * 2
-
-    with dispatch.use_timer(timer):
-        y = f(x, w, b)
-    torch.testing.assert_close(y, grouped_ops.grouped_linear(x, w, b, impl="loop") * 2)
-    assert not any(timer.compiling), "timed a candidate while dynamo was tracing"
-    # cold: the compiled code's custom op decided when it really ran
-    assert grouped_ops.lookup("grouped_linear", x, w, b) is not None
-
-
-def test_never_tunes_on_meta_or_fake_tensors(count_tunings):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    timer = FakeTimer()
-    with dispatch.use_timer(timer):
-        x, w, b = (t.to("meta") for t in gl_args())
-        # the dispatcher itself: the public functions trip over autocast on meta (see below)
-        assert dispatch.call(GL, (x, w, b), "auto").shape == (8, 4, 8)
-        assert dispatch.call(WC, tuple(t.to("meta") for t in wc_args()), "auto").shape == (8, 16)
-        with FakeTensorMode():
-            x, w, b = torch.empty(8, 4, 8), torch.empty(4, 8, 8), torch.empty(4, 8)
-            assert grouped_ops.grouped_linear(x, w, b).shape == (8, 4, 8)
-    assert not timer.calls and not count_tunings
-    assert disk_entries() == []
-
-
-def test_never_tunes_while_capturing_a_cuda_graph(monkeypatch):
-    # No GPU needed: a CUDA signature is only a description; ask the rule itself.
-    sig = dataclasses.replace(grouped_ops.prewarm("grouped_linear", *gl_args()).signature,
-                              device=torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert resolve._tuning_blocker(sig, None, settings(), True) == ("capturing a CUDA graph", True)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    assert resolve._tuning_blocker(sig, None, settings(), True) == (None, False)
-
-
-def test_public_ops_run_on_meta_tensors():
-    timer = FakeTimer()
-    with dispatch.use_timer(timer):
-        x, w, b = (t.to("meta") for t in gl_args())
-        assert grouped_ops.grouped_linear(x, w, b).shape == (8, 4, 8)
-        assert grouped_ops.weighted_combine(*(t.to("meta") for t in wc_args())).shape == (8, 16)
-    assert not timer.calls
-
-
-# ---- forcing -----------------------------------------------------------------------------------------
-
-@pytest.fixture
-def ran(monkeypatch):
-    """Names of the implementations that ran, in order (every one of both ops wrapped)."""
-    log: list[str] = []
-    for op in SPECS:
-        for name, implementation in list(SPECS[op].registry.items()):
-            def spy(*args, _fn=implementation.fn, _name=f"{op}.{name}"):
-                log.append(_name)
-                return _fn(*args)
-            replace_impl(monkeypatch, op, name, spy)
-    return log
-
-
-def test_use_impl_forces_in_scope_and_restores_on_exit(ran):
-    x, w, b = gl_args()
-    with dispatch.use_timer(FakeTimer({"einsum": 1e-6})):
-        grouped_ops.grouped_linear(x, w, b)  # tunes: einsum
-    ran.clear()
-    grouped_ops.grouped_linear(x, w, b)
-    with use_impl(grouped_linear="loop"):
-        grouped_ops.grouped_linear(x, w, b)
-        assert grouped_ops.prewarm("grouped_linear", x, w, b).source == "forced"
-        with use_impl("masked_dense"):  # nested: innermost wins, both ops
-            grouped_ops.grouped_linear(x, w, b)
-            grouped_ops.weighted_combine(*wc_args())
-        grouped_ops.grouped_linear(x, w, b)
-    grouped_ops.grouped_linear(x, w, b)
-    assert ran == ["grouped_linear.einsum", "grouped_linear.loop", "grouped_linear.masked_dense",
-                   "weighted_combine.masked_dense", "grouped_linear.loop", "grouped_linear.einsum"]
-
-
-def test_use_impl_restores_on_exception(ran):
-    x, w, b = gl_args()
-    with dispatch.use_timer(FakeTimer({"einsum": 1e-6})):
-        grouped_ops.grouped_linear(x, w, b)
-    with pytest.raises(KeyError), use_impl(grouped_linear="loop"):
-        grouped_ops.grouped_linear(x, w, b)
-        raise KeyError("inside")
-    ran.clear()
-    grouped_ops.grouped_linear(x, w, b)
-    assert ran == ["grouped_linear.einsum"]
-
-
-def test_use_impl_checks_names_and_support():
-    with pytest.raises(GroupedOpsError, match="use_impl: unknown impl 'bmmm'; valid options are"), use_impl("bmmm"):
-        pass
-    with pytest.raises(GroupedOpsError, match="unknown op"), use_impl(grouped_linearr="bmm"):
-        pass
-    x, w, b = gl_args(inn=6, out=6)
-    with use_impl(grouped_linear="grouped_mm"), pytest.raises(GroupedOpsError, match="not a multiple"):
-        grouped_ops.grouped_linear(x, w, b)
-
-
-def test_grouped_ops_impl_env_forces_globally(monkeypatch, ran):
-    monkeypatch.setenv("GROUPED_OPS_IMPL", "loop")
-    timer = FakeTimer({"einsum": 1e-6})
-    x, w, b = gl_args()
-    with dispatch.use_timer(timer):
-        grouped_ops.grouped_linear(x, w, b)
-        grouped_ops.weighted_combine(*wc_args())
-        d = grouped_ops.prewarm("grouped_linear", x, w, b)
-    assert ran == ["grouped_linear.loop", "weighted_combine.loop"]
-    assert (d.impl, d.source) == ("loop", "env")
-    assert grouped_ops.lookup("grouped_linear", x, w, b).source == "env"
-    assert not timer.calls and disk_entries() == []
-
-
-def test_grouped_ops_impl_env_per_op_and_typos(monkeypatch, ran):
-    monkeypatch.setenv("GROUPED_OPS_IMPL", "grouped_linear=einsum,weighted_combine=broadcast")
-    grouped_ops.grouped_linear(*gl_args())
-    grouped_ops.weighted_combine(*wc_args())
-    assert ran == ["grouped_linear.einsum", "weighted_combine.broadcast"]
-    dispatch.clear_memory()
-    monkeypatch.setenv("GROUPED_OPS_IMPL", "bmmm")
-    with pytest.raises(GroupedOpsError, match="GROUPED_OPS_IMPL"):
-        grouped_ops.grouped_linear(*gl_args())
-
-
-def test_the_env_wins_over_a_remembered_decision(monkeypatch):
-    x, w, b = gl_args()
-    with dispatch.use_timer(FakeTimer({"einsum": 1e-6})):
-        assert grouped_ops.prewarm("grouped_linear", x, w, b).impl == "einsum"
-    monkeypatch.setenv("GROUPED_OPS_IMPL", "loop")
-    assert grouped_ops.prewarm("grouped_linear", x, w, b).impl == "loop"
-
-
-# ---- threads -----------------------------------------------------------------------------------------
-
-def test_threads_first_calling_one_signature_tune_it_once(monkeypatch, count_tunings):
-    monkeypatch.setenv("GROUPED_OPS_TUNE_REPS", "1")
-    # sleep: widen the window in which a second tuning could start; bmm far ahead: no confirmation
-    timer = FakeTimer({"bmm": 1e-6}, default=1e-3, sleep=0.005)
-    barrier = threading.Barrier(8)
-    results: list[torch.Tensor] = []
-    errors: list[BaseException] = []
-    x, w, b = gl_args()
-
-    def first_call() -> None:
-        try:
-            barrier.wait()
-            results.append(grouped_ops.grouped_linear(x, w, b))
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    with dispatch.use_timer(timer):
-        threads = [threading.Thread(target=first_call) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    assert not errors
-    assert len(results) == 8 and all(torch.equal(r, results[0]) for r in results)
-    assert list(count_tunings.values()) == [1]
-    assert sum(timer.calls.values()) == len(GL.registry)  # each candidate timed once, by one thread
-
-
-# ---- persistence across processes --------------------------------------------------------------------
-
-def test_record_then_prewarm_in_another_process_then_lookup(tmp_path, monkeypatch):
-    class Model(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.heads = grouped_ops.GroupedLinear(4, 8, 8)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.heads(x)  # [b, 4, 8]
-            return grouped_ops.weighted_combine(list(h.unbind(1)), torch.softmax(h.mean(-1), -1))
-
-    model = Model()
-    x = torch.randn(24, 4, 8)
-    monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")  # recording needs no tuning
-    with grouped_ops.record() as rec:
-        with torch.no_grad():
-            model(x)
-        model(x).sum().backward()  # training: other signatures
-    assert len(rec.signatures) == 4
-    path = tmp_path / "signatures.jsonl"
-    rec.save(path)
-    assert [Signature.from_spec(json.loads(line)) for line in path.read_text().splitlines()] == rec.signatures
-
-    env = {**os.environ, "GROUPED_OPS_AUTOTUNE": "1", "GROUPED_OPS_TUNE_BUDGET_S": "0.01",
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "grouped_ops", "prewarm", "--from", str(path), "--no-progress"],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "prewarmed 4 signature(s): 4 tuned" in proc.stdout
-
-    dispatch.clear_memory()
-    chosen = {}
-    for line in proc.stdout.splitlines():
-        if line.strip().startswith("-> "):
-            chosen.setdefault(len(chosen), line.split()[1])
-    with torch.no_grad():
-        d = grouped_ops.lookup("grouped_linear", x, model.heads.weight, model.heads.bias)
-    assert d is not None and d.source == "cache" and d.impl == chosen[0]
-    assert d.timings  # every candidate's timing came along
-    trained = grouped_ops.lookup("grouped_linear", x, model.heads.weight, model.heads.bias)
-    assert trained is not None and trained.source == "cache" and trained.signature.grad == ("weight", "bias")
-
-
-def _make_stale(key: str) -> None:
-    path = store.DiskStore().path_for(key)
-    entry = json.loads(path.read_text())
-    entry["fingerprint"]["torch"] = "0.0.1"
-    path.write_text(json.dumps(entry))
-
-
-def test_an_entry_naming_an_implementation_that_no_longer_exists_is_retuned(count_tunings):
-    x, w, b = gl_args()
-    with dispatch.use_timer(FakeTimer()):
-        key = grouped_ops.prewarm("grouped_linear", x, w, b).signature.key()
-    path = store.DiskStore().path_for(key)
-    path.write_text(path.read_text().replace('"impl": "bmm"', '"impl": "renamed_away"'))
-    dispatch.clear_memory()
-    with dispatch.use_timer(FakeTimer()):
-        d = grouped_ops.prewarm("grouped_linear", x, w, b)
-    assert (d.impl, d.source) == ("bmm", "tuned")
-    assert sum(count_tunings.values()) == 2
-
-
-def test_a_stale_entry_alone_is_retuned(count_tunings):
-    a, b = gl_args(n=2), gl_args(n=3)
-    with dispatch.use_timer(FakeTimer({"einsum": 1e-6})):
-        key_a = grouped_ops.prewarm("grouped_linear", *a).signature.key()
-        key_b = grouped_ops.prewarm("grouped_linear", *b).signature.key()
-    _make_stale(key_a)
-    b_file = store.DiskStore().path_for(key_b)
-    b_before = b_file.read_text()
-    dispatch.clear_memory()
-    count_tunings.clear()
-    with dispatch.use_timer(FakeTimer({"loop": 1e-6})):
-        da = grouped_ops.prewarm("grouped_linear", *a)
-        db = grouped_ops.prewarm("grouped_linear", *b)
-    assert (da.impl, da.source) == ("loop", "tuned")
-    assert (db.impl, db.source) == ("einsum", "cache")
-    assert dict(count_tunings) == {key_a: 1}
-    assert b_file.read_text() == b_before
-    entry = store.DiskStore().get(key_a)
-    assert entry["impl"] == "loop" and entry["fingerprint"] == store.fingerprint(dispatch.impl_set_version(GL))
-
-
-def test_decision_sources():
-    x, w, b = gl_args()
-    with dispatch.use_timer(FakeTimer()):
-        assert grouped_ops.lookup("grouped_linear", x, w, b) is None
-        assert grouped_ops.prewarm("grouped_linear", x, w, b).source == "tuned"
-        assert grouped_ops.prewarm("grouped_linear", x, w, b).source == "cache"  # memory
-        dispatch.clear_memory()
-        assert grouped_ops.lookup("grouped_linear", x, w, b).source == "cache"  # disk
-        assert grouped_ops.prewarm("grouped_linear", x, w, b).source == "cache"
-    d = grouped_ops.prewarm("grouped_linear", x, w, b)
-    assert str(d).startswith("bmm (cache) for grouped_linear(batch=8")
-    assert "bmm" in d.table() and "*" in d.table()
-
+# ---- the documentation's examples --------------------------------------------------------------------
 
 def test_autotuner_doc_runs(tmp_path, monkeypatch):
     """Every ```python block of docs/autotuner.md, top to bottom, in one namespace."""
@@ -801,14 +321,7 @@ def test_autotuner_doc_runs(tmp_path, monkeypatch):
     assert (tmp_path / "signatures.jsonl").exists()
 
 
-def test_decisions_are_logged_and_printed_on_request(monkeypatch, capsys, caplog):
-    monkeypatch.setenv("GROUPED_OPS_VERBOSE", "1")
-    with caplog.at_level(logging.INFO, logger="grouped_ops"), dispatch.use_timer(FakeTimer({"einsum": 1e-6})):
-        grouped_ops.grouped_linear(*gl_args())
-    line = "-> einsum (tuned)"
-    assert line in capsys.readouterr().err
-    assert any(line in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
-
+# ---- close calls: paired confirmation rounds ---------------------------------------------------------
 
 def test_a_close_call_gets_paired_confirmation_samples():
     # einsum looks 10% behind in the rounds but is faster in the paired confirmation samples
@@ -928,39 +441,6 @@ def test_rounds_change_order_so_one_candidates_after_effects_do_not_always_hit_t
 
 # ---- batch prewarm: a second opinion on close calls ----------------------------------------------------
 
-@pytest.fixture
-def tunings(monkeypatch):
-    """Counts the tunings (timings of candidates for a signature) and which candidates each timed;
-    ``tunings.timer(tables)`` is a fake timer whose times come from ``tables[i]`` during tuning i."""
-
-    class Tunings:
-        def __init__(self) -> None:
-            self.only: list[frozenset[str] | None] = []  # what each tuning timed: None for every candidate
-            self.batches: list[int] = []  # the batch size each tuning timed at
-
-        def timer(self, tables: list[dict[str, float]], default: float = 1e-3) -> FakeTimer:
-            return FakeTimer({name: (lambda count, name=name: tables[min(len(self.only), len(tables)) - 1]
-                                     .get(name, default))
-                              for name in {n for t in tables for n in t}}, default=default)
-
-    seen = Tunings()
-    real = harness.measure
-
-    def measuring(spec, sig, s, at=None, only=None, **kwargs):
-        seen.only.append(None if only is None else frozenset(only))
-        seen.batches.append((at or sig).dim("batch"))
-        return real(spec, sig, s, at, only, **kwargs)
-
-    monkeypatch.setattr(harness, "measure", measuring)
-    return seen
-
-
-def gl_request(batch: int = 8, **kwargs: Any) -> tuple[Signature, Signature]:
-    with grouped_ops.record() as rec, use_impl("loop"):
-        grouped_ops.grouped_linear(*gl_args(batch, **kwargs))
-    return rec.requests()[0]
-
-
 def test_a_close_call_is_tuned_again_and_the_majority_kept(tunings):
     # The first tuning (a busy spell) sees einsum 5% ahead; the next two see bmm 10% ahead.
     first, later = {"bmm": 1.0e-4, "einsum": 0.95e-4}, {"bmm": 1.0e-4, "einsum": 1.1e-4}
@@ -1003,15 +483,6 @@ def test_second_opinions_come_after_every_first_tuning(tunings):
     with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
         prewarm_signatures([gl_request(8), gl_request(64), gl_request(512)])
     assert tunings.batches == [8, 64, 512, 8, 64, 512]  # a whole pass apart, not back to back
-
-
-def test_a_signature_already_known_is_not_tuned_again(tunings):
-    request = gl_request()
-    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
-        prewarm_signatures([request])
-        assert len(tunings.only) == 2
-        (d,) = prewarm_signatures([request])
-    assert (d.source, d.opinions, len(tunings.only)) == ("cache", ("bmm", "bmm"), 2)
 
 
 def test_without_a_majority_the_best_median_relative_time_wins():
@@ -1057,51 +528,3 @@ def test_a_call_between_the_first_tuning_and_the_vote_does_not_keep_the_first_pi
     ran.clear()
     grouped_ops.grouped_linear(x, w, b)
     assert ran == ["grouped_linear.bmm"]
-
-
-def test_a_recording_tunes_each_bucket_at_its_first_calls_batch(tunings, tmp_path):
-    with grouped_ops.record() as rec, use_impl("loop"):
-        for batch in (300, 400, 8):  # 300 and 400 share the bucket 512
-            grouped_ops.grouped_linear(*gl_args(batch))
-    assert [(s.dim("batch"), at.dim("batch")) for s, at in rec.requests()] == [(512, 300), (8, 8)]
-    path = tmp_path / "signatures.jsonl"
-    rec.save(path)
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [(line["dims"]["batch"], line["tune_at_batch"]) for line in lines] == [(512, 300), (8, 8)]
-    from grouped_ops.cli import signatures_from_file
-    assert signatures_from_file(path) == rec.requests()
-
-    with dispatch.use_timer(tunings.timer([{"bmm": 1e-4}])):
-        decisions = rec.prewarm()
-    assert tunings.batches == [300, 8]  # not 512, the bucket's edge
-    assert [d.signature.dim("batch") for d in decisions] == [512, 8]
-
-
-@pytest.mark.parametrize("bad", [0, 200, 513, "300", True])
-def test_a_recorded_file_with_a_batch_outside_its_bucket_is_refused(tmp_path, bad):
-    from grouped_ops.cli import signatures_from_file
-    sig, _ = gl_request(300)
-    path = tmp_path / "signatures.jsonl"
-    path.write_text("# a comment\n" + json.dumps({**sig.to_spec(), "tune_at_batch": bad}) + "\n")
-    with pytest.raises(GroupedOpsError, match=r"signatures.jsonl:2: tune_at_batch=.* batch=512"):
-        signatures_from_file(path)
-    path.write_text(json.dumps(sig.to_spec()) + "\n")  # files saved before tune_at_batch: the bucket's size
-    assert signatures_from_file(path) == [(sig, None)]
-
-
-def test_cli_prewarm_tunes_at_the_given_batch_and_tunes_close_calls_again(tunings, capsys):
-    from grouped_ops.cli import main
-    argv = ["prewarm", "grouped_linear", "--batch", "300", "8", "--groups", "4", "--in", "8", "--out", "8",
-            "--no-progress"]
-    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
-        assert main(argv) == 0
-    assert tunings.batches == [300, 8, 300, 8]
-    out = capsys.readouterr().out
-    assert "(picks of 2 tunings: bmm, bmm)" in out
-    assert "prewarmed 2 signature(s): 2 tuned (2 close call(s) tuned again)" in out
-    dispatch.clear_memory()
-    store.DiskStore().clear()
-    tunings.batches.clear()
-    with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
-        assert main([*argv, "--single-opinion"]) == 0
-    assert tunings.batches == [300, 8]

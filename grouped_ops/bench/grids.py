@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-GL, WC, SEED = "grouped_linear", "weighted_combine", "seed"
+from ..ops.grouped_linear import OP as GL
+from ..ops.weighted_combine import OP as WC
+
+SEED = "seed"
 # the name users give the claims check (--ops claims); "seed" (its key in JSON outputs) is accepted too
 CLAIMS = "claims"
 PASSES = ("fwd", "fwdbwd")

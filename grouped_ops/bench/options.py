@@ -59,9 +59,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help="weighted_combine [batch x features] shapes, e.g. 16x64x32x32,256x1024")
     g.add_argument("--variants", type=_names,
                    help="only these columns (implementation names, auto, peer names)")
-    g.add_argument("--check-claims", "--check-seed", dest="check_claims", action="store_true",
+    g.add_argument("--check-claims", dest="check_claims", action="store_true",
                    help=f"run only the masked_dense claims check (same as --ops {CLAIMS}): is a "
                         "block-diagonal dense matmul ~10x faster than the loop at small batch?")
+    g.add_argument("--check-seed", dest="check_claims", action="store_true", help=argparse.SUPPRESS)  # old name
     t = parser.add_argument_group("timing")
     t.add_argument("--cell-time", type=float, help="seconds of timing per cell (cap); default per grid")
     t.add_argument("--max-gflop", type=float,

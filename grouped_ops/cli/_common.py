@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,27 +13,14 @@ from typing import Any
 import torch
 
 from .._errors import GroupedOpsError
-from ..ops import SPECS
+from ..ops import SPECS, OpSpec
 from ..signature import Signature, bucket, bucketing_mode, parse_dtype
 from ..tuning import store
-
-OPS = tuple(SPECS)
 
 
 def cache_folder() -> Path:
     """The folder the user cache's entries are in: what every command prints as "cache folder"."""
     return store.DiskStore().root
-
-
-def bucket_note(sig: Signature) -> str:
-    """Says that a signature's batch size is a bucket's edge (empty when it is an exact size)."""
-    if bucketing_mode() != "pow2" or "batch" not in dict(sig.dims):
-        return ""
-    edge = sig.dim("batch")
-    if edge <= 2:
-        return ""
-    return (f"batch={edge} is a bucket: batch sizes {edge // 2 + 1}..{edge} share this decision "
-            "(GROUPED_OPS_BUCKETS=exact keys every size)")
 
 
 def positive(text: str) -> int:
@@ -44,56 +30,31 @@ def positive(text: str) -> int:
     return value
 
 
-def features(text: str) -> int:
-    """``1024`` or ``32x8x8`` (the feature dims of one branch output, multiplied)."""
-    try:
-        value = math.prod(int(p) for p in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"features must look like 1024 or 32x8x8, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"features must be positive, got {text!r}")
-    return value
-
-
-
 # ---- signatures from the command line ------------------------------------------------------------
 
 def add_signature_commands(parser: argparse.ArgumentParser, *, many_batches: bool, required: bool,
                             flags: Callable[[argparse.ArgumentParser, Any], None]) -> None:
-    """One sub-command per op, with its size flags. ``flags`` adds the command's own flags to each,
+    """One sub-command per op (``OpSpec.cli``), with its size flags. ``flags`` adds the command's own flags to each,
     so they work after the op name too (SUPPRESS: not given there, the command's value stands)."""
     ops = parser.add_subparsers(title="op", metavar="OP", dest="op", required=required)
     batch_kw: dict[str, Any] = {"nargs": "+"} if many_batches else {}
     batch_help = "batch size(s): every leading dim folded into one" if many_batches else "batch size"
-
-    gl = ops.add_parser("grouped_linear", help="input [batch, groups, in] -> [batch, groups, out]")
-    gl.add_argument("--batch", type=positive, required=True, help=batch_help, **batch_kw)
-    gl.add_argument("--groups", "-n", type=positive, required=True, help="number of groups n")
-    gl.add_argument("--in", dest="in_features", type=positive, required=True, help="input features per group")
-    gl.add_argument("--out", dest="out_features", type=positive, required=True,
-                    help="output features per group")
-    gl.add_argument("--no-bias", action="store_true", help="bias=None")
-    gl.add_argument("--weight-layout", choices=("contiguous", "transposed", "chunked", "shared", "strided"),
-                    default="contiguous",
-                    help="contiguous [n, out, in]; transposed: W.transpose(1, 2) of an [n, in, out] tensor; "
-                    "chunked: groups further apart than out*in; shared: one weight expanded to n groups")
-    gl.add_argument("--input-layout", choices=("contiguous", "strided"), default="contiguous",
-                    help="contiguous [batch, n, in]; strided: a [batch, n, in] view of an [n, batch, in] tensor")
-    gl.add_argument("--grad", action="store_true", help="training: weight and bias need gradients")
-    gl.add_argument("--grad-input", action="store_true", help="training: the input needs a gradient too")
-    _add_common(gl)
-    flags(gl, argparse.SUPPRESS)
-
-    wc = ops.add_parser("weighted_combine", help="k inputs [batch, *features] and weights [batch, k]")
-    wc.add_argument("--batch", type=positive, required=True, help=batch_help, **batch_kw)
-    wc.add_argument("--k", type=positive, required=True, help="number of inputs (branches) combined")
-    wc.add_argument("--features", type=features, required=True,
-                    help="the feature dims of one input, e.g. 1024 or 32x8x8")
-    wc.add_argument("--list", action="store_true", help="a list of k tensors instead of one stacked tensor")
-    wc.add_argument("--non-contiguous", action="store_true", help="inputs are transposed views")
-    wc.add_argument("--grad", action="store_true", help="training: inputs and weights need gradients")
-    _add_common(wc)
-    flags(wc, argparse.SUPPRESS)
+    for spec in SPECS.values():
+        if spec.cli is None:
+            continue
+        sub = ops.add_parser(spec.name, help=spec.cli.help)
+        sub.add_argument("--batch", type=positive, required=True, help=batch_help, **batch_kw)
+        for flag in spec.cli.flags:
+            if flag.dim is not None:
+                sub.add_argument(*flag.names, dest=flag.dest, type=flag.type or positive, required=True,
+                                 metavar=flag.dest.removeprefix("op_").upper(), help=flag.help)
+            elif flag.choices:
+                sub.add_argument(*flag.names, dest=flag.dest, choices=flag.choices, default=flag.choices[0],
+                                 help=flag.help)
+            else:
+                sub.add_argument(*flag.names, dest=flag.dest, action="store_true", help=flag.help)
+        _add_common(sub)
+        flags(sub, argparse.SUPPRESS)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +85,7 @@ def signatures_from_args(args: argparse.Namespace) -> list[tuple[Signature, Sign
     for batch in batches:
         # Shape-only stand-ins on the meta device go through the op's own description, so the
         # key is the one a real call makes; then the real device is put in.
-        call_args = _meta_args(args, batch, dtype)
+        call_args = _meta_args(spec, args, batch, dtype)
         spec.validate(*call_args)
         with torch.enable_grad():
             m = spec.meta(*call_args)
@@ -134,31 +95,20 @@ def signatures_from_args(args: argparse.Namespace) -> list[tuple[Signature, Sign
     return requests
 
 
-def _meta_args(args: argparse.Namespace, batch: int, dtype: torch.dtype) -> tuple[Any, ...]:
-    def empty(*shape: int, grad: bool = False) -> torch.Tensor:
-        return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
-
-    if args.op == "grouped_linear":
-        n, inn, out = args.groups, args.in_features, args.out_features
-        gin, gparam = args.grad_input, args.grad
-        x = empty(batch, n, inn, grad=gin) if args.input_layout == "contiguous" else \
-            empty(n, batch, inn, grad=gin).transpose(0, 1)
-        if args.weight_layout == "contiguous":
-            w = empty(n, out, inn, grad=gparam)
-        elif args.weight_layout == "transposed":
-            w = empty(n, inn, out, grad=gparam).transpose(1, 2)
-        else:
-            w = empty(n, out, 2 * inn, grad=gparam)[..., ::2]
-        b = None if args.no_bias else empty(n, out, grad=gparam)
-        return (x, w, b)
-    k, f = args.k, args.features
-    if args.list:
-        inputs: Any = tuple(empty(batch, f, grad=args.grad) if not args.non_contiguous
-                            else empty(f, batch, grad=args.grad).t() for _ in range(k))
-    else:
-        inputs = empty(batch, k, f, grad=args.grad) if not args.non_contiguous else \
-            empty(k, batch, f, grad=args.grad).transpose(0, 1)
-    return (inputs, empty(batch, k, grad=args.grad))
+def _meta_args(spec: OpSpec, args: argparse.Namespace, batch: int, dtype: torch.dtype) -> tuple[Any, ...]:
+    """Shape-only arguments (meta device) laid out as the op's flags say."""
+    assert spec.cli is not None
+    dims, layout, grad = [("batch", batch)], [], []
+    for flag in spec.cli.flags:
+        value = getattr(args, flag.dest)
+        if flag.dim is not None:
+            dims.append((flag.dim, value))
+        elif flag.layout is not None:
+            layout.append((flag.layout, flag.switch[bool(value)] if flag.switch else value))
+        elif value:
+            grad += flag.grad
+    sig = Signature(spec.name, tuple(dims), dtype, torch.device("meta"), tuple(layout), tuple(grad))
+    return spec.make_inputs(sig, torch.Generator().manual_seed(0))
 
 
 def signatures_from_file(path: Path) -> list[tuple[Signature, Signature | None]]:
@@ -181,7 +131,7 @@ def signatures_from_file(path: Path) -> list[tuple[Signature, Signature | None]]
         except GroupedOpsError as e:
             raise GroupedOpsError(f"prewarm: {path}:{number}: {e}") from None
         if sig.op not in SPECS:
-            raise GroupedOpsError(f"prewarm: {path}:{number}: unknown op {sig.op!r}; valid ops are {list(OPS)}")
+            raise GroupedOpsError(f"prewarm: {path}:{number}: unknown op {sig.op!r}; valid ops are {list(SPECS)}")
         device(str(sig.device))
         at = spec.get("tune_at_batch")
         batch = sig.dim("batch")

@@ -77,7 +77,7 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
             chosen = _matching(entries, args.filter) if args.filter else entries
             print(f"{path.name}: {len(entries)} entries")
             for e in chosen:
-                print(f"  {e['impl']:<14} {_status(e):<6} {e['key']}")
+                print(f"  {e['impl']:<{IMPL_WIDTH}} {_status(e):<6} {e['key']}")
         if tables:
             print(BUCKET_LEGEND)
         return 0
@@ -87,11 +87,22 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     print(f"cache folder: {disk.root}")
     print(f"{len(chosen)} of {len(entries)} entries" + (f" matching {args.filter!r}" if args.filter else ""))
     for e in sorted(chosen, key=lambda e: e["key"]):
-        print(f"  {e['impl']:<14} {_status(e):<6} {e['key']}")
+        print(f"  {e['impl']:<{IMPL_WIDTH}} {_status(e):<6} {e['key']}")
     if chosen:
         print(BUCKET_LEGEND)
+    elif shipped := _shipped_matches(args.filter):
+        print(f"({shipped} in the shipped tables: `cache list --shipped{' ' + args.filter if args.filter else ''}`)")
     return 0
 
+
+def _shipped_matches(text: str) -> int:
+    """How many shipped entries match ``text`` (every one when empty): what an empty user cache hints at."""
+    entries = [e for _, table in _shipped() for e in table]
+    return len(_matching(entries, text) if text else entries)
+
+
+# The widest implementation name, so that the columns line up.
+IMPL_WIDTH = max(len(name) for spec in SPECS.values() for name in spec.registry)
 
 # Keys show a bucket by its edge; say so once under every listing of keys.
 BUCKET_LEGEND = ("(batch=B in a key is a bucket: batch sizes B/2+1..B share its decision; "
@@ -109,6 +120,8 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
     chosen = _matching(entries, args.filter)
     if not chosen:
         print(f"no entry matches {args.filter!r} in {where} ({len(entries)} entries)")
+        if not args.shipped and (shipped := _shipped_matches(args.filter)):
+            print(f"{shipped} in the shipped tables: `cache show --shipped {args.filter}`")
         return 1
     for e in sorted(chosen, key=lambda e: e["key"]):
         print(e["key"])
@@ -120,6 +133,7 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
                      dict(e.get("skipped", {})), opinions=tuple(map(str, e.get("opinions", ()))))
         print(d.table() or "  (no timings: a single candidate, nothing to compare)")
         print()
+    print(BUCKET_LEGEND)
     return 0
 
 

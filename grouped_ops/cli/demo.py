@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"1. grouped_linear: {n} x nn.Linear({inn}, {out}) on input [{batch}, {n}, {inn}]")
     with torch.no_grad():
-        decision = prewarm("grouped_linear", x, weight, bias)
+        decision = prewarm(grouped_linear, x, weight, bias)
         _report_match(loop(), grouped(), dtype)
         _report_decision(decision)
         chosen = _forced(decision, lambda impl: grouped_linear(x, weight, bias, impl=impl))
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             grouped_linear(x, wp, bp).sum().backward()
 
         print("\n   training (forward + backward), decided separately:")
-        decision = prewarm("grouped_linear", x, wp, bp)
+        decision = prewarm(grouped_linear, x, wp, bp)
         _report_decision(decision)
         chosen = _forced(decision, lambda impl: grouped_linear(x, wp, bp, impl=impl).sum().backward())
         t = _side_by_side({"ModuleList loop": loop_train, "grouped_linear (auto)": grouped_train, **chosen}, dev)
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"\n2. weighted_combine: {k} branch outputs [{batch}, {c}, {hw}, {hw}] mixed by weights [{batch}, {k}]")
     with torch.no_grad():
-        decision = prewarm("weighted_combine", outs, w)
+        decision = prewarm(weighted_combine, outs, w)
         _report_match(stack_sum(), combine(), dtype)
         _report_decision(decision)
         chosen = _forced(decision, lambda impl: weighted_combine(outs, w, impl=impl))
@@ -150,9 +151,11 @@ def _side_by_side(fns: dict[str, Callable[[], Any]], dev: torch.device, seconds:
     once = max(time.perf_counter() - start, 1e-6)
     number = max(1, int(2e-3 / once * len(fns)))  # each sample lasts ~2 ms
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = random.Random(0)  # a new order every round: what one function leaves behind (the
+    # baseline's large temporaries) must not always slow the same next one (measured: 3.9x)
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(next(iter(samples.values()))) < 5:
-        for name, fn in fns.items():
+        for name in order.sample(list(fns), len(fns)):
             sync()
-            samples[name].append(timer(name, fn, number))
+            samples[name].append(timer(name, fns[name], number))
     return {name: statistics.median(v) for name, v in samples.items()}

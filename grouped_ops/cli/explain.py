@@ -9,9 +9,9 @@ from .. import dispatch
 from ..decision import Decision
 from ..ops import SPECS
 from ..ops._spec import OpSpec
-from ..signature import Signature, bucketing_mode
+from ..signature import Signature, bucket_note, bucketing_mode
 from ..tuning.settings import memory_budget, settings
-from ._common import add_signature_commands, bucket_note, signatures_from_args
+from ._common import add_signature_commands, signatures_from_args
 
 
 def add_parser(sub: Any) -> None:
@@ -68,8 +68,9 @@ def explain_table(spec: OpSpec, sig: Signature, decision: Decision | None, budge
     timings = dict(decision.timings) if decision else {}
     skipped = dict(decision.skipped) if decision else {}
     best = min(timings.values(), default=0.0)
-    rows = [f"   {'implementation':<14} {'median':>12}  {'vs best':>7}  notes",
-            f"   {'-' * 14} {'-' * 12}  {'-' * 7}  {'-' * 5}"]
+    w = max(14, *(len(n) for n in (*spec.registry, *skipped)))
+    rows = [f"   {'implementation':<{w}} {'median':>12}  {'vs best':>7}  notes",
+            f"   {'-' * w} {'-' * 12}  {'-' * 7}  {'-' * 5}"]
     for name, implementation in spec.registry.items():
         mark = "*" if decision is not None and name == decision.impl else " "
         need = implementation.extra_memory(sig)
@@ -89,12 +90,12 @@ def explain_table(spec: OpSpec, sig: Signature, decision: Decision | None, budge
         if name in timings:
             t = timings[name]
             ratio = f"x{t / best:.2f}" if best else ""
-            rows.append(f" {mark} {name:<14} {t * 1e6:>9.1f} us  {ratio:>7}  {'; '.join(notes)}")
+            rows.append(f" {mark} {name:<{w}} {t * 1e6:>9.1f} us  {ratio:>7}  {'; '.join(notes)}")
         else:
-            rows.append(f" {mark} {name:<14} {'-':>12}  {'':>7}  {'; '.join(notes)}")
+            rows.append(f" {mark} {name:<{w}} {'-':>12}  {'':>7}  {'; '.join(notes)}")
     for name, why in skipped.items():
         if name not in spec.registry:
-            rows.append(f"   {name:<14} {'':>12}  {'':>7}  {why}")
+            rows.append(f"   {name:<{w}} {'':>12}  {'':>7}  {why}")
     return "\n".join(rows)
 
 

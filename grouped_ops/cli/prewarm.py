@@ -10,11 +10,11 @@ from typing import Any
 from .. import recording
 from .._errors import GroupedOpsError
 from ..decision import Decision
+from ..signature import bucket_note
 from ..tuning import store
 from ..tuning.settings import settings
 from ._common import (
     add_signature_commands,
-    bucket_note,
     cache_folder,
     signatures_from_args,
     signatures_from_file,

@@ -34,7 +34,7 @@ from .._errors import GroupedOpsError
 from ..decision import MEASURED, Decision
 from ..ops._spec import OpSpec
 from ..registry import Implementation
-from ..signature import Signature
+from ..signature import Signature, bucket_note
 from ..tuning import harness
 from ..tuning import store as _store
 from ..tuning.settings import Settings, memory_budget, settings
@@ -290,6 +290,8 @@ def _tuning_blocker(sig: Signature, args: tuple[Any, ...] | None, s: Settings,
         return "inside a torch.func transform (vmap, grad, jvp, ...)", True
     if _capturing(sig):
         return "capturing a CUDA graph", True
+    if sig.device_type == "cuda" and harness.cudagraph_warmup(sig.device):
+        return "warming up a CUDA graph (torch.compile mode='reduce-overhead')", True
     if args is not None and _has_fake(args):
         return "fake tensors", True
     if sig.device_type == "meta":  # shape-only runs (e.g. building a model on meta): nothing to time
@@ -348,6 +350,8 @@ def _recalled(d: Decision) -> Decision:
 
 def announce(d: Decision, s: Settings) -> None:
     line = f"grouped_ops: {d.signature} -> {d.impl} ({d.source}{', provisional' if d.provisional else ''})"
+    if d.signature is not None and (note := bucket_note(d.signature)):
+        line = f"{line}; {note}"
     log.info(line)
     if s.verbose:
         print(line, file=sys.stderr)

@@ -1,9 +1,60 @@
-"""One module per op; this package maps op names to their specs and registries."""
+"""One module per op; this package maps op names to their specs and registries.
+
+An op is one module that builds an :class:`OpSpec` and passes it to :func:`register`; everything
+else (dispatch, torch.compile and its custom op, prewarm and lookup, explain, the CLI, the testing
+helpers) finds it here by name and asks the spec. ``functional.op_function(spec)`` makes its public
+function.
+"""
 
 from __future__ import annotations
 
-from . import grouped_linear, weighted_combine
-from ._spec import OpSpec
+from collections.abc import Callable
 
-SPECS: dict[str, OpSpec] = {m.OP: m.SPEC for m in (grouped_linear, weighted_combine)}
-REGISTRIES = {name: spec.registry for name, spec in SPECS.items()}
+from .._errors import GroupedOpsError
+from ..registry import Registry
+from . import grouped_linear, weighted_combine
+from ._spec import Arg, Cli, Flag, OpSpec
+
+__all__ = ["REGISTRIES", "SPECS", "Arg", "Cli", "Flag", "OpSpec", "on_register", "register", "unregister"]
+
+SPECS: dict[str, OpSpec] = {}
+REGISTRIES: dict[str, Registry] = {}
+# Called with each spec registered from now on (grouped_ops._custom_ops defines its custom op).
+on_register: list[Callable[[OpSpec], None]] = []
+
+
+def register(spec: OpSpec) -> OpSpec:
+    """Make ``spec`` an op of the library, found by its name everywhere; returns it.
+
+    Its custom op ``grouped_ops::<name>_auto`` (what torch.compile emits where nothing is decided)
+    is defined as it is registered. Registering the same spec again does nothing.
+
+    Raises:
+        GroupedOpsError: the name is not an identifier, another spec has it, or the spec lacks
+            ``arguments``, ``fake`` or ``backward`` (the custom op needs them).
+    """
+    known = SPECS.get(spec.name)
+    if known is spec:
+        return spec
+    if known is not None:
+        raise GroupedOpsError(f"register: another op is registered as {spec.name!r}; unregister it first")
+    if not spec.name.isidentifier():
+        raise GroupedOpsError(f"register: op name {spec.name!r} must be a Python identifier")
+    if not spec.arguments or spec.fake is None or spec.backward is None:
+        raise GroupedOpsError(f"register: {spec.name} needs arguments, fake and backward (its custom op's)")
+    for hook in on_register:
+        hook(spec)
+    SPECS[spec.name] = spec
+    REGISTRIES[spec.name] = spec.registry
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Forget the op ``name`` (tests that register ops of their own). Its custom op stays defined
+    (torch.library keeps it); a spec registered under that name again uses it."""
+    SPECS.pop(name, None)
+    REGISTRIES.pop(name, None)
+
+
+for _module in (grouped_linear, weighted_combine):
+    register(_module.SPEC)

@@ -91,3 +91,32 @@ def is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 def random_like(shape: tuple[int, ...], sig_dtype: torch.dtype, device: torch.device,
                 generator: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, dtype=sig_dtype, device=device, generator=generator)
+
+
+# ---- what follows from an op's list of arguments (OpSpec.arguments) --------------------------------
+
+def normalize_call(op: str, arguments: tuple[Any, ...], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   who: str) -> tuple[Any, ...]:
+    """The op's positional arguments from ``args`` and ``kwargs`` (which it empties of them); a list
+    given for a sequence argument becomes a tuple."""
+    names = [a.name for a in arguments]
+    values = dict(zip(names, args, strict=False))
+    for name in list(kwargs):
+        if name in names and name not in values:
+            values[name] = kwargs.pop(name)
+    required = {a.name for a in arguments if not a.optional}
+    if kwargs or len(args) > len(names) or not required <= values.keys():
+        shown = ", ".join(a.name + ("=None" if a.optional else "") for a in arguments)
+        raise fail(op, f"{who}: takes ({shown}), got {len(args)} positional and "
+                       f"{sorted(kwargs)} keyword arguments")
+    out = [values.get(a.name) for a in arguments]
+    return tuple(tuple(v) if a.many and isinstance(v, list) else v for a, v in zip(arguments, out, strict=True))
+
+
+def grad_tensors(arguments: tuple[Any, ...], sig: Any, args: tuple[Any, ...]) -> list[torch.Tensor]:
+    """The tensors among ``args`` whose argument ``sig.grad`` names, in argument order."""
+    out: list[torch.Tensor] = []
+    for a, value in zip(arguments, args, strict=False):
+        if a.name in sig.grad:
+            out += list(value) if isinstance(value, (tuple, list)) else [value]
+    return out

@@ -15,16 +15,16 @@ import torch.nn.functional as F
 
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
+from ._block_diagonal_linear import _BlockDiagonalLinear, _BlockDiagonalLinearWithJvp
 from ._common import (
     check_dtypes_devices,
     fail,
     is_contiguous,
     may_write_into,
-    own_tensor,
     random_like,
     tensor_meta,
 )
-from ._spec import OpSpec
+from ._spec import Arg, Cli, Flag, OpSpec
 
 OP = "grouped_linear"
 Tensor = torch.Tensor
@@ -89,82 +89,10 @@ def bmm_weight_left(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return yt.permute(2, 0, 1).reshape(*lead, n, out)  # the output contract makes it contiguous
 
 
-
-
-
 def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # Seed 000's "partitioned linear": one dense matmul over a block-diagonal [n*out, n*in] weight.
     function = _BlockDiagonalLinear if torch.compiler.is_compiling() else _BlockDiagonalLinearWithJvp
     return function.apply(x, w, b)
-
-
-def _block_diagonal_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    lead, rows, n, out, inn = _split(x, w)
-    # The weight is copied onto the diagonal of zeros (not multiplied by a mask), so inf/nan in one
-    # group's weight cannot leak into another as 0*inf. The zeros derive from w so that under
-    # torch.func.vmap they are batched like w and the in-place copy is allowed.
-    block = torch.zeros_like(w)[:, :, None, :].expand(n, out, n, inn).contiguous()
-    torch.diagonal(block, dim1=0, dim2=2).copy_(w.permute(1, 2, 0))
-    x2, block2 = x.reshape(rows, n * inn), block.reshape(n * out, n * inn)
-    if not may_write_into(x, w, *(() if b is None else (b,))):
-        y = F.linear(x2, block2, None if b is None else b.reshape(n * out))
-        return own_tensor(y, (*lead, n, out))
-    result = x.new_empty(*lead, n, out)
-    flat = result.view(rows, n * out)
-    if b is None:
-        torch.mm(x2, block2.t(), out=flat)
-    else:
-        torch.addmm(b.reshape(n * out), x2, block2.t(), out=flat)
-    return result
-
-
-class _BlockDiagonalLinear(torch.autograd.Function):
-    """masked_dense: forward as one dense matmul; gradients group by group.
-
-    The dense backward would multiply the incoming gradient by the zero blocks, so a non-finite
-    gradient of one group (an ensemble member that diverged) would reach every group of its sample;
-    per-group gradients keep it where the ``nn.Linear`` loop keeps it, and do n times less work.
-    (A non-finite *input* still spreads in the forward: see docs/grouped_linear.md.)
-    """
-
-    generate_vmap_rule = True  # forward and backward are plain torch ops: torch.func derives the rule
-
-    @staticmethod
-    def forward(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return _block_diagonal_linear(x, w, b)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, w, b = inputs
-        ctx.save_for_backward(x, w)
-        ctx.save_for_forward(x, w)
-        ctx.has_bias = b is not None
-        ctx.out_shape = output.shape
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, w = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        gx = torch.einsum("...no,noi->...ni", grad, w) if need_x else None
-        gw = torch.einsum("...no,...ni->noi", grad, x) if need_w else None
-        gb = (grad if grad.dim() == 2 else grad.flatten(0, -3).sum(0)) if need_b and ctx.has_bias else None
-        return gx, gw, gb
-
-
-class _BlockDiagonalLinearWithJvp(_BlockDiagonalLinear):
-    """_BlockDiagonalLinear with forward-mode AD (torch.func.jvp); dynamo cannot trace a custom jvp, so
-    compiled code uses the plain class."""
-
-    @staticmethod
-    def jvp(ctx: Any, x_t: Tensor | None, w_t: Tensor | None, b_t: Tensor | None) -> Tensor:
-        x, w = ctx.saved_tensors  # the output is linear in each argument
-        terms = [t for t in (None if x_t is None else torch.einsum("...ni,noi->...no", x_t, w),
-                             None if w_t is None else torch.einsum("...ni,noi->...no", x, w_t),
-                             b_t) if t is not None]
-        out = terms[0]
-        for t in terms[1:]:
-            out = out + t
-        return out.expand(ctx.out_shape)  # a bias tangent alone is [n, out]
 
 
 def loop(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -180,26 +108,43 @@ def loop(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     )
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands grouped_mm's backward a gradient it accepts: torch checks each
-    operand's strides (last dim unit-stride, rows 16-byte aligned) and rejects the stride-0 gradients
-    that ``.sum()`` and ``expand`` produce. A gradient that passes is not copied.
+class _Reorder(torch.autograd.Function):
+    """grouped_mm's product ``y [n, rows, out]`` (+ ``bias [n, out]``) -> a fresh contiguous
+    ``[..., n, out]``, in one pass: the bias add writes straight into the final layout (an
+    out-of-place ``y.transpose(0, 1) + b`` would follow y's layout and need a second pass).
 
-    ``setup_context`` and ``generate_vmap_rule`` make it work under torch.func (grad, vmap)."""
+    Backward hands grouped_mm's backward a gradient it accepts: torch checks each operand's strides
+    (last dim unit-stride, rows 16-byte aligned) and rejects the stride-0 gradients that ``.sum()``
+    and ``expand`` produce; a gradient that passes is not copied. ``setup_context`` and
+    ``generate_vmap_rule`` make it work under torch.func (grad, vmap), where (as under
+    torch.compile) the forward takes two plain passes instead of ``out=``."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(y: Tensor) -> Tensor:
-        return y.view_as(y)
+    def forward(y: Tensor, b: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+        yt = y.transpose(0, 1)  # [rows, n, out]; reshaped to `shape`, still a view
+        if b is None:
+            return yt.reshape(shape).clone(memory_format=torch.contiguous_format)
+        if may_write_into(y, b):  # grad mode is off in here: false only under transforms/tracing
+            result = y.new_empty(shape)
+            torch.add(yt, b, out=result.view(yt.shape))
+            return result
+        return (yt + b).reshape(shape).clone(memory_format=torch.contiguous_format)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        pass
+        y, b, _ = inputs
+        ctx.y_shape, ctx.has_bias = y.shape, b is not None
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad if _mat_ok(grad) else grad.contiguous()
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        n, rows, out = ctx.y_shape
+        gy = grad.reshape(rows, n, out).transpose(0, 1)
+        if not (_mat_ok(gy) and _offset_ok(gy)):
+            gy = gy.clone(memory_format=torch.contiguous_format)
+        gb = grad.reshape(rows, n, out).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
+        return gy, gb, None
 
 
 def _mat_ok(t: Tensor) -> bool:
@@ -218,16 +163,18 @@ def _mat_ok(t: Tensor) -> bool:
     return s_row == 1 and s_col >= max(1, rows) and s_col % align == 0
 
 
+def _offset_ok(t: Tensor) -> bool:
+    """Whether ``t``'s data pointer is 16-byte aligned, as TMA needs on CUDA (not checked on CPU). A
+    view into a flat buffer (or a slice) can be misaligned while its strides look fine. Read from
+    storage_offset, not data_ptr, so that it traces under torch.compile."""
+    return not t.is_cuda or (t.storage_offset() * t.element_size()) % 16 == 0
+
+
 def _aligned(t: Tensor) -> Tensor:
-    """``t`` if grouped_mm takes it as is, else a contiguous copy. Copies when the strides fail
-    torch's check, or (on CUDA) the data pointer is not 16-byte aligned, which a view into a flat
-    buffer (or a slice) can be while its strides look fine. (Alignment is read from storage_offset,
-    not data_ptr, so that it traces under torch.compile.)"""
-    if not _mat_ok(t):
-        return t.contiguous()
-    if t.is_cuda and (t.storage_offset() * t.element_size()) % 16:
-        return t.clone(memory_format=torch.contiguous_format)
-    return t
+    """``t`` if its strides pass torch's check, else a contiguous copy (the tuner times this copy:
+    a layout it makes is in the signature). A misaligned data pointer is not copied here:
+    :func:`grouped_mm` runs bmm for it instead (the signature does not know the offset)."""
+    return t if _mat_ok(t) else t.contiguous()
 
 
 def _grouped_mm_op() -> Any:
@@ -240,8 +187,13 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     if 0 in (rows, n, out, inn):  # grouped_mm's stride checks reject empty operands, forward and backward
         return bmm(x, w, b)
     # [n, rows, in]: a view of a contiguous input (rows n*in apart) passes torch's checks, no copy
-    xt = x.reshape(rows, n, inn).transpose(0, 1)
-    y = _grouped_mm_op()(_aligned(xt), _aligned(w.transpose(1, 2)))  # [n, rows, out]
+    xt, wt = _aligned(x.reshape(rows, n, inn).transpose(0, 1)), _aligned(w.transpose(1, 2))
+    if not (_offset_ok(xt) and _offset_ok(wt)):
+        # A CUDA operand at a misaligned address (a view into a flat buffer): grouped_mm would need a
+        # copy of it on every call, which the tuner never timed (its private operands are aligned
+        # and the signature does not hold the offset). bmm takes it as is and is a timed candidate.
+        return bmm(x, w, b)
+    y = _grouped_mm_op()(xt, wt)  # [n, rows, out]
     if may_write_into(x, w, b):  # no backward to prepare for: the bias add is the reordering pass
         result = x.new_empty(*lead, n, out)
         if b is None:
@@ -249,10 +201,8 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         else:  # torch's grouped_mm takes no bias yet ("Bias not supported yet")
             torch.add(y.transpose(0, 1), b, out=result.view(rows, n, out))
         return result
-    y = _ContiguousGrad.apply(y)  # (the Function costs ~10 us a call: only where a backward may run)
-    if b is not None:
-        y = y + b.unsqueeze(1)
-    return y.transpose(0, 1).reshape(*lead, n, out)
+    # (the Function costs ~10 us a call: only where a backward may run)
+    return _Reorder.apply(y, b, (*lead, n, out))
 
 
 # ---- what each implementation supports -----------------------------------------------------------
@@ -437,25 +387,57 @@ def make_inputs(sig: Signature, generator: torch.Generator) -> tuple[Any, ...]:
     return (x, w, b)
 
 
-def grad_args(sig: Signature, args: tuple[Any, ...]) -> list[Tensor]:
-    return [t for name, t in zip(("input", "weight", "bias"), args, strict=False) if name in sig.grad]
-
-
 def default_impl(sig: Signature) -> str:
     # bmm: one library call, no extra memory, never far from the best in our sweeps (docs/guide.md).
     return "bmm"
 
 
-def normalize(args: tuple[Any, ...], kwargs: dict[str, Any], who: str) -> tuple[Any, ...]:
-    names = ("input", "weight", "bias")
-    values = dict(zip(names, args, strict=False))
-    for name in list(kwargs):
-        if name in names and name not in values:
-            values[name] = kwargs.pop(name)
-    if kwargs or len(args) > 3 or not {"input", "weight"} <= values.keys():
-        raise fail(OP, f"{who}: takes (input, weight, bias=None), got {len(args)} positional and "
-                       f"{sorted(kwargs)} keyword arguments")
-    return values["input"], values["weight"], values.get("bias")
+# ---- the definition, the custom op's fake and backward, what tests and the CLI need --------------
+
+def reference(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The definition: one ``F.linear`` per group, stacked. Computes in the arguments' dtype."""
+    n = weight.shape[0]
+    if n == 0:  # nothing to stack; einsum keeps the (empty) result in the graph
+        y = torch.einsum("...ni,noi->...no", input, weight)
+        return y if bias is None else y + bias
+    return torch.stack([F.linear(input[..., i, :], weight[i], None if bias is None else bias[i])
+                        for i in range(n)], dim=-2)
 
 
-SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, grad_args, normalize)
+def fake(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return input.new_empty(*input.shape[:-1], weight.shape[1])
+
+
+def backward(args: tuple[Any, ...], needs: tuple[bool, ...], grad: Tensor, again: Any) -> tuple[Any, ...]:
+    x, w, b = args
+    gx = again(grad, w.transpose(1, 2), None) if needs[0] else None
+    gw = torch.einsum("...no,...ni->noi", grad, x) if needs[1] else None
+    gb = (grad if grad.dim() == 2 else grad.flatten(0, -3).sum(0)) if needs[2] and b is not None else None
+    return gx, gw, gb
+
+
+def reduction_lengths(args: tuple[Any, ...]) -> dict[str, int]:
+    x, w, b = args
+    rows = math.prod(x.shape[:-2])
+    return {"forward": w.shape[2] + (b is not None), "input": w.shape[1], "weight": rows, "bias": rows}
+
+
+ARGUMENTS = (Arg("input", dims=("*", "n", "in")),
+             Arg("weight", dims=("n", "out", "in"), scale="in", perm=(0, 2, 1)),  # transposed: TabM's
+             Arg("bias", optional=True, dims=("n", "out")))
+CLI = Cli("input [batch, groups, in] -> [batch, groups, out]", (
+    Flag(("--groups", "-n"), "number of groups n", dim="n"),
+    Flag(("--in",), "input features per group", dim="in"),
+    Flag(("--out",), "output features per group", dim="out"),
+    Flag(("--no-bias",), "bias=None", layout="bias", switch=("yes", "no")),
+    Flag(("--weight-layout",), "contiguous [n, out, in]; transposed: W.transpose(1, 2) of an [n, in, out] "
+         "tensor; chunked: groups further apart than out*in; shared: one weight expanded to n groups; "
+         "strided: a sliced view", layout="weight",
+         choices=("contiguous", "transposed", "chunked", "shared", "strided")),
+    Flag(("--input-layout",), "contiguous [batch, n, in]; strided: a [batch, n, in] view of an "
+         "[n, batch, in] tensor", layout="input", choices=("contiguous", "strided")),
+    Flag(("--grad",), "training: weight and bias need gradients", grad=("weight", "bias")),
+    Flag(("--grad-input",), "training: the input needs a gradient too", grad=("input",)),
+))
+SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, arguments=ARGUMENTS,
+              fake=fake, backward=backward, reference=reference, reduction_lengths=reduction_lengths, cli=CLI)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Any
 
@@ -22,7 +23,7 @@ from ._common import (
     random_like,
     tensor_meta,
 )
-from ._spec import OpSpec
+from ._spec import Arg, Cli, Flag, OpSpec
 
 OP = "weighted_combine"
 Tensor = torch.Tensor
@@ -298,32 +299,64 @@ def make_inputs(sig: Signature, generator: torch.Generator) -> tuple[Any, ...]:
     return (inputs, weights)
 
 
-def grad_args(sig: Signature, args: tuple[Any, ...]) -> list[Tensor]:
-    inputs, weights = args
-    out: list[Tensor] = []
-    if "inputs" in sig.grad:
-        out += list(inputs) if isinstance(inputs, tuple) else [inputs]
-    if "weights" in sig.grad:
-        out.append(weights)
-    return out
-
-
 def default_impl(sig: Signature) -> str:
     # loop for lists (no stacking copy), bmm for stacked tensors: see docs/guide.md.
     return "loop" if sig.layout_of("inputs") == "list" else "bmm"
 
 
-def normalize(args: tuple[Any, ...], kwargs: dict[str, Any], who: str) -> tuple[Any, ...]:
-    names = ("inputs", "weights")
-    values = dict(zip(names, args, strict=False))
-    for name in list(kwargs):
-        if name in names and name not in values:
-            values[name] = kwargs.pop(name)
-    if kwargs or len(args) > 2 or len(values) != 2:
-        raise fail(OP, f"{who}: takes (inputs, weights), got {len(args)} positional and "
-                       f"{sorted(kwargs)} keyword arguments")
-    inputs = values["inputs"]
-    return (tuple(inputs) if isinstance(inputs, list) else inputs), values["weights"]
+# ---- the definition, the custom op's fake and backward, what tests and the CLI need --------------
+
+def reference(inputs: Inputs, weights: Tensor) -> Tensor:
+    """The definition: multiply by the weights and sum over k. Computes in the arguments' dtype."""
+    stacked = _stacked(tuple(inputs) if isinstance(inputs, list) else inputs)
+    b, k = weights.shape
+    return (stacked * weights.reshape(b, k, *(1,) * (stacked.dim() - 2))).sum(1)
 
 
-SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, grad_args, normalize)
+def fake(inputs: Inputs, weights: Tensor) -> Tensor:
+    first = inputs if isinstance(inputs, Tensor) else inputs[0]
+    return first.new_empty(first.shape[:1] + first.shape[2:] if isinstance(inputs, Tensor) else first.shape)
+
+
+def backward(args: tuple[Any, ...], needs: tuple[bool, ...], grad: Tensor, again: Any) -> tuple[Any, ...]:
+    inputs, weights = args
+    b, k = weights.shape
+    tail = (1,) * (grad.dim() - 1)
+    gx: Any = None
+    if needs[0] and isinstance(inputs, Tensor):
+        gx = grad.unsqueeze(1) * weights.reshape(b, k, *tail)
+    elif needs[0]:
+        gx = tuple(grad * weights[:, i].reshape(b, *tail) for i in range(k))
+    gw = None
+    if needs[1]:
+        gw = (_stacked(inputs) * grad.unsqueeze(1)).reshape(b, k, math.prod(grad.shape[1:])).sum(-1)
+    return gx, gw
+
+
+def reduction_lengths(args: tuple[Any, ...]) -> dict[str, int]:
+    return {"forward": args[1].shape[1], "weights": math.prod(_features(args[0]))}
+
+
+def features_flag(text: str) -> int:
+    """``1024`` or ``32x8x8`` (the feature dims of one branch output, multiplied)."""
+    try:
+        value = math.prod(int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"features must look like 1024 or 32x8x8, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"features must be positive, got {text!r}")
+    return value
+
+
+ARGUMENTS = (Arg("inputs", many=True, dims=("batch", "k", "*")), Arg("weights", dims=("batch", "k")))
+CLI = Cli("k inputs [batch, *features] and weights [batch, k]", (
+    Flag(("--k",), "number of inputs (branches) combined", dim="k"),
+    Flag(("--features",), "the feature dims of one input, e.g. 1024 or 32x8x8", dim="features",
+         type=features_flag),
+    Flag(("--list",), "a list of k tensors instead of one stacked tensor", layout="inputs",
+         switch=("stacked", "list")),
+    Flag(("--non-contiguous",), "inputs are transposed views", layout="contiguous", switch=("yes", "no")),
+    Flag(("--grad",), "training: inputs and weights need gradients", grad=("inputs", "weights")),
+))
+SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, arguments=ARGUMENTS,
+              fake=fake, backward=backward, reference=reference, reduction_lengths=reduction_lengths, cli=CLI)

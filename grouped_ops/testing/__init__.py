@@ -7,6 +7,7 @@ Import it explicitly (``from grouped_ops.testing import ...``); it needs hypothe
   including the awkward cases: one group, one feature, empty batches, unbatched inputs, permuted,
   sliced and broadcast (stride-0) views, weights stored transposed as TabM and rtdl do, no bias,
   lists and stacked tensors.
+- :func:`op_inputs` draws argument tuples for any registered op from the dims its arguments name.
 - :func:`assert_implementations_agree` runs every supported implementation on those arguments and
   checks the output and every gradient against a float64 reference.
 
@@ -34,12 +35,13 @@ from .agree import (
     reference_weighted_combine,
     tolerance,
 )
-from .strategies import LAYOUTS, grouped_linear_inputs, weighted_combine_inputs
+from .strategies import LAYOUTS, grouped_linear_inputs, op_inputs, weighted_combine_inputs
 
 __all__ = [
     "LAYOUTS",
     "assert_implementations_agree",
     "grouped_linear_inputs",
+    "op_inputs",
     "reference_grouped_linear",
     "reference_weighted_combine",
     "tolerance",

@@ -4,47 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .._errors import GroupedOpsError
-from ..functional import grouped_linear, implementations, weighted_combine
+from ..functional import implementations, public
 from ..ops import SPECS
+from ..ops._spec import OpSpec
+from ..ops.grouped_linear import reference as reference_grouped_linear
+from ..ops.weighted_combine import reference as reference_weighted_combine
 from ..registry import tolerance as _dtype_tolerance
 
-_OPS: dict[str, Callable[..., torch.Tensor]] = {
-    "grouped_linear": grouped_linear,
-    "weighted_combine": weighted_combine,
-}
-
-# ---- references ----------------------------------------------------------------------------------
-
-def reference_grouped_linear(input: torch.Tensor, weight: torch.Tensor,
-                             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The definition: one ``F.linear`` per group, stacked. Computes in the arguments' dtype."""
-    n = weight.shape[0]
-    if n == 0:  # nothing to stack; einsum keeps the (empty) result in the graph
-        y = torch.einsum("...ni,noi->...no", input, weight)
-        return y if bias is None else y + bias
-    return torch.stack([F.linear(input[..., i, :], weight[i], None if bias is None else bias[i])
-                        for i in range(n)], dim=-2)
-
-
-def reference_weighted_combine(inputs: torch.Tensor | Sequence[torch.Tensor],
-                               weights: torch.Tensor) -> torch.Tensor:
-    """The definition: multiply by the weights and sum over k. Computes in the arguments' dtype."""
-    stacked = inputs if isinstance(inputs, torch.Tensor) else torch.stack(list(inputs), dim=1)
-    b, k = weights.shape
-    return (stacked * weights.reshape(b, k, *(1,) * (stacked.dim() - 2))).sum(1)
-
-
-_REFERENCES: dict[str, Callable[..., torch.Tensor]] = {
-    "grouped_linear": reference_grouped_linear,
-    "weighted_combine": reference_weighted_combine,
-}
+__all__ = ["assert_implementations_agree", "reference_grouped_linear", "reference_weighted_combine", "tolerance"]
 
 
 def tolerance(dtype: torch.dtype, length: int = 1) -> tuple[float, float]:
@@ -61,50 +34,23 @@ def tolerance(dtype: torch.dtype, length: int = 1) -> tuple[float, float]:
 
 # ---- the agreement check -------------------------------------------------------------------------
 
-def _normalize(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+def _normalize(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[OpSpec, tuple[Any, ...]]:
     name = op if isinstance(op, str) else getattr(op, "__name__", repr(op))
     if name not in SPECS:
         raise GroupedOpsError(f"assert_implementations_agree: unknown op {name!r}; valid ops are {sorted(SPECS)}")
-    kwargs = dict(kwargs)
-    if name == "grouped_linear":
-        if len(args) < 2:
-            raise TypeError("assert_implementations_agree('grouped_linear', input, weight, bias=None)")
-        bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
-        args = (args[0], args[1], bias)
-    else:
-        if len(args) == 1 and "weights" in kwargs:
-            args = (args[0], kwargs.pop("weights"))
-        if len(args) != 2:
-            raise TypeError("assert_implementations_agree('weighted_combine', inputs, weights)")
-    if kwargs:
-        raise TypeError(f"assert_implementations_agree: unexpected arguments {sorted(kwargs)} for {name}")
-    return name, args
+    spec = SPECS[name]
+    return spec, spec.normalize(args, dict(kwargs), "assert_implementations_agree")
 
 
-def _named_tensors(op: str, args: tuple[Any, ...]) -> list[tuple[str, torch.Tensor]]:
-    """Every tensor argument with a readable name, in the op's argument order."""
-    if op == "grouped_linear":
-        return [(n, t) for n, t in zip(("input", "weight", "bias"), args, strict=True) if t is not None]
-    inputs, weights = args
-    if isinstance(inputs, torch.Tensor):
-        named = [("inputs", inputs)]
-    else:
-        named = [(f"inputs[{i}]", t) for i, t in enumerate(inputs)]
-    return [*named, ("weights", weights)]
-
-
-def _reduction_lengths(op: str, args: tuple[Any, ...]) -> dict[str, int]:
-    """How many products each result sums: it scales the tolerance."""
-    if op == "grouped_linear":
-        x, w, b = args
-        n, out, inn = w.shape
-        rows = math.prod(x.shape[:-2])
-        return {"forward": inn + (b is not None), "input": out, "weight": rows, "bias": rows}
-    inputs, weights = args
-    k = weights.shape[1]
-    f = inputs.shape[2:] if isinstance(inputs, torch.Tensor) else inputs[0].shape[1:]
-    lengths = {"forward": k, "weights": math.prod(f)}
-    return lengths | {name: 1 for name, _ in _named_tensors(op, args) if name.startswith("inputs")}
+def _named_tensors(spec: OpSpec, args: tuple[Any, ...]) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor argument with a readable name (``inputs[2]`` in a sequence), in argument order."""
+    named: list[tuple[str, torch.Tensor]] = []
+    for a, value in zip(spec.arguments, args, strict=True):
+        if isinstance(value, torch.Tensor):
+            named.append((a.name, value))
+        elif isinstance(value, (tuple, list)):
+            named += [(f"{a.name}[{i}]", t) for i, t in enumerate(value)]
+    return named
 
 
 def _describe(name: str, t: Any) -> str:
@@ -116,17 +62,12 @@ def _describe(name: str, t: Any) -> str:
             f"{str(t.dtype).removeprefix('torch.')}, {t.device}, requires_grad={t.requires_grad}")
 
 
-def _upcast(op: str, args: tuple[Any, ...], fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Any, ...]:
+def _upcast(args: tuple[Any, ...], fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Any, ...]:
     def one(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
         return fn(t.detach().to(torch.float64)).requires_grad_(t.requires_grad)
-    if op == "grouped_linear":
-        return tuple(one(t) for t in args)
-    inputs, weights = args
-    if isinstance(inputs, torch.Tensor):
-        return one(inputs), one(weights)
-    return type(inputs)(one(t) for t in inputs), one(weights)
+    return tuple(type(a)(one(t) for t in a) if isinstance(a, (tuple, list)) else one(a) for a in args)
 
 
 def _cast(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -230,11 +171,12 @@ def assert_implementations_agree(
         ('bmm', 'bmm_weight_left', 'einsum', 'grouped_mm', 'loop', 'masked_dense')
 
     Args:
-        op: ``"grouped_linear"`` or ``"weighted_combine"`` (or the function itself).
-        *args: the op's arguments (``bias=``/``weights=`` may be given by keyword).
+        op: ``"grouped_linear"``, ``"weighted_combine"``, a registered op's name (or the public
+            function itself).
+        *args: the op's arguments (any of them may be given by keyword, e.g. ``bias=``).
         reference: a function taking the same arguments (float64 copies) that computes the right
-            answer differentiably; default :func:`reference_grouped_linear` /
-            :func:`reference_weighted_combine`.
+            answer differentiably; default the op's own (:func:`reference_grouped_linear`,
+            :func:`reference_weighted_combine`, ``OpSpec.reference``).
         impls: the implementation names to check (``"auto"`` allowed); default all of them.
             Those that do not support the arguments are skipped.
         grad_output: the gradient of the output to back-propagate; default seeded random normal.
@@ -246,31 +188,32 @@ def assert_implementations_agree(
     Raises:
         AssertionError: listing each implementation that differs, in the output or which gradient,
             with its errors, the tolerance and the arguments' shapes, strides and dtypes.
-        GroupedOpsError: the arguments themselves are invalid for ``op``.
+        GroupedOpsError: an unknown op, or arguments that do not fit or are invalid for ``op``.
     """
-    name, args = _normalize(op, args, kwargs)
-    spec = SPECS[name]
-    if isinstance(args[0], list):
-        args = (tuple(args[0]), *args[1:]) if name == "weighted_combine" else args
+    spec, args = _normalize(op, args, kwargs)
+    name = spec.name
     spec.validate(*args)
+    default_reference = spec.reference or reference
+    if default_reference is None:
+        raise TypeError(f"assert_implementations_agree: {name} has no reference; pass reference=")
     names = list(implementations(name)) if impls is None else list(impls)
     for impl in names:
         if impl != "auto":
             spec.registry[impl]  # raises a GroupedOpsError listing the valid names
 
-    named = _named_tensors(name, args)
+    named = _named_tensors(spec, args)
     dtype = named[0][1].dtype
     device = named[0][1].device
     targets = [(n, t) for n, t in named if t.requires_grad]
-    lengths = _reduction_lengths(name, args)
+    lengths = spec.reduction_lengths(args) if spec.reduction_lengths else {}
 
     # the reference and the rounding-error scale |a|·|b|, in float64 without autocast
-    ref_fn = reference or _REFERENCES[name]
+    ref_fn = reference or default_reference
     has_autocast = torch.amp.is_autocast_available(device.type)
     with torch.autocast(device.type, enabled=False) if has_autocast else contextlib.nullcontext():
-        args64 = _upcast(name, args, lambda t: t)
-        abs64 = _upcast(name, args, torch.abs)
-        out_shape = _REFERENCES[name](*abs64).shape
+        args64 = _upcast(args, lambda t: t)
+        abs64 = _upcast(args, torch.abs)
+        out_shape = default_reference(*abs64).shape
         if grad_output is None:
             gen = torch.Generator().manual_seed(seed)
             # rounded to the arguments' dtype, so the reference sees exactly what the impls see
@@ -280,7 +223,7 @@ def assert_implementations_agree(
         g64 = g64.to(device)
         if tuple(g64.shape) != tuple(out_shape):
             raise TypeError(f"grad_output has shape {tuple(g64.shape)}; expected {tuple(out_shape)}")
-        t64 = [t for n, t in _named_tensors(name, args64) if t.requires_grad]
+        t64 = [t for n, t in _named_tensors(spec, args64) if t.requires_grad]
         try:
             ref_out, ref_grads = _run(ref_fn, args64, t64, g64)
         except Exception as e:
@@ -291,13 +234,14 @@ def assert_implementations_agree(
             ref_out = ref_out.double()
         if tuple(ref_out.shape) != tuple(out_shape):
             raise TypeError(f"reference returned shape {tuple(ref_out.shape)}; expected {tuple(out_shape)}")
-        t_abs = [t for n, t in _named_tensors(name, abs64) if t.requires_grad]
-        mag_out, mag_grads = _run(_REFERENCES[name], abs64, t_abs, g64.abs())
+        t_abs = [t for n, t in _named_tensors(spec, abs64) if t.requires_grad]
+        mag_out, mag_grads = _run(default_reference, abs64, t_abs, g64.abs())
 
     snapshot = [(n, t.detach().clone()) for n, t in named]
     meta = spec.meta(*args)
     sig = spec.signature(meta, False)
     autocast = has_autocast and torch.is_autocast_enabled(device.type)
+    fn = public(spec)
     checked: list[str] = []
     failures: list[str] = []
     skipped: list[str] = []
@@ -309,7 +253,7 @@ def assert_implementations_agree(
                 continue
         checked.append(impl)
         try:
-            out, grads = _run(lambda *a, impl=impl: _OPS[name](*a, impl=impl), args,
+            out, grads = _run(lambda *a, impl=impl: fn(*a, impl=impl), args,
                               [t for _, t in targets], g64)
         except Exception as e:  # an implementation that raises is a disagreement, reported as such
             failures.append(f"[{impl}] raised {type(e).__name__}: {e}")
@@ -320,7 +264,7 @@ def assert_implementations_agree(
         if not autocast and out.dtype != dtype:
             problems.append(f"forward: output dtype {out.dtype}, expected {dtype}")
         low = _effective_dtype(out.dtype if out.dtype.itemsize < dtype.itemsize else dtype, device)
-        problems.append(_compare("forward", out, ref_out, mag_out, low, lengths["forward"]))
+        problems.append(_compare("forward", out, ref_out, mag_out, low, lengths.get("forward", 1)))
         if out.shape == ref_out.shape:
             for (tname, t), g, rg, mg in zip(targets, grads, ref_grads, mag_grads, strict=True):
                 g = torch.zeros_like(t) if g is None else g
@@ -328,7 +272,7 @@ def assert_implementations_agree(
                 mg = torch.zeros_like(rg) if mg is None else mg
                 if g.dtype != t.dtype:
                     problems.append(f"grad {tname}: dtype {g.dtype}, expected {t.dtype}")
-                key = "inputs" if tname.startswith("inputs[") else tname
+                key = tname.split("[", 1)[0]  # inputs[2]: the length of its argument
                 problems.append(_compare(f"grad {tname}", g, rg.double(), mg, low,
                                          lengths.get(tname, lengths.get(key, 1))))
         for (aname, before), (_, now) in zip(snapshot, named, strict=True):
@@ -341,9 +285,8 @@ def assert_implementations_agree(
                  f"({'given reference' if reference else 'default reference'}):"]
         lines += [f"  {f}" for f in failures]
         lines.append("arguments:")
-        lines += [f"  {_describe(n, t)}" for n, t in _named_tensors(name, args)]
-        if name == "grouped_linear" and args[2] is None:
-            lines.append("  bias: None")
+        lines += [f"  {_describe(n, t)}" for n, t in _named_tensors(spec, args)]
+        lines += [f"  {a.name}: None" for a, v in zip(spec.arguments, args, strict=True) if v is None]
         lines.append(f"signature: {sig}")
         culprits = {f.split("]", 1)[0] for f in failures}
         if len(checked) > 1 and len(culprits) == len(checked):

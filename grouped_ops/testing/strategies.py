@@ -1,4 +1,5 @@
-"""Hypothesis strategies drawing the ops' arguments, awkward layouts included."""
+"""Hypothesis strategies drawing the ops' arguments, awkward layouts included: one written out per
+built-in op, and :func:`op_inputs` for any registered op, from the dims its arguments name."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
+
+from ..ops import SPECS
 
 #: Layout names the strategies accept. ``transposed``: a permuted view (for grouped_linear's weight
 #: exactly ``W.transpose(1, 2)`` of a ``[n, in, out]`` tensor, as TabM/rtdl store it); ``strided``:
@@ -271,5 +274,72 @@ def weighted_combine_inputs(
         weights = _view(draw, gen, (b, k), draw(st.sampled_from(layouts)), dtype, dev)
         weights.requires_grad_(_grad_flag(draw, requires_grad))
         return inputs, weights
+
+    return draw_args()
+
+
+def op_inputs(
+    op: str | Any,
+    *,
+    dtypes: Iterable[torch.dtype] | torch.dtype = (torch.float32,),
+    device: str | torch.device = "cpu",
+    max_size: int = 6,
+    max_extra_dims: int = 3,
+    requires_grad: bool | None = None,
+    layouts: Iterable[str] = LAYOUTS,
+    allow_empty: bool = True,
+) -> st.SearchStrategy[tuple[Any, ...]]:
+    """Draws argument tuples for any registered op, from the dims its arguments name
+    (``OpSpec.arguments``: e.g. ``input ("*", "n", "in")``, ``weight ("n", "out", "in")``).
+
+    Each named dim is one size from 1..``max_size``, shared by every argument that names it; ``"*"``
+    is 0..``max_extra_dims`` dims of 1..``max_size``, the same for every argument. An optional
+    argument is drawn present or None; a tensor-or-sequence argument is drawn as one tensor. Layouts,
+    values and grad flags are drawn as by :func:`grouped_linear_inputs`.
+
+    Example:
+        >>> @given(op_inputs("grouped_linear", requires_grad=True))
+        ... def test_agree(args):
+        ...     assert_implementations_agree("grouped_linear", *args)
+
+    Raises:
+        InvalidArgument: an unknown op, one whose arguments name no dims, or a bad option.
+    """
+    name = op if isinstance(op, str) else getattr(op, "__name__", repr(op))
+    if name not in SPECS:
+        raise InvalidArgument(f"op_inputs: unknown op {name!r}; valid ops are {sorted(SPECS)}")
+    arguments = SPECS[name].arguments
+    if not all(a.dims for a in arguments):
+        raise InvalidArgument(f"op_inputs: {name}'s arguments do not name their dims (OpSpec.arguments)")
+    dtypes, dev, layouts = _check_common(dtypes, device, requires_grad, layouts)
+    _check_int("max_size", max_size, 1)
+    _check_int("max_extra_dims", max_extra_dims, 0)
+    if not isinstance(allow_empty, bool):
+        raise InvalidArgument(f"allow_empty={allow_empty!r} must be True or False")
+    dim_names = list(dict.fromkeys(d for a in arguments for d in a.dims if d != "*"))
+
+    @st.composite
+    def draw_args(draw: Any) -> tuple[Any, ...]:
+        dtype = draw(st.sampled_from(dtypes))
+        sizes = [draw(st.integers(1, max_size)) for _ in dim_names]
+        extra = draw(st.lists(st.integers(1, max_size), max_size=max_extra_dims))
+        if allow_empty:
+            extra = _maybe_empty(draw, extra, 8)
+            sizes = _maybe_empty(draw, sizes, 16)
+        size = dict(zip(dim_names, sizes, strict=True))
+        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+        out: list[Any] = []
+        for a in arguments:
+            if a.optional and not draw(st.booleans()):
+                out.append(None)
+                continue
+            shape = tuple(s for d in a.dims for s in (extra if d == "*" else [size[d]]))
+            scale = 1.0 / math.sqrt(max(size[a.scale], 1)) if a.scale else 1.0
+            perm = a.perm if "*" not in a.dims else None
+            out.append(_view(draw, gen, shape, draw(st.sampled_from(layouts)), dtype, dev, scale, perm))
+        for t in out:
+            if t is not None:
+                t.requires_grad_(_grad_flag(draw, requires_grad))
+        return tuple(out)
 
     return draw_args()

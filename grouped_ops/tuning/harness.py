@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
+import statistics
+import sys
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
@@ -24,6 +27,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..decision import Decision
 from ..registry import tolerance
 from ..signature import Signature, applied_numerics
+from . import simple
 from .settings import Settings, memory_budget
 from .timer import Timer, timer_for
 from .tuner import SPELL_FACTOR, tune
@@ -140,8 +144,43 @@ def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
             only: Collection[str] | None = None, excluded: Collection[str] = (),
             timer: Timer | None = None, final: bool = False) -> tuple[Decision, bool]:
     # under the signature's math settings: one read from a recording may have been made under others
-    with isolated(f"grouped_ops.tune {sig}"), applied_numerics(sig):
+    with isolated(f"grouped_ops.tune {sig}"), applied_numerics(sig), releasing_cache(sig.device):
         return _measure(spec, sig, s, at, only, excluded, timer, final)
+
+
+@contextlib.contextmanager
+def releasing_cache(device: torch.device) -> Iterator[None]:
+    """On CUDA: where the block (a tuning; its private tensors are dead when it ends) left the
+    caching allocator holding more than before, ``empty_cache``, so that a one-off workspace
+    (masked_dense's block-diagonal weight, the timer's L2 buffer) is not kept reserved. That also
+    returns blocks the caller's cache held unused before: one cudaMalloc later, once per tuning."""
+    if device.type != "cuda":
+        yield
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    before = torch.cuda.memory_reserved(index)
+    try:
+        yield
+    finally:
+        if torch.cuda.memory_reserved(index) > before:
+            torch.cuda.empty_cache()
+
+
+def cudagraph_warmup(device: torch.device) -> bool:
+    """Whether this thread runs a ``torch.compile(mode="reduce-overhead")`` warm-up on ``device``: a
+    cudagraph tree in its warm-up state, with its private stream current. Its allocations go to the
+    graph's private memory pool, which keeps a tuning's peak for the graph's lifetime. Reads torch
+    internals (torch._inductor.cudagraph_trees, only if loaded); any surprise reads as False."""
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is None or device.type != "cuda":
+        return False
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        container = trees.get_obj(trees.local, "tree_manager_containers").get(index)
+        manager = getattr(container, "tree_manager", None)
+        return bool(manager is not None and manager.in_warmup and torch.cuda.current_stream(index) == manager.stream)
+    except Exception:  # noqa: BLE001 - private API: a change in torch must not break a call
+        return False
 
 
 def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
@@ -222,7 +261,9 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
             return (out.detach(), *grads)
         return run_with_grad
 
-    result = tune(
+    protocol = (tune if s.protocol == "confirm" else
+                functools.partial(simple.tune, statistic=statistics.median if s.protocol == "simple-median" else min))
+    result = protocol(
         candidates,
         make_run=make_run,
         timer=timer or timer_for(sig.device),

@@ -81,22 +81,19 @@ def tune(
     reference: Any = None
     reference_name: str | None = None  # the first candidate that ran; the others must agree with it
 
+    predicted: dict[str, tuple[float, str, str]] = {}  # not run: work factor, leader then, why
     for name in order:
-        # the fastest first call so far (the table shows medians: say which this is)
-        leader_name = min(samples, key=lambda n: samples[n][0], default=None)
+        leader_name = min(samples, key=lambda n: samples[n][0], default=None)  # the fastest first call so far
         leader = samples[leader_name][0] if leader_name is not None else None
         factor = work.get(name, 1.0)
         if leader is not None and factor > 1 and leader * factor > budget_s:
-            result.skipped[name] = (f"predicted ~{leader * factor:.3g}s a call ({factor:.0f}x the arithmetic of "
-                                    f"{leader_name}, whose first call took {leader * 1e3:.3g} ms), over the "
-                                    f"{budget_s:g}s tuning budget")
+            predicted[name] = (factor, str(leader_name), f"over the {budget_s:g}s tuning budget")
             continue
         if (leader is not None and arithmetic_bound_s is not None and factor >= HOPELESS_FACTOR
                 and leader >= arithmetic_bound_s):
             # It would be cut as hopeless after two samples anyway; meanwhile its long calls eat
             # the budget and their after-effects (large allocations) skew whoever runs next.
-            result.skipped[name] = (f"predicted ~{leader * factor:.3g}s a call ({factor:.0f}x the arithmetic "
-                                    f"of {leader_name}, whose first call took {leader * 1e3:.3g} ms): it cannot win")
+            predicted[name] = (factor, str(leader_name), "it cannot win")
             continue
         try:
             run = make_run(name)
@@ -136,6 +133,11 @@ def tune(
         # from the best's own samples.
         band = {n: _band(noise[n] if n in noise else _uncertainty(samples[best_name])) for n in result.timings}
         result.winner = next(n for n in candidates if n in result.timings and result.timings[n] <= best * (1 + band[n]))
+    for name, (factor, leader_name, why) in predicted.items():  # the leader's time as the table shows it
+        t = result.timings.get(leader_name)
+        result.skipped[name] = (f"predicted ~{t * factor:.3g}s a call ({factor:.0f}x the arithmetic of {leader_name}, "
+                                f"{t * 1e3:.3g} ms a call): {why}" if t is not None else
+                                f"predicted {factor:.0f}x the arithmetic of {leader_name}: {why}")
     return result
 
 
