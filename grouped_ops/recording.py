@@ -23,7 +23,7 @@ from .dispatch import RECORDING, distributed, resolve
 from .ops import SPECS
 from .ops._spec import OpSpec
 from .signature import Signature, bucketing_mode
-from .tuning import harness, simple
+from .tuning import harness
 from .tuning.settings import settings
 from .tuning.tuner import TuneResult, contenders, vote
 
@@ -125,8 +125,7 @@ def _prewarm_here(requests: Sequence[Request], second_opinion: bool, progress: P
              if d.source == "tuned" and len(names := contenders(d.timings)) >= 2}
     opinions = {i: [TuneResult(dict(decisions[i].timings), {}, decisions[i].impl)] for i in close}
     done = total
-    passes = ("second opinion", "third opinion") if s.protocol == "confirm" else ("second opinion",)
-    for which in passes:
+    for which in ("second opinion", "third opinion"):
         # the third only where the first two disagree
         rerun = [i for i in close if which == "second opinion" or
                  (len(opinions[i]) == 2 and opinions[i][0].winner != opinions[i][1].winner)]
@@ -157,8 +156,7 @@ def _settle(first: Decision, opinions: list[TuneResult]) -> Decision:
         kept = [{n: t for n, t in o.timings.items() if n not in failed} for o in opinions]
         opinions = [TuneResult(t, {}, min(t, key=t.__getitem__)) for t in kept if t]
     if opinions:
-        combine = vote if settings().protocol == "confirm" else simple.pool
-        impl, timings = combine(list(spec.registry), opinions)
+        impl, timings = vote(list(spec.registry), opinions)
         final = Decision(impl, "tuned", timings, skipped, sig, picks)
     else:
         final = Decision(spec.default_impl(sig), "default", {}, skipped, sig, picks)

@@ -197,7 +197,7 @@ def main() -> None:
             results.append(json.loads(out.strip().splitlines()[-1]))
     else:
         results = check_cells(cells, a.samples, a.passes, not a.single_opinion)
-    report(results, f"protocol {recording.settings().protocol}, torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}, "
+    report(results, f"torch {torch.__version__}, {a.threads} thread(s), {len(cells)} cells from {a.json}, "
                     f"median of {a.passes} passes" + (", each cell in a fresh process" if a.fresh_process
                                                      else ", all in one process")
            + (", one tuning per signature" if a.single_opinion else ""))

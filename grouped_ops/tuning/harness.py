@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
-import statistics
 import sys
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
@@ -27,7 +25,6 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..decision import Decision
 from ..registry import tolerance
 from ..signature import Signature, applied_numerics
-from . import simple
 from .settings import Settings, memory_budget
 from .timer import Timer, timer_for
 from .tuner import SPELL_FACTOR, tune
@@ -261,9 +258,7 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
             return (out.detach(), *grads)
         return run_with_grad
 
-    protocol = (tune if s.protocol == "confirm" else
-                functools.partial(simple.tune, statistic=statistics.median if s.protocol == "simple-median" else min))
-    result = protocol(
+    result = tune(
         candidates,
         make_run=make_run,
         timer=timer or timer_for(sig.device),

@@ -37,7 +37,6 @@ class Settings:
     memory_bytes: float  # GROUPED_OPS_TUNE_MEMORY_BYTES: an absolute workspace budget (overrides the fraction)
     verbose: bool  # GROUPED_OPS_VERBOSE=1 prints every decision to stderr
     distributed: bool  # GROUPED_OPS_DISTRIBUTED=0: no cross-rank agreement even under torch.distributed
-    protocol: str  # GROUPED_OPS_TUNER=confirm|simple: the tuning protocol (A/B of docs/autotuner.md)
 
 
 def settings() -> Settings:
@@ -49,7 +48,6 @@ def settings() -> Settings:
         memory_bytes=_float("GROUPED_OPS_TUNE_MEMORY_BYTES", 0.0),
         verbose=_flag("GROUPED_OPS_VERBOSE", False),
         distributed=_flag("GROUPED_OPS_DISTRIBUTED", True),
-        protocol=os.environ.get("GROUPED_OPS_TUNER", "confirm").strip() or "confirm",
     )
 
 
