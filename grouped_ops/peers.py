@@ -21,6 +21,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -36,22 +37,24 @@ class TabMLinear(nn.Module):
     ``x [batch, n, in]`` -> ``[batch, n, out]`` (a transposed view, as that code returns it).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None, *, contiguous: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = None if bias is None else nn.Parameter(bias)
+        self.contiguous = contiguous  # return a contiguous result (grouped_ops' output contract)
 
     @classmethod
-    def from_linears(cls, linears: Iterable[nn.Linear]) -> TabMLinear:
+    def from_linears(cls, linears: Iterable[nn.Linear], *, contiguous: bool = False) -> TabMLinear:
         layers = list(linears)
         with torch.no_grad():
             weight = torch.stack([lin.weight.detach().t() for lin in layers])  # [n, in, out]
             bias = None if layers[0].bias is None else torch.stack([lin.bias.detach() for lin in layers])
-        return cls(weight, bias)
+        return cls(weight, bias, contiguous=contiguous)
 
     def forward(self, x: Tensor) -> Tensor:
         y = (x.transpose(0, 1) @ self.weight).transpose(0, 1)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y.contiguous() if self.contiguous else y
 
 
 class VmapLinears(nn.Module):
@@ -121,6 +124,8 @@ PEERS: dict[str, Callable[[Iterable[nn.Linear]], nn.Module]] = {
 }
 BUILDERS: dict[str, Callable[[Iterable[nn.Linear]], nn.Module]] = {
     "grouped": _grouped, "grouped_in_out": _grouped_in_out, **PEERS,
+    # not a peer: the TabM layer under grouped_ops' output contract (a fresh contiguous result)
+    "tabm_contiguous": partial(TabMLinear.from_linears, contiguous=True),
     # the torch.compile comparison: the same model with either layer, both compiled
     "compiled_grouped_mlp": _mlp("grouped"), "compiled_tabm_mlp": _mlp("tabm"),
 }

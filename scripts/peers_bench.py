@@ -43,8 +43,9 @@ COMPILED_SHAPES = [(32, 8, 64, 64), (256, 32, 16, 16), (64, 16, 128, 128), (16, 
 # shapes in no shipped table (n, in, out and batch off the tuned grid)
 AUTO_SHAPES = [(48, 12, 48, 80), (200, 6, 96, 40), (8, 24, 160, 160), (1000, 3, 24, 24),
                (96, 40, 20, 60), (24, 16, 320, 96), (300, 10, 64, 128), (3, 48, 64, 64)]
-PEER_VARIANTS = ("grouped", "grouped_in_out", "tabm", "vmap", "loop", "compiled_loop")
-OURS = ("grouped", "grouped_in_out")  # GroupedLinear's two weight layouts: neither is a peer
+PEER_VARIANTS = ("grouped", "grouped_in_out", "tabm", "tabm_contiguous", "vmap", "loop", "compiled_loop")
+# not peers: GroupedLinear's two weight layouts, and the TabM layer made to keep our output contract
+OURS = ("grouped", "grouped_in_out", "tabm_contiguous")
 COMPILED_VARIANTS = ("compiled_grouped_mlp", "compiled_tabm_mlp")
 QUICK = {"peers": [(32, 8, 64, 64), (128, 32, 32, 32)], "compiled": [(32, 8, 64, 64)],
          "auto": [(48, 12, 48, 80)]}
@@ -152,6 +153,19 @@ def _verdict(ratios: list[float], per_pass: list[float]) -> str:
             f"{', '.join(f'{g:.3f}' for g in per_pass)} (median {statistics.median(per_pass):.3f})")
 
 
+def _contract_line(rows: list[dict]) -> str:
+    """GroupedLinear against the TabM layer made to return what GroupedLinear returns."""
+    ratios = [v["tabm_contiguous"]["us"] / v["grouped"]["us"] for v in _cells(rows).values()
+              if "tabm_contiguous" in v and "grouped" in v]
+    if not ratios:
+        return ""
+    contract = [v["tabm"]["us"] / v["tabm_contiguous"]["us"] for v in _cells(rows).values()
+                if "tabm_contiguous" in v and "tabm" in v]
+    return (f"Against `tabm_contiguous` (the same output contract), GroupedLinear's geometric mean is "
+            f"**{peers.geomean(ratios):.3f}x** (worst cell {min(ratios):.2f}x); the contract alone costs the "
+            f"TabM layer {peers.geomean(contract):.3f}x in geometric mean (worst cell {min(contract):.2f}x).")
+
+
 def render(results: dict[str, list[dict]], meta: dict) -> str:
     out = ["# GroupedLinear against the layers users already write (CPU)", "",
            f"Command: `{meta['command']}` ({meta['minutes']} min; torch {meta['torch']}, "
@@ -166,13 +180,16 @@ def render(results: dict[str, list[dict]], meta: dict) -> str:
         lines, ratios = _table(results["peers"], "grouped", list(PEER_VARIANTS), "GroupedLinear vs best peer")
         out += ["## 1. GroupedLinear vs its peers", "",
                 "`grouped` is GroupedLinear as constructed by default (nn.Linear's contiguous weight "
-                "layout); `grouped_in_out` with `weight_layout=\"in_out\"` (not a peer, shown for "
-                "comparison). "
+                "layout); `grouped_in_out` with `weight_layout=\"in_out\"`; `tabm_contiguous` is the "
+                "TabM layer with `.contiguous()` on its result, i.e. under grouped_ops' output contract "
+                "(a fresh contiguous tensor; TabM returns a transposed view). These two are not peers, "
+                "shown for comparison. "
                 "Peers: `tabm` (weight [n, in, out], `(x.transpose(0, 1) @ W).transpose(0, 1) + b`), "
                 "`vmap` (torch.func stack_module_state + functional_call), `loop` (ModuleList + "
                 "torch.stack), `compiled_loop` (that loop under torch.compile; its training step is "
                 "not compiled for n > 16, where compiling takes minutes). All built from one ModuleList.",
-                "", *lines, "", _verdict(ratios, _pass_geomeans(results["peers"], "grouped")), ""]
+                "", *lines, "", _verdict(ratios, _pass_geomeans(results["peers"], "grouped")), "",
+                _contract_line(results["peers"]), ""]
     if "compiled" in results:
         lines, ratios = _table(results["compiled"], "compiled_grouped_mlp", list(COMPILED_VARIANTS),
                                "GroupedLinear model vs TabM model")
