@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch
+from ._errors import GroupedOpsError
 from .ops import SPECS, on_register
 from .ops._spec import Arg, OpSpec
 
@@ -64,6 +65,11 @@ def define(spec: OpSpec) -> None:
     """Define ``grouped_ops::<spec.name>_auto`` (once per name; it reads the spec registered under
     that name when it runs)."""
     if spec.name in _DEFINED:
+        defined = str(_DEFINED[spec.name]._opoverload._schema).partition("(")[2]
+        if defined != schema(spec.arguments).partition("(")[2]:  # torch.library keeps the first schema
+            raise GroupedOpsError(f"register: grouped_ops::{spec.name}_auto was defined with other arguments "
+                                  f"({defined.partition(') ->')[0]}); a spec registered again under that name "
+                                  "must keep them (or take another name)")
         return
     name = spec.name
 

@@ -365,3 +365,20 @@ def test_cli_prewarm_tunes_at_the_given_batch_and_tunes_close_calls_again(tuning
     with dispatch.use_timer(tunings.timer([{"bmm": 1.0e-4, "einsum": 1.05e-4}])):
         assert main([*argv, "--single-opinion"]) == 0
     assert tunings.batches == [300, 8]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--dtype", "int8"], "argument --dtype: 'int8' is not supported"),
+    (["--dtype", "float8_e4m3fn"], "argument --dtype: 'float8_e4m3fn' is not supported"),
+    (["--batch", "99999999999999999999"], "argument --batch: must be a positive integer up to 2**40"),
+])
+def test_bad_values_are_usage_errors_naming_the_argument(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["explain", "grouped_linear", "--batch", "8", "--groups", "4", "--in", "8", "--out", "8", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_negative_feature_dim_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["explain", "weighted_combine", "--batch", "8", "--k", "4", "--features", "4x-1x-2"])
+    assert e.value.code == 2 and "every feature dim must be positive" in capsys.readouterr().err

@@ -129,6 +129,15 @@ def test_grouped_linear_complex_dtype():
              "complex64 is not supported")
 
 
+@pytest.mark.parametrize("op", ["grouped_linear", "weighted_combine"])
+def test_float8_is_refused_with_the_supported_dtypes_not_a_kernel_error(op):
+    # a floating-point dtype no implementation computes in: refused up front, also for impl="auto"
+    f8 = torch.float8_e4m3fn
+    call = ((lambda: grouped_linear(X.to(f8), W.to(f8))) if op == "grouped_linear" else
+            (lambda: weighted_combine([t.to(f8) for t in OUTS], WTS.to(f8))))
+    _refused(call, op, "float8_e4m3fn is not supported", "float16, bfloat16, float32 or float64")
+
+
 def test_grouped_linear_input_not_a_tensor():
     _refused(lambda: grouped_linear(X.tolist(), W), "grouped_linear", "input must be a torch.Tensor", "list")
 

@@ -5,7 +5,9 @@ and prewarm on the command line, and the testing helpers (strategies, agreement 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import sys
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import grouped_ops
 from grouped_ops import GroupedOpsError, dispatch
 from grouped_ops.cli import main
 from grouped_ops.dispatch import resolve
-from grouped_ops.ops import SPECS, OpSpec, register, unregister
+from grouped_ops.ops import SPECS, Arg, Flag, OpSpec, register, unregister
 from grouped_ops.testing import assert_implementations_agree, op_inputs
 
 
@@ -72,6 +74,67 @@ def test_registration_makes_a_full_op(toy):
     with pytest.raises(GroupedOpsError, match="needs arguments, fake and backward"):
         register(OpSpec("half_made", toy.REGISTRY, toy.meta, toy.validate, toy.signature, toy.make_inputs,
                         toy.default_impl))
+
+
+@pytest.mark.parametrize(("names", "why"), [
+    (("input", "input"), "distinct"), (("input", "impl"), "impl"), (("in", "scale"), "keywords"),
+    (("input", "grad_mask"), "grad_mask"), (("input", "x_stacked"), "_stacked"),
+])
+def test_register_refuses_argument_names_the_call_or_the_custom_op_cannot_take(toy, names, why):
+    arguments = tuple(dataclasses.replace(a, name=n) for a, n in zip(toy.SPEC.arguments, names, strict=True))
+    with pytest.raises(GroupedOpsError, match="argument names must be distinct") as e:
+        register(dataclasses.replace(toy.SPEC, name="odd_args", arguments=arguments))
+    assert why in str(e.value) and "odd_args" not in SPECS
+
+
+@pytest.mark.parametrize("name", ["gröup", "class", "two words"])
+def test_register_refuses_an_op_name_torch_library_cannot_take(toy, name):
+    with pytest.raises(GroupedOpsError, match="must be an ASCII Python identifier"):
+        register(dataclasses.replace(toy.SPEC, name=name))
+
+
+def test_registering_again_with_other_arguments_is_refused_not_a_broken_custom_op(toy):
+    unregister(toy.OP)
+    try:
+        extra = (*toy.SPEC.arguments, Arg("offset", optional=True))
+        with pytest.raises(GroupedOpsError, match="was defined with other arguments"):
+            register(dataclasses.replace(toy.SPEC, arguments=extra))
+        assert toy.OP not in SPECS
+    finally:
+        register(toy.SPEC)
+
+
+def test_a_renamed_copy_reports_errors_under_its_own_name(toy):
+    renamed = dataclasses.replace(toy.SPEC, name="scaled_copy")
+    with pytest.raises(GroupedOpsError, match="scaled_copy"):
+        renamed.normalize((), {}, "call")
+
+
+def test_an_op_whose_cli_flags_clash_is_left_out_of_the_cli_and_the_others_still_work(toy, capsys):
+    clashing = dataclasses.replace(toy.SPEC, name="clashing_flags", cli=dataclasses.replace(
+        toy.SPEC.cli, flags=(*toy.SPEC.cli.flags, Flag(("--batch",), "again", dim="n"))))
+    register(clashing)
+    try:
+        assert main(["explain", "grouped_linear", "--batch", "8", "--groups", "4", "--in", "8", "--out", "8",
+                     "--no-tune"]) == 0
+        assert "op 'clashing_flags' has no sub-command here: its flags clash" in capsys.readouterr().err
+    finally:
+        unregister("clashing_flags")
+
+
+def test_the_cli_imports_a_module_of_ops_given_with_import(toy, capsys):
+    unregister(toy.OP)  # as in a fresh process that has not imported it
+    sys.modules.pop("toy_op")
+    try:
+        assert main(["--import", "toy_op", "explain", "grouped_scale", "--batch", "8", "--groups", "4",
+                     "--features", "6", "--no-tune"]) == 0
+        assert "grouped_scale" in capsys.readouterr().out
+    finally:
+        unregister(toy.OP)
+        sys.modules["toy_op"] = toy
+        register(toy.SPEC)
+    assert main(["--import", "no_such_module_here", "cache", "path"]) == 2
+    assert "--import: No module named 'no_such_module_here'" in capsys.readouterr().err
 
 
 # ---- eager ---------------------------------------------------------------------------------------

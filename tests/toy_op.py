@@ -13,12 +13,16 @@ from typing import Any
 import torch
 
 from grouped_ops.functional import op_function
-from grouped_ops.ops import Arg, Cli, Flag, OpSpec, register
-from grouped_ops.ops._common import (
+from grouped_ops.ops import (
+    Arg,
+    Cli,
+    Flag,
+    OpSpec,
     check_dtypes_devices,
     fail,
     is_contiguous,
     random_like,
+    register,
     tensor_meta,
 )
 from grouped_ops.registry import Implementation, Registry

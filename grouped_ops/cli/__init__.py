@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -40,6 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    try:
+        _import_ops(argv)
+    except ImportError as e:
+        print(f"grouped_ops: error: --import: {e}", file=sys.stderr)
+        return 2
     if "bench" in argv and isinstance(why := bench.load(), str):
         print(f"grouped_ops: the benchmark sweep is not available in this build ({why})", file=sys.stderr)
         return 2
@@ -64,12 +70,15 @@ def _main(argv: list[str]) -> int:
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The argument parser. ``argv`` decides whether the bench module is imported (only for ``bench``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m grouped_ops",
+        prog=_program_name(),
         description="grouped_ops: grouped linear layers and weighted combines, autotuned.",
     )
     parser.add_argument("--version", action="version", version=f"grouped_ops {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log every decision (the 'grouped_ops' logger at INFO)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (repeatable): a module that registers ops of your own "
+                             "(grouped_ops.ops.register), so that explain, prewarm and cache know them")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     demo.add_parser(sub)
     prewarm.add_parser(sub)
@@ -77,6 +86,24 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     cache.add_parser(sub)
     bench.add_parser(sub, argv)
     return parser
+
+
+def _import_ops(argv: list[str]) -> None:
+    """Import the ``--import MODULE`` modules before the parser is built: their ops get sub-commands.
+    Only options before the command are the program's own (a later ``--import`` is the command's)."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            break  # the command
+        if arg == "--import" and i + 1 < len(argv):
+            importlib.import_module(argv[i + 1])
+        elif arg.startswith("--import="):
+            importlib.import_module(arg.partition("=")[2])
+
+
+def _program_name() -> str:
+    """``grouped-ops`` when run as the console script, else how the module is run."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("grouped-ops") else "python -m grouped_ops"
 
 
 def _discard_stdout() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 
 from .._errors import GroupedOpsError
 from ..ops import SPECS, OpSpec
+from ..registry import FLOATING
 from ..signature import Signature, bucket, bucketing_mode, parse_dtype
 from ..tuning import store
 
@@ -25,9 +27,23 @@ def cache_folder() -> Path:
 
 def positive(text: str) -> int:
     value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    if not 0 < value <= _MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be a positive integer up to 2**40, got {text}")
     return value
+
+
+_MAX_SIZE = 1 << 40  # past any real size; torch's int64 sizes would overflow far later in a product
+
+
+def floating_dtype(text: str) -> str:
+    """A ``--dtype`` value the ops compute in (float16, bfloat16, float32, float64)."""
+    try:
+        dtype = parse_dtype(text)
+    except GroupedOpsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if dtype not in FLOATING:
+        raise argparse.ArgumentTypeError(f"{text!r} is not supported; use float16, bfloat16, float32 or float64")
+    return text
 
 
 # ---- signatures from the command line ------------------------------------------------------------
@@ -42,23 +58,33 @@ def add_signature_commands(parser: argparse.ArgumentParser, *, many_batches: boo
     for spec in SPECS.values():
         if spec.cli is None:
             continue
-        sub = ops.add_parser(spec.name, help=spec.cli.help)
-        sub.add_argument("--batch", type=positive, required=True, help=batch_help, **batch_kw)
-        for flag in spec.cli.flags:
-            if flag.dim is not None:
-                sub.add_argument(*flag.names, dest=flag.dest, type=flag.type or positive, required=True,
-                                 metavar=flag.dest.removeprefix("op_").upper(), help=flag.help)
-            elif flag.choices:
-                sub.add_argument(*flag.names, dest=flag.dest, choices=flag.choices, default=flag.choices[0],
-                                 help=flag.help)
-            else:
-                sub.add_argument(*flag.names, dest=flag.dest, action="store_true", help=flag.help)
-        _add_common(sub)
-        flags(sub, argparse.SUPPRESS)
+        try:  # on a scratch parser first: a registered op whose flags clash must not break the others
+            _add_op_flags(argparse.ArgumentParser(add_help=False), spec, batch_help, batch_kw, flags)
+        except argparse.ArgumentError as e:
+            print(f"grouped_ops: op {spec.name!r} has no sub-command here: its flags clash ({e})", file=sys.stderr)
+            continue
+        _add_op_flags(ops.add_parser(spec.name, help=spec.cli.help), spec, batch_help, batch_kw, flags)
+
+
+def _add_op_flags(sub: argparse.ArgumentParser, spec: OpSpec, batch_help: str, batch_kw: dict[str, Any],
+                  flags: Callable[[argparse.ArgumentParser, Any], None]) -> None:
+    assert spec.cli is not None
+    sub.add_argument("--batch", type=positive, required=True, help=batch_help, **batch_kw)
+    for flag in spec.cli.flags:
+        if flag.dim is not None:
+            sub.add_argument(*flag.names, dest=flag.dest, type=flag.type or positive, required=True,
+                             metavar=flag.dest.removeprefix("op_").upper(), help=flag.help)
+        elif flag.choices:
+            sub.add_argument(*flag.names, dest=flag.dest, choices=flag.choices, default=flag.choices[0],
+                             help=flag.help)
+        else:
+            sub.add_argument(*flag.names, dest=flag.dest, action="store_true", help=flag.help)
+    _add_common(sub)
+    flags(sub, argparse.SUPPRESS)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, float64")
+    parser.add_argument("--dtype", default="float32", type=floating_dtype, help="float32, bfloat16, float16, float64")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 

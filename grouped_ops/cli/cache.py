@@ -51,7 +51,7 @@ def cmd_cache_path(args: argparse.Namespace) -> int:
 def _status(entry: dict[str, Any]) -> str:
     op = entry.get("signature", {}).get("op") if isinstance(entry.get("signature"), dict) else None
     if op not in SPECS:
-        return "unknown-op"
+        return "op-not-imported"  # an op registered by a module this process has not imported (--import)
     current = store.fingerprint(dispatch.impl_set_version(SPECS[op]))
     return "fresh" if entry.get("fingerprint") == current else "stale"
 

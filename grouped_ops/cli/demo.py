@@ -19,7 +19,7 @@ from ..recording import prewarm
 from ..registry import tolerance
 from ..signature import device_name, parse_dtype
 from ..tuning.timer import timer_for
-from ._common import cache_folder, device, positive
+from ._common import cache_folder, device, floating_dtype, positive
 
 
 def add_parser(sub: Any) -> None:
@@ -33,7 +33,8 @@ def add_parser(sub: Any) -> None:
                       help="input features per layer (default 32)")
     demo.add_argument("--out", dest="out_features", type=positive, default=32,
                       help="output features per layer (default 32)")
-    demo.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
+    demo.add_argument("--dtype", default="float32", type=floating_dtype,
+                      help="float32 (default), bfloat16, float16, float64")
     demo.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     demo.add_argument("--train", action="store_true", help="also time forward + backward")
     demo.set_defaults(func=run)

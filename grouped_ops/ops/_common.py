@@ -8,6 +8,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from .._errors import GroupedOpsError
+from ..registry import FLOATING
 
 
 def shape_of(x: Any) -> str:
@@ -33,8 +34,9 @@ def check_dtypes_devices(op: str, named: dict[str, torch.Tensor], shapes: dict[s
         listed = ", ".join(f"{n}={str(d).removeprefix('torch.')}" for n, d in dtypes.items())
         raise fail(op, f"arguments must share one dtype, got {listed}; cast them first", **shapes)
     dtype = next(iter(dtypes.values()))
-    if not dtype.is_floating_point:
-        raise fail(op, f"dtype {str(dtype).removeprefix('torch.')} is not supported; use a floating-point dtype", **shapes)
+    if dtype not in FLOATING:  # float8 too: no implementation computes in it
+        raise fail(op, f"dtype {str(dtype).removeprefix('torch.')} is not supported; use a floating-point dtype: "
+                       "float16, bfloat16, float32 or float64", **shapes)
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{n}={d}" for n, d in devices.items())

@@ -120,7 +120,13 @@ class OpSpec:
     cli: Cli | None = None
 
     def __post_init__(self) -> None:
-        if self.grad_args is None:
+        # Defaults made from ``arguments``, made again by dataclasses.replace (a renamed copy must
+        # not report errors under the old name)
+        if self.grad_args is None or _made_by(self.grad_args, grad_tensors):
             object.__setattr__(self, "grad_args", partial(grad_tensors, self.arguments))
-        if self.normalize is None:
+        if self.normalize is None or _made_by(self.normalize, normalize_call):
             object.__setattr__(self, "normalize", partial(normalize_call, self.name, self.arguments))
+
+
+def _made_by(fn: Any, maker: Callable[..., Any]) -> bool:
+    return isinstance(fn, partial) and fn.func is maker

@@ -340,12 +340,12 @@ def reduction_lengths(args: tuple[Any, ...]) -> dict[str, int]:
 def features_flag(text: str) -> int:
     """``1024`` or ``32x8x8`` (the feature dims of one branch output, multiplied)."""
     try:
-        value = math.prod(int(p) for p in text.lower().split("x"))
+        parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"features must look like 1024 or 32x8x8, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"features must be positive, got {text!r}")
-    return value
+    if any(p <= 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"every feature dim must be positive, got {text!r}")
+    return math.prod(parts)
 
 
 ARGUMENTS = (Arg("inputs", many=True, dims=("batch", "k", "*")), Arg("weights", dims=("batch", "k")))
