@@ -108,43 +108,90 @@ def loop(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     )
 
 
-class _Reorder(torch.autograd.Function):
-    """grouped_mm's product ``y [n, rows, out]`` (+ ``bias [n, out]``) -> a fresh contiguous
-    ``[..., n, out]``, in one pass: the bias add writes straight into the final layout (an
-    out-of-place ``y.transpose(0, 1) + b`` would follow y's layout and need a second pass).
+class _GroupedLinearMM(torch.autograd.Function):
+    """grouped_mm's training path in one Function: ``xt [n, rows, in] @ wt [n, in, out]``, then the
+    product (+ ``bias [n, out]``) written as a fresh contiguous ``[..., n, out]`` in one pass (the bias
+    add writes the final layout; ``y.transpose(0, 1) + b`` would follow y's layout and need a
+    second pass).
 
-    Backward hands grouped_mm's backward a gradient it accepts: torch checks each operand's strides
-    (last dim unit-stride, rows 16-byte aligned) and rejects the stride-0 gradients that ``.sum()``
-    and ``expand`` produce; a gradient that passes is not copied. ``setup_context`` and
-    ``generate_vmap_rule`` make it work under torch.func (grad, vmap), where (as under
-    torch.compile) the forward takes two plain passes instead of ``out=``."""
+    Backward hands grouped_mm gradients it accepts: torch checks each operand's strides (last dim
+    unit-stride, rows 16-byte aligned) and rejects the stride-0 gradients that ``.sum()`` and
+    ``expand`` produce; one that passes is not copied. Under ``create_graph`` (a second backward:
+    gradient penalties, ``torch.func.grad`` of a gradient) its products go through
+    :class:`_GroupedMM`, which fits the gradients of a second backward too (torch's own grouped_mm
+    backward does not: ``F.grouped_mm`` fails there). One Function, not two: each costs 10-20 us a
+    call on CPU. ``setup_context`` and ``generate_vmap_rule`` make it work under torch.func; there
+    (as under torch.compile) the forward takes two plain passes instead of ``out=``."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(y: Tensor, b: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-        yt = y.transpose(0, 1)  # [rows, n, out]; reshaped to `shape`, still a view
+    def forward(xt: Tensor, wt: Tensor, b: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+        yt = _grouped_mm_op()(xt, wt).transpose(0, 1)  # [rows, n, out]; reshaped to `shape`, still a view
         if b is None:
             return yt.reshape(shape).clone(memory_format=torch.contiguous_format)
-        if may_write_into(y, b):  # grad mode is off in here: false only under transforms/tracing
-            result = y.new_empty(shape)
+        if may_write_into(xt, wt, b):  # grad mode is off in here: false only under transforms/tracing
+            result = xt.new_empty(shape)
             torch.add(yt, b, out=result.view(yt.shape))
             return result
         return (yt + b).reshape(shape).clone(memory_format=torch.contiguous_format)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        y, b, _ = inputs
-        ctx.y_shape, ctx.has_bias = y.shape, b is not None
+        xt, wt, b, _ = inputs
+        ctx.save_for_backward(xt, wt)
+        ctx.has_bias = b is not None
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        n, rows, out = ctx.y_shape
-        gy = grad.reshape(rows, n, out).transpose(0, 1)
-        if not (_mat_ok(gy) and _offset_ok(gy)):
-            gy = gy.clone(memory_format=torch.contiguous_format)
-        gb = grad.reshape(rows, n, out).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return gy, gb, None
+        xt, wt = ctx.saved_tensors
+        n, rows, out = xt.shape[0], xt.shape[1], wt.shape[2]
+        gy = _fit(grad.reshape(rows, n, out).transpose(0, 1))
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw = _products(xt, wt, gy, need_x, need_w)
+        gb = grad.reshape(rows, n, out).sum(0) if ctx.has_bias and need_b else None
+        return gx, gw, gb, None
+
+
+class _GroupedMM(torch.autograd.Function):
+    """grouped_mm of two 3-D operands whose backward fits each gradient to grouped_mm's stride
+    checks and is itself differentiable: the products of a second backward (see
+    :class:`_GroupedLinearMM`)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(a: Tensor, b: Tensor) -> Tensor:
+        return _grouped_mm_op()(a, b)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        a, b = ctx.saved_tensors
+        return _products(a, b, _fit(grad), *ctx.needs_input_grad[:2])
+
+
+def _products(a: Tensor, b: Tensor, grad: Tensor, need_a: bool, need_b: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of ``a @ b`` (grouped) for ``grad``; differentiable under create_graph.
+
+    A column-major ``b`` (nn.Linear's weight seen as ``[n, in, out]``) gets its gradient in that
+    layout, as ``(grad^T @ a)^T``: autograd then accumulates the weight's gradient without a copy."""
+    mm = _GroupedMM.apply if torch.is_grad_enabled() else _grouped_mm_op()
+    ga = mm(grad, _fit(b.transpose(1, 2))) if need_a else None
+    gb = None
+    if need_b:
+        column_major = b.stride(1) == 1 and b.stride(2) != 1
+        gb = (mm(_fit(grad.transpose(1, 2)), _fit(a)).transpose(1, 2) if column_major
+              else mm(_fit(a.transpose(1, 2)), grad))
+    return ga, gb
+
+
+def _fit(t: Tensor) -> Tensor:
+    """``t`` if grouped_mm takes it as an operand, else a contiguous copy."""
+    return t if _mat_ok(t) and _offset_ok(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 def _mat_ok(t: Tensor) -> bool:
@@ -193,16 +240,15 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         # copy of it on every call, which the tuner never timed (its private operands are aligned
         # and the signature does not hold the offset). bmm takes it as is and is a timed candidate.
         return bmm(x, w, b)
+    if not may_write_into(x, w, b):  # a backward may run (the Function costs 10-20 us a call: only then)
+        return _GroupedLinearMM.apply(xt, wt, b, (*lead, n, out))
     y = _grouped_mm_op()(xt, wt)  # [n, rows, out]
-    if may_write_into(x, w, b):  # no backward to prepare for: the bias add is the reordering pass
-        result = x.new_empty(*lead, n, out)
-        if b is None:
-            result.view(rows, n, out).copy_(y.transpose(0, 1))
-        else:  # torch's grouped_mm takes no bias yet ("Bias not supported yet")
-            torch.add(y.transpose(0, 1), b, out=result.view(rows, n, out))
-        return result
-    # (the Function costs ~10 us a call: only where a backward may run)
-    return _Reorder.apply(y, b, (*lead, n, out))
+    result = x.new_empty(*lead, n, out)  # the bias add is the reordering pass
+    if b is None:
+        result.view(rows, n, out).copy_(y.transpose(0, 1))
+    else:  # torch's grouped_mm takes no bias yet ("Bias not supported yet")
+        torch.add(y.transpose(0, 1), b, out=result.view(rows, n, out))
+    return result
 
 
 # ---- what each implementation supports -----------------------------------------------------------
