@@ -8,14 +8,15 @@ from dataclasses import dataclass, field
 from .signature import Signature
 
 # Sources whose decision was measured on this hardware (guesses must not seed further guesses).
-MEASURED = frozenset({"tuned", "cache", "broadcast"})
+MEASURED = frozenset({"tuned", "cache", "shipped", "broadcast"})
 
 
 @dataclass(frozen=True)
 class Decision:
     """Which implementation a signature uses, and why.
 
-    source: ``"cache"`` (memory, disk or a shipped table), ``"tuned"`` (this call timed it),
+    source: ``"cache"`` (memory or the user's disk cache), ``"shipped"`` (a table shipped with the
+    library, timed on a machine of this kind when the table was made), ``"tuned"`` (this call timed it),
     ``"forced"`` (a ``use_impl`` scope), ``"env"`` (GROUPED_OPS_IMPL), ``"broadcast"`` (taken
     from rank 0 at a collective prewarm), ``"stale"`` (an entry from other library/torch versions,
     used because tuning is not allowed here), ``"nearest"`` (the decision of the nearest tuned batch

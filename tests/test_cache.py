@@ -252,7 +252,7 @@ def test_shipped_tables_are_consulted_after_the_user_cache(shipped_tables, monke
     calls: collections.Counter = collections.Counter()
     with dispatch.use_timer(fake_timer({"einsum": 1e-6}, calls)):
         d = grouped_ops.prewarm("grouped_linear", *args)
-        assert (d.impl, d.source) == ("loop", "cache") and not calls  # shipped: no tuning
+        assert (d.impl, d.source) == ("loop", "shipped") and not calls  # shipped: no tuning, and it says so
         assert entries() == []  # the shipped table is read-only; nothing copied
         monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")
         store.DiskStore().put(_entry("masked_dense", args))
@@ -271,7 +271,7 @@ def test_a_fresh_shipped_entry_beats_a_stale_user_entry(shipped_tables, monkeypa
     calls: collections.Counter = collections.Counter()
     with dispatch.use_timer(fake_timer(calls=calls)):
         d = grouped_ops.prewarm("grouped_linear", *args)
-    assert (d.impl, d.source) == ("loop", "cache") and not calls
+    assert (d.impl, d.source) == ("loop", "shipped") and not calls
 
 
 def test_autotune_off_uses_a_shipped_table(shipped_tables, monkeypatch):
@@ -280,7 +280,7 @@ def test_autotune_off_uses_a_shipped_table(shipped_tables, monkeypatch):
     store.write_table(shipped_tables / "reference-cpu.json", [_entry("einsum", args)])
     dispatch.clear_memory()
     d = grouped_ops.prewarm("grouped_linear", *args)
-    assert (d.impl, d.source) == ("einsum", "cache")
+    assert (d.impl, d.source) == ("einsum", "shipped")
     assert not store.DiskStore().root.exists()
 
 

@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"grouped_ops {__version__}, torch {torch.__version__}, {dev} ({device_name(dev)}), "
           f"{torch.get_num_threads()} threads")
     print(f"cache folder: {cache_folder()}")
-    print("Each candidate table is the tuner's, timed while it decided on inputs of its own; the times "
-          "after it are\nmeasured now on the demo's tensors, in interleaved rounds, auto next to its "
-          "choice forced with impl=.\n")
+    print("Each candidate table is the tuner's, timed while it decided on inputs of its own (here, or for "
+          "'shipped', when\nthe shipped table was made); the times after it are measured now on the demo's "
+          "tensors, in interleaved\nrounds, auto next to its choice forced with impl=.\n")
 
     # -- grouped_linear vs a ModuleList of nn.Linear
     layers = nn.ModuleList(nn.Linear(inn, out) for _ in range(n)).to(dev, dtype)
@@ -128,7 +128,8 @@ def _report_match(expected: torch.Tensor, got: torch.Tensor, dtype: torch.dtype)
 
 
 def _report_decision(d: Decision) -> None:
-    print(f"   auto chose {d.impl} ({d.source}); every candidate, median time per call:")
+    where = " (a shipped table's times, not this machine's now)" if d.source == "shipped" else ""
+    print(f"   auto chose {d.impl} ({d.source}); every candidate, median time per call{where}:")
     print(d.table() or "   (a single candidate: nothing to compare)")
 
 

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
 _SOURCES = {
     "tuned": "timed just now",
-    "cache": "from memory, the user cache or a shipped table",
+    "cache": "from memory or the user cache, timed on this machine",
+    "shipped": "from a table shipped with grouped_ops, timed on a machine of this kind when the table was made",
     "default": "the op's default rule; nothing was timed",
     "env": "forced by GROUPED_OPS_IMPL",
     "forced": "forced by a use_impl scope",

@@ -216,13 +216,13 @@ def from_disk(spec: OpSpec, sig: Signature, allow_stale: bool = False) -> Decisi
     key = sig.key()
     current = _store.fingerprint(impl_set_version(spec))
     stale: Decision | None = None
-    for entry in (_store.DiskStore().get(key), _store.shipped_entries().get(key)):
+    for entry, where in ((_store.DiskStore().get(key), "cache"), (_store.shipped_entries().get(key), "shipped")):
         if entry is None or entry["impl"] not in spec.registry:
             continue
         if not spec.registry[entry["impl"]].supports(sig):
             continue
         fresh = entry.get("fingerprint") == current
-        decision = Decision(entry["impl"], "cache" if fresh else "stale",
+        decision = Decision(entry["impl"], where if fresh else "stale",
                             {k: float(v) for k, v in entry.get("timings", {}).items()},
                             dict(entry.get("skipped", {})), sig, tuple(map(str, entry.get("opinions", ()))))
         if fresh:
