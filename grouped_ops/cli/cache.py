@@ -9,7 +9,6 @@ from typing import Any
 
 from .. import dispatch
 from .._errors import GroupedOpsError
-from ..decision import Decision
 from ..ops import SPECS
 from ..tuning import store
 from ._common import cache_folder
@@ -129,8 +128,7 @@ def cmd_cache_show(args: argparse.Namespace) -> int:
         print(f"  created:     {e.get('created', '?')}")
         fp = e.get("fingerprint", {})
         print("  fingerprint: " + (", ".join(f"{k}={v}" for k, v in sorted(fp.items())) if isinstance(fp, dict) else str(fp)))
-        d = Decision(e["impl"], "cache", {k: float(v) for k, v in e.get("timings", {}).items()},
-                     dict(e.get("skipped", {})), opinions=tuple(map(str, e.get("opinions", ()))))
+        d = store.decision_of(e, "cache")
         print(d.table() or "  (no timings: a single candidate, nothing to compare)")
         print()
     print(BUCKET_LEGEND)

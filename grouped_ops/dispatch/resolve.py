@@ -22,7 +22,6 @@ import logging
 import math
 import sys
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
@@ -222,9 +221,7 @@ def from_disk(spec: OpSpec, sig: Signature, allow_stale: bool = False) -> Decisi
         if not spec.registry[entry["impl"]].supports(sig):
             continue
         fresh = entry.get("fingerprint") == current
-        decision = Decision(entry["impl"], where if fresh else "stale",
-                            {k: float(v) for k, v in entry.get("timings", {}).items()},
-                            dict(entry.get("skipped", {})), sig, tuple(map(str, entry.get("opinions", ()))))
+        decision = _store.decision_of(entry, where if fresh else "stale", sig)
         if fresh:
             remember(decision)
             return decision
@@ -323,19 +320,8 @@ def persist_decision(spec: OpSpec, decision: Decision) -> None:
 
 
 def entry_for(spec: OpSpec, decision: Decision) -> dict[str, Any]:
-    """The cache entry (JSON-able) that stores ``decision``."""
-    sig = decision.signature
-    assert sig is not None
-    return {
-        "key": sig.key(),
-        "signature": sig.to_spec(),
-        "impl": decision.impl,
-        "timings": dict(decision.timings),
-        "skipped": dict(decision.skipped),
-        **({"opinions": list(decision.opinions)} if decision.opinions else {}),
-        "fingerprint": _store.fingerprint(impl_set_version(spec)),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    """The cache entry (JSON-able) that stores ``decision`` (the format: :func:`store.entry_of`)."""
+    return _store.entry_of(decision, impl_set_version(spec))
 
 
 def impl_set_version(spec: OpSpec) -> str:

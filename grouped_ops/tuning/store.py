@@ -23,12 +23,16 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..decision import Decision
+from ..signature import Signature
 
 log = logging.getLogger("grouped_ops")
 FORMAT = 2  # 2: math settings, live thread count and shared/chunked weights in the key
@@ -53,6 +57,28 @@ def _user_cache_dir() -> Path:
             return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "grouped_ops" / "Cache"
         return Path(os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache") / "grouped_ops"
     return Path(platformdirs.user_cache_dir("grouped_ops"))
+
+
+def entry_of(decision: Decision, op_version: str) -> dict[str, Any]:
+    """The cache entry (JSON-able) that stores ``decision``, for an op at ``op_version``."""
+    sig = decision.signature
+    assert sig is not None
+    return {
+        "key": sig.key(),
+        "signature": sig.to_spec(),
+        "impl": decision.impl,
+        "timings": dict(decision.timings),
+        "skipped": dict(decision.skipped),
+        **({"opinions": list(decision.opinions)} if decision.opinions else {}),
+        "fingerprint": fingerprint(op_version),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def decision_of(entry: dict[str, Any], source: str, sig: Signature | None = None) -> Decision:
+    """The Decision an entry stores, reported as ``source``."""
+    return Decision(entry["impl"], source, {k: float(v) for k, v in entry.get("timings", {}).items()},
+                    dict(entry.get("skipped", {})), sig, tuple(map(str, entry.get("opinions", ()))))
 
 
 def fingerprint(op_version: str) -> dict[str, str]:
