@@ -167,3 +167,19 @@ def test_bench_checks_with_the_one_tolerance_table():
     from grouped_ops.registry import TOLERANCE
     assert not hasattr(measurement, "TOLERANCE") and not hasattr(bench, "TOLERANCE")
     assert TOLERANCE[torch.float32].agree == 5e-3 and TOLERANCE[torch.bfloat16].agree == 6e-2
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ([], ["--out"]),
+    (["--quick", "--threads", "2", "--markdown", "out/peers.md"], ["--quick", "--threads", "2", "--out", "out/peers"]),
+])
+def test_bench_peers_runs_the_peers_comparison_with_the_options_that_apply(monkeypatch, extra, expected):
+    from grouped_ops import cli
+    from grouped_ops.bench import peers_report
+
+    seen = {}
+    monkeypatch.setattr(peers_report, "main", lambda argv, program: seen.update(argv=argv, program=program) or 0)
+    assert cli.main(["bench", "--peers", *extra]) == 0
+    assert seen["program"] == "python -m grouped_ops bench --peers"
+    argv = seen["argv"] if extra else seen["argv"][:1]  # without --markdown: a temporary --out
+    assert argv == expected

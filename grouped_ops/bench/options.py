@@ -63,6 +63,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                    help=f"run only the masked_dense claims check (same as --ops {CLAIMS}): is a "
                         "block-diagonal dense matmul ~10x faster than the loop at small batch?")
     g.add_argument("--check-seed", dest="check_claims", action="store_true", help=argparse.SUPPRESS)  # old name
+    g.add_argument("--peers", action="store_true",
+                   help="instead of the sweep: GroupedLinear against the layers users write (TabM-style, vmap, "
+                        "loops, compiled), forward and training, CPU (with --quick: a few shapes; --threads N: "
+                        "only N; --markdown FILE: also FILE, its .json and .png); the full options: "
+                        "python scripts/peers_bench.py --help")
     t = parser.add_argument_group("timing")
     t.add_argument("--cell-time", type=float, help="seconds of timing per cell (cap); default per grid")
     t.add_argument("--max-gflop", type=float,

@@ -203,6 +203,10 @@ def _bench_environment(args: argparse.Namespace) -> Iterator[None]:
 def run(args: argparse.Namespace) -> int:
     """Run the sweep ``args`` describes (see :func:`configure_parser`); returns the exit status."""
     err = sys.stderr
+    if args.peers:
+        from .peers_report import from_bench  # noqa: PLC0415 - only this mode needs it
+
+        return from_bench(args)
     grid = GRIDS[args.grid]
     try:
         device = torch.device(args.device)
