@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -104,3 +105,23 @@ def gl_sig(**kw: Any) -> Signature:
         device=torch.device(kw.get("device", "cpu")),
         layout=(("input", "contiguous"), ("weight", kw.get("weight", "contiguous")), ("bias", "yes")),
         grad=kw.get("grad", ()))
+
+
+# ---- pytest-benchmark ------------------------------------------------------------------------------
+
+BENCH_ROUND_S = 5e-3  # a round repeats the call until it lasts about this long
+BENCH_TEST_S = 0.3  # rounds per test: about this much measuring, 5..30 rounds
+
+
+def run_benchmark(benchmark: Any, step: Callable[[], Any], warmups: int = 1) -> None:
+    """Benchmark ``step`` with a fixed, load-independent amount of work (pytest-benchmark's own
+    calibration sizes its rounds from the fastest warm-up round, so a busy machine multiplies the
+    time a test takes). ``warmups`` calls come first (a first call tunes, or compiles)."""
+    for _ in range(warmups):
+        step()
+    t0 = time.perf_counter()
+    step()
+    once = max(time.perf_counter() - t0, 1e-7)
+    iterations = max(1, math.ceil(BENCH_ROUND_S / once))
+    rounds = max(5, min(30, math.ceil(BENCH_TEST_S / (once * iterations))))
+    benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1)

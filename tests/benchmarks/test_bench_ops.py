@@ -13,14 +13,13 @@ today (``nn.ModuleList`` of ``nn.Linear`` + ``torch.stack``; seed 003's stack-mu
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_benchmark
 from torch import Tensor, nn
 
 import grouped_ops
@@ -28,8 +27,6 @@ from grouped_ops.ops import REGISTRIES
 
 pytestmark = pytest.mark.benchmark
 
-ROUND_S = 5e-3  # a round repeats the call until it lasts about this long
-TEST_S = 0.3  # rounds per test: about this much measuring, 5..30 rounds
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 PASSES = ["fwd", "fwdbwd"]
@@ -67,19 +64,6 @@ def _step(pass_: str, forward: Callable[[], Tensor], targets: list[Tensor], devi
             torch.autograd.grad(forward(), targets, grad_out)
         _sync(device)
     return fwd_bwd
-
-
-def _run(benchmark: Any, step: Callable[[], Any]) -> None:
-    """Benchmark ``step`` with a fixed, load-independent amount of work (pytest-benchmark's own
-    calibration sizes its rounds from the fastest warm-up round, so a busy machine multiplies the
-    time a test takes)."""
-    step()
-    t0 = time.perf_counter()
-    step()
-    once = max(time.perf_counter() - t0, 1e-7)
-    iterations = max(1, math.ceil(ROUND_S / once))
-    rounds = max(5, min(30, math.ceil(TEST_S / (once * iterations))))
-    benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1)
 
 
 def _skip_if_unsupported(call: Callable[[], Tensor], pass_: str) -> None:
@@ -122,7 +106,7 @@ def test_grouped_linear(benchmark: Any, device: str, shape: tuple[Any, ...], var
         if variant == "auto":
             with torch.no_grad() if pass_ == "fwd" else torch.enable_grad():
                 benchmark.extra_info["auto_impl"] = grouped_ops.prewarm("grouped_linear", x, w, b).impl
-    _run(benchmark, _step(pass_, forward, targets, device))
+    run_benchmark(benchmark, _step(pass_, forward, targets, device))
 
 
 @pytest.mark.parametrize("pass_", PASSES)
@@ -156,4 +140,4 @@ def test_weighted_combine(benchmark: Any, device: str, shape: tuple[Any, ...], v
         if variant == "auto":
             with torch.no_grad() if pass_ == "fwd" else torch.enable_grad():
                 benchmark.extra_info["auto_impl"] = grouped_ops.prewarm("weighted_combine", inputs, weights).impl
-    _run(benchmark, _step(pass_, forward, [*leaves, weights], device))
+    run_benchmark(benchmark, _step(pass_, forward, [*leaves, weights], device))

@@ -11,38 +11,22 @@ The side-by-side table with ratios is scripts/peers_bench.py's (docs/benchmarks/
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from helpers import run_benchmark
 
 from grouped_ops import peers
 
 pytestmark = pytest.mark.benchmark
 
-ROUND_S = 5e-3  # a round repeats the call until it lasts about this long
-TEST_S = 0.3  # rounds per test: about this much measuring, 5..30 rounds
 
 # (id, batch, n, in, out): the issue's two examples and a launch-bound one
 SHAPES = [("b128-n32-32x32", 128, 32, 32, 32), ("b16-n64-256x256", 16, 64, 256, 256),
           ("b32-n8-64x64", 32, 8, 64, 64)]
 VARIANTS = ["grouped", "tabm", "vmap", "loop", "compiled_loop"]
 MODES = ["fwd", "train"]
-
-
-def _run(benchmark: Any, step: Callable[[], Any]) -> None:
-    """A fixed, load-independent amount of work (as tests/benchmarks/test_bench_ops.py)."""
-    for _ in range(3):  # the first calls tune (GroupedLinear) or compile (compiled_loop)
-        step()
-    t0 = time.perf_counter()
-    step()
-    once = max(time.perf_counter() - t0, 1e-7)
-    iterations = max(1, math.ceil(ROUND_S / once))
-    rounds = max(5, min(30, math.ceil(TEST_S / (once * iterations))))
-    benchmark.pedantic(step, rounds=rounds, iterations=iterations, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -58,4 +42,4 @@ def test_peers(benchmark: Any, shape: tuple[Any, ...], variant: str, mode: str) 
     x = torch.randn(cell.batch, cell.n, cell.inn, generator=gen)
     grad = torch.randn(cell.batch, cell.n, cell.out, generator=gen)
     module = peers.build(variant, peers.make_linears(cell))
-    _run(benchmark, peers.step_fn(module, x, mode, grad))
+    run_benchmark(benchmark, peers.step_fn(module, x, mode, grad), warmups=3)  # tunes or compiles
