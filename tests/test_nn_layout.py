@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from grouped_ops import GroupedLinear
+from grouped_ops.nn import _empty_weight
 
 N, D_IN, D_OUT = 4, 6, 5
 
@@ -266,15 +267,18 @@ def test_forward_mode_ad_through_bmm(fn):
     torch.testing.assert_close(jvp, torch.einsum("bni,noi->bno", tangent, w))
 
 
-def test_bmm_weight_left_gives_a_contiguous_weight_its_gradient_without_a_layout_copy():
-    # the reason it exists: with nn.Linear's [n, out, in] weight, bmm's weight gradient comes out
-    # transposed (AccumulateGrad then copies it), bmm_weight_left's in the weight's own layout
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_bmm_computes_the_weight_gradient_in_the_weights_own_layout(layout):
+    # autograd's own bmm backward gives [n, in, out], which AccumulateGrad copies element by element
+    # into nn.Linear's layout; _BmmLinear (bmm's eager training path) and bmm_weight_left do not
     from grouped_ops.ops import SPECS
 
     registry = SPECS["grouped_linear"].registry
-    x, w, b = torch.randn(5, N, D_IN), torch.randn(N, D_OUT, D_IN, requires_grad=True), torch.randn(N, D_OUT)
+    x, b = torch.randn(5, N, D_IN), torch.randn(N, D_OUT)
+    w = _empty_weight(N, D_OUT, D_IN, layout).copy_(torch.randn(N, D_OUT, D_IN)).requires_grad_(True)
     grads = {}
-    for name in ("bmm", "bmm_weight_left"):
+    for name in ("bmm", "bmm_weight_left") if layout == "out_in" else ("bmm",):
         (grads[name],) = torch.autograd.grad(registry[name](x, w, b).sum(), w)
-    assert grads["bmm_weight_left"].is_contiguous() and not grads["bmm"].is_contiguous()
-    torch.testing.assert_close(grads["bmm_weight_left"], grads["bmm"])
+        assert grads[name].stride() == w.stride(), name
+        torch.testing.assert_close(grads[name], grads["bmm"])
+    assert registry["bmm"](x, w, b).grad_fn.name().startswith("_BmmLinear")

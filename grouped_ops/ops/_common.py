@@ -49,12 +49,19 @@ def may_write_into(*tensors: torch.Tensor | None) -> bool:
     Writing ``[..., n, out]`` straight into its own buffer keeps the output contract (a fresh
     tensor, not a view of an intermediate) without a copy, or without the ~4 us re-label that a
     reshaped matmul result needs (``aten._unsafe_view`` from Python, 2-core CPU). Not allowed where
-    ``out=`` is not: autograd recording for these tensors, forward-mode AD (a dual level), torch.func
-    transforms, torch.compile / torch.export / torch.jit tracing (a traced graph must not depend on
-    the grad mode), autocast, tensor subclasses. Cheap: it runs on the hot path.
+    ``out=`` is not: autograd recording for these tensors, and wherever :func:`plain_eager` is
+    false. Cheap: it runs on the hot path.
     """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return False
+    return plain_eager(*tensors)
+
+
+def plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """No forward-mode AD (a dual level), torch.func transform, torch.compile / torch.export /
+    torch.jit tracing (a traced graph must not depend on the grad mode), autocast, or tensor
+    subclass: a plain eager call, whose implementation may take shortcuts (``out=``, a Function of
+    its own) that those contexts do not allow."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or _functorch_active() is not None:
         return False
     if getattr(_forward_ad, "_current_level", 0) >= 0:  # -1 outside forward AD's dual_level
@@ -63,6 +70,31 @@ def may_write_into(*tensors: torch.Tensor | None) -> bool:
         return False
     first = next(t for t in tensors if t is not None)
     return not (_any_autocast() and torch.is_autocast_enabled(first.device.type))
+
+
+def apply_function(function: type[torch.autograd.Function], *args: Any) -> Any:
+    """``function.apply(*args)``, every argument given positionally, without the cost of binding them.
+
+    For a Function with ``setup_context`` (which torch.func needs), ``Function.apply`` binds the
+    arguments through ``inspect.signature`` on every call: ~15 us on CPU, as much as a small
+    kernel. With all arguments positional there is nothing to bind, so the autograd base's own
+    ``apply`` is called directly (what ``Function.apply`` calls next). Inside a torch.func transform
+    or under torch.compile it is ``function.apply``, which those need.
+    """
+    if _BASE_APPLY is None or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return function.apply(*args)
+    return _BASE_APPLY.__get__(None, function)(*_unwrap_dead_wrappers(args))
+
+
+def _no_unwrap(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return args
+
+
+_BASE_APPLY = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+try:  # what Function.apply does first: tensors left over from a finished transform become plain
+    from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
+except ImportError:  # pragma: no cover - every supported torch has it
+    _unwrap_dead_wrappers = _no_unwrap
 
 
 def own_tensor(y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -8,6 +8,7 @@ preference order (ties in tuning go to the earlier one).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,11 +17,14 @@ import torch.nn.functional as F
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
 from ._block_diagonal_linear import _BlockDiagonalLinear, _BlockDiagonalLinearWithJvp
+from ._bmm_linear import _bmm_into_new, _BmmLinear, _split
 from ._common import (
+    apply_function,
     check_dtypes_devices,
     fail,
     is_contiguous,
     may_write_into,
+    plain_eager,
     random_like,
     tensor_meta,
 )
@@ -28,12 +32,6 @@ from ._spec import Arg, Cli, Flag, OpSpec
 
 OP = "grouped_linear"
 Tensor = torch.Tensor
-
-
-def _split(x: Tensor, w: Tensor) -> tuple[tuple[int, ...], int, int, int, int]:
-    lead = tuple(x.shape[:-2])
-    n, out, inn = w.shape
-    return lead, math.prod(lead), n, out, inn
 
 
 # ---- implementations -----------------------------------------------------------------------------
@@ -50,31 +48,31 @@ def einsum(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # A weight stored [n, in, out] (GroupedLinear's, TabM's) makes wt a contiguous operand, which
     # CPU BLAS runs ~1.3x faster than nn.Linear's [n, out, in] passed transposed.
+    plain = plain_eager(x, w, b)
+    if plain and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return _BmmLinear.apply(x, w, b)  # eager training: one autograd node, gradients in their layouts
     lead, rows, n, out, inn = _split(x, w)
     xt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
-    plain = b is not None and may_write_into(x, w, b)
+    if plain:  # and no autograd: write the result with out=
+        return _bmm_into_new(xt, wt, b, (*lead, n, out))
     # The product is [n, rows, out]; the contract wants a fresh contiguous [..., n, out], i.e. one
     # pass that reorders it. Writing bmm's product straight there (out= a permuted view) is not
     # faster in general on CPU: ATen then runs one gemm per group (measured
     # 0.2-1.8x, fp32 and bf16, one thread).
-    if b is not None and not plain and torch.compiler.is_compiling():
+    if b is not None and torch.compiler.is_compiling():
         # traced: inductor fuses this add into the reordering copy below (baddbmm would fill the
         # bias in a pass of its own; measured 230 -> 209 us, the TabM model's time, on a compiled
         # two-layer model at batch 256, n=32, 16->16)
         y = (torch.bmm(xt, wt) + b.unsqueeze(1)).transpose(0, 1)
-    elif b is not None and not plain:
+    elif b is not None:
         y = torch.baddbmm(b.unsqueeze(1), xt, wt).transpose(0, 1)
     else:
         y = torch.bmm(xt, wt).transpose(0, 1)
     y = y if len(lead) == 1 else y.reshape(*lead, n, out)  # a view: rows splits into lead
-    if not plain:
-        # a copy even where rows or n is 1 (then y is contiguous already, but a view, which would
-        # cost the dispatcher an aten._unsafe_view: slower than copying that small result)
-        return y.clone(memory_format=torch.contiguous_format)
-    # No autograd: the bias add is the reordering pass (saves baddbmm's bias fill; 2-3 us on
-    # launch-bound shapes, which puts bmm level with the TabM layer there).
-    return torch.add(y, b, out=x.new_empty(*lead, n, out))
+    # a copy even where rows or n is 1 (then y is contiguous already, but a view, which would
+    # cost the dispatcher an aten._unsafe_view: slower than copying that small result)
+    return y.clone(memory_format=torch.contiguous_format)
 
 
 def bmm_weight_left(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -92,7 +90,7 @@ def bmm_weight_left(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # Seed 000's "partitioned linear": one dense matmul over a block-diagonal [n*out, n*in] weight.
     function = _BlockDiagonalLinear if torch.compiler.is_compiling() else _BlockDiagonalLinearWithJvp
-    return function.apply(x, w, b)
+    return apply_function(function, x, w, b)
 
 
 def loop(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -179,7 +177,7 @@ def _products(a: Tensor, b: Tensor, grad: Tensor, need_a: bool, need_b: bool) ->
 
     A column-major ``b`` (nn.Linear's weight seen as ``[n, in, out]``) gets its gradient in that
     layout, as ``(grad^T @ a)^T``: autograd then accumulates the weight's gradient without a copy."""
-    mm = _GroupedMM.apply if torch.is_grad_enabled() else _grouped_mm_op()
+    mm = partial(apply_function, _GroupedMM) if torch.is_grad_enabled() else _grouped_mm_op()
     ga = mm(grad, _fit(b.transpose(1, 2))) if need_a else None
     gb = None
     if need_b:
@@ -241,7 +239,7 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         # and the signature does not hold the offset). bmm takes it as is and is a timed candidate.
         return bmm(x, w, b)
     if not may_write_into(x, w, b):  # a backward may run (the Function costs 10-20 us a call: only then)
-        return _GroupedLinearMM.apply(xt, wt, b, (*lead, n, out))
+        return apply_function(_GroupedLinearMM, xt, wt, b, (*lead, n, out))
     y = _grouped_mm_op()(xt, wt)  # [n, rows, out]
     result = x.new_empty(*lead, n, out)  # the bias add is the reordering pass
     if b is None:
@@ -329,7 +327,8 @@ REGISTRY = Registry(OP, [
     Implementation("loop", loop),
     Implementation("masked_dense", masked_dense, extra_memory=_block_bytes,
                    work_factor=lambda sig: float(sig.dim("n"))),
-], version=3)  # v2: training timed with AccumulateGrad's layout copies; v3: bmm_weight_left
+], version=4)  # v2: training timed with AccumulateGrad's layout copies; v3: bmm_weight_left;
+# v4: bmm trains through _BmmLinear
 
 
 # ---- validation, signature, private inputs -------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
 from ._common import (
+    apply_function,
     check_dtypes_devices,
     fail,
     is_contiguous,
@@ -60,7 +61,7 @@ def masked_dense(inputs: Inputs, weights: Tensor) -> Tensor:
     # in columns i*k .. i*k+k-1.
     stacked = isinstance(inputs, Tensor)
     function = _BlockDiagonalCombine if torch.compiler.is_compiling() else _BlockDiagonalCombineWithJvp
-    return function.apply(weights, stacked, *((inputs,) if stacked else inputs))
+    return apply_function(function, weights, stacked, *((inputs,) if stacked else inputs))
 
 
 def _block_diagonal_combine(weights: Tensor, inputs: Inputs) -> Tensor:
