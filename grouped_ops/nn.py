@@ -268,8 +268,9 @@ class GroupedLinear(nn.Module):
 # The weight is [n, out, in] (nn.Linear's layout, stacked) as far as any caller can tell, but its
 # storage is [n, in, out]: the parameter is a transposed view, ``torch.empty(n, in, out)
 # .transpose(1, 2)``. bmm then multiplies by a contiguous [n, in, out] operand, which CPU BLAS runs
-# about 1.3x faster than the transposed one (the TabM / rtdl layers' layout), and the weight's
-# gradient comes out of bmm's backward in this layout, so AccumulateGrad keeps it without a copy.
+# about 1.3x faster than the transposed one (the TabM / rtdl layers' layout) when rows are few
+# and matrices large. In training, bmm computes the weight's gradient in whichever layout the
+# weight has (ops/_bmm_linear.py), so neither layout costs AccumulateGrad a copy.
 # Values, shapes, state_dict entries and conversions are unchanged; .to(), deepcopy, pickle,
 # torch.save and optimizer states keep the strides (see docs/adoption.md, "Parameter layout").
 

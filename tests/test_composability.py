@@ -125,27 +125,38 @@ def test_every_implementation_works_under_vmap_grad_and_double_backward(op):
         torch.testing.assert_close(gg, torch.autograd.grad(g2.sum(), a2)[0], msg=impl)
 
 
+@pytest.fixture
+def bmm_trains_through_its_function(monkeypatch):
+    # _BmmLinear takes over from ~32K weight elements; these tests use small weights
+    from grouped_ops.ops import grouped_linear as gl
+
+    monkeypatch.setattr(gl, "_LAYOUT_COPY_AT", 0)
+
+
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("lead", [(), (6,), (2, 3)])
-def test_bmm_eager_training_function_has_every_first_and_second_derivative(layout, lead):
-    # bmm's eager training path is an autograd.Function of its own (_BmmLinear): its backward must
-    # give every gradient, for any leading dims and either weight layout, and be differentiable
+def test_bmm_eager_training_function_has_every_first_and_second_derivative(layout, lead,
+                                                                          bmm_trains_through_its_function):
+    # bmm's eager training path for nn.Linear's layout is an autograd.Function of its own
+    # (_BmmLinear): its backward must give every gradient, for any leading dims, and be
+    # differentiable; a weight stored [n, in, out] takes autograd's own bmm graph
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*lead, 3, 5, dtype=F64, generator=g).requires_grad_()
     w = torch.randn(3, 4, 5, dtype=F64, generator=g) if layout == "out_in" else \
         torch.randn(3, 5, 4, dtype=F64, generator=g).transpose(1, 2)
     w.requires_grad_()
     b = torch.randn(3, 4, dtype=F64, generator=g, requires_grad=True)
-    assert grouped_linear(x, w, b, impl="bmm").grad_fn.name().startswith("_BmmLinear")
+    assert grouped_linear(x, w, b, impl="bmm").grad_fn.name().startswith("_BmmLinear") == (layout == "out_in")
     fn = lambda x_, w_, b_: grouped_linear(x_, w_, b_, impl="bmm")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
     assert torch.autograd.gradcheck(lambda x_, w_: grouped_linear(x_, w_, None, impl="bmm"), (x, w))
 
 
-def test_bmm_eager_training_function_detects_an_input_changed_before_backward():
+def test_bmm_eager_training_function_detects_an_input_changed_before_backward(bmm_trains_through_its_function):
     x, w, b = (t.requires_grad_() for t in gl_args())
     y = grouped_linear(x, w, b, impl="bmm")
+    assert y.grad_fn.name().startswith("_BmmLinear")
     with torch.no_grad():
         w.mul_(2)  # what an optimizer step between forward and backward would do
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):

@@ -268,17 +268,24 @@ def test_forward_mode_ad_through_bmm(fn):
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-def test_bmm_computes_the_weight_gradient_in_the_weights_own_layout(layout):
+@pytest.mark.parametrize("groups", [2, 8])  # 2 x 64 x 64 below _LAYOUT_COPY_AT, 8 x 64 x 64 at it
+def test_bmm_computes_a_large_weights_gradient_in_the_weights_own_layout(layout, groups):
     # autograd's own bmm backward gives [n, in, out], which AccumulateGrad copies element by element
-    # into nn.Linear's layout; _BmmLinear (bmm's eager training path) and bmm_weight_left do not
+    # into nn.Linear's layout; from _LAYOUT_COPY_AT weight elements on, bmm trains through
+    # _BmmLinear, which computes it in that layout (as bmm_weight_left does)
     from grouped_ops.ops import SPECS
+    from grouped_ops.ops.grouped_linear import _LAYOUT_COPY_AT
 
     registry = SPECS["grouped_linear"].registry
-    x, b = torch.randn(5, N, D_IN), torch.randn(N, D_OUT)
-    w = _empty_weight(N, D_OUT, D_IN, layout).copy_(torch.randn(N, D_OUT, D_IN)).requires_grad_(True)
+    x, b = torch.randn(5, groups, 64), torch.randn(groups, 64)
+    w = _empty_weight(groups, 64, 64, layout).copy_(torch.randn(groups, 64, 64)).requires_grad_(True)
     grads = {}
-    for name in ("bmm", "bmm_weight_left") if layout == "out_in" else ("bmm",):
+    for name in ("bmm", "bmm_weight_left"):
         (grads[name],) = torch.autograd.grad(registry[name](x, w, b).sum(), w)
-        assert grads[name].stride() == w.stride(), name
         torch.testing.assert_close(grads[name], grads["bmm"])
-    assert registry["bmm"](x, w, b).grad_fn.name().startswith("_BmmLinear")
+    through_function = registry["bmm"](x, w, b).grad_fn.name().startswith("_BmmLinear")
+    assert through_function == (layout == "out_in" and w.numel() >= _LAYOUT_COPY_AT)
+    if through_function or layout == "in_out":
+        assert grads["bmm"].stride() == w.stride()
+    if layout == "out_in":
+        assert grads["bmm_weight_left"].stride() == w.stride()

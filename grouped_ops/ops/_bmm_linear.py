@@ -1,5 +1,6 @@
-"""bmm's eager training path as one autograd Function (see :class:`_BmmLinear`), and the write of a
-batched product into a fresh ``[..., n, out]`` that both bmm paths share."""
+"""bmm's eager training path for nn.Linear's weight layout, as one autograd Function (see
+:class:`_BmmLinear`), and the write of a batched product into a fresh ``[..., n, out]`` that both
+bmm paths share."""
 
 from __future__ import annotations
 
@@ -17,28 +18,28 @@ def _bmm_into_new(xt: Tensor, wt: Tensor, b: Tensor | None, shape: tuple[int, ..
     saves baddbmm's bias fill (2-3 us on launch-bound shapes)."""
     y = torch.bmm(xt, wt).transpose(0, 1)  # [rows, n, out], a view
     result = xt.new_empty(shape)
+    into = result if len(shape) == 3 else result.view(y.shape)  # a view costs ~1 us: only where needed
     if b is None:
-        result.view(y.shape).copy_(y)
+        into.copy_(y)
     else:
-        torch.add(y, b, out=result.view(y.shape))
+        torch.add(y, b, out=into)
     return result
 
 
 class _BmmLinear(torch.autograd.Function):
-    """bmm's eager training path as one autograd node: ``input [..., n, in]``, ``weight [n, out,
-    in]``, ``bias [n, out]`` or None -> a fresh contiguous ``[..., n, out]``.
+    """bmm's eager training path for nn.Linear's weight layout, as one autograd node: ``input [...,
+    n, in]``, ``weight [n, out, in]`` (rows of ``in`` contiguous), ``bias [n, out]`` or None -> a
+    fresh contiguous ``[..., n, out]``.
 
-    Two things autograd's own graph (transpose, baddbmm, transpose, clone) does not do:
-    - the weight's gradient is computed in the weight's own layout (``grad^T @ x`` for nn.Linear's
-      contiguous ``[n, out, in]``, ``(x^T @ grad)^T`` for ``[n, in, out]`` storage), so
-      AccumulateGrad keeps it; bmm's backward gives ``[n, in, out]``, which autograd then copies
-      element by element into nn.Linear's layout (measured 259 -> 172 us a training step at batch
-      1, 32 groups of 64->64, one thread: the TabM layer's time);
-    - the forward writes the result with the bias in one pass (``out=``), and the graph has one node
-      instead of five.
+    Autograd's own graph (transpose, baddbmm, transpose, clone) computes the weight's gradient as
+    ``x^T @ grad``, ``[n, in, out]``, which AccumulateGrad then copies element by element into the
+    weight's ``[n, out, in]`` layout. This computes ``grad^T @ x``, already in that layout
+    (measured 294 -> 172 us a training step at batch 1, 32 groups of 64->64, one thread: the TabM
+    layer's time). The forward writes the result with the bias in one pass (``out=``).
     Its backward is made of differentiable ops on the saved inputs, so second derivatives work.
-    Used only in plain eager autograd (:func:`~._common.plain_eager`): it has no forward-AD, vmap or
-    tracing rules, and torch.func and torch.compile take the plain ops instead."""
+    :func:`~.grouped_linear.bmm` uses it only in plain eager autograd (:func:`~._common.plain_eager`:
+    it has no forward-AD, vmap or tracing rules) and for weights large enough that the copy costs
+    more than its Python does."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -54,18 +55,17 @@ class _BmmLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w = ctx.saved_tensors
         lead, rows, n, out, inn = _split(x, w)
-        g = grad.reshape(rows, n, out)
+        flat = len(lead) == 1  # [rows, n, *] already: skip the reshapes (~1 us each)
+        g = grad if flat else grad.reshape(rows, n, out)
         gt = g.transpose(0, 1)  # [n, rows, out]
         need_x, need_w, need_b = ctx.needs_input_grad
         gx = gw = gb = None
         if need_x:
-            gx = torch.bmm(gt, w).transpose(0, 1).reshape(x.shape)
+            gx = torch.bmm(gt, w).transpose(0, 1)
+            gx = gx if flat else gx.reshape(x.shape)
         if need_w:
-            xt = x.reshape(rows, n, inn).transpose(0, 1)  # [n, rows, in]
-            if w.dim() == 3 and w.stride(1) == 1 and w.stride(2) != 1:  # stored [n, in, out]
-                gw = torch.bmm(xt.transpose(1, 2), gt).transpose(1, 2)
-            else:
-                gw = torch.bmm(gt.transpose(1, 2), xt)
+            xt = (x if flat else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
+            gw = torch.bmm(gt.transpose(1, 2), xt)  # [n, out, in], the weight's layout
         if ctx.has_bias and need_b:
             gb = g.sum(0)
         return gx, gw, gb
