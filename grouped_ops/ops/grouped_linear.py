@@ -36,7 +36,8 @@ Tensor = torch.Tensor
 
 # ---- implementations -----------------------------------------------------------------------------
 
-_LAYOUT_COPY_AT = 32768  # weight elements from which bmm trains through _BmmLinear (see bmm)
+_LAYOUT_COPY_AT = 32768  # weight elements from which bmm trains through _BmmLinear (see bmm) ...
+_LAYOUT_COPY_ROWS = 512  # ... up to this many rows
 
 def einsum(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # torch.einsum hands contraction-order planning to opt_einsum when it is installed. Its result
@@ -50,16 +51,18 @@ def einsum(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # A weight stored [n, in, out] (GroupedLinear's, TabM's) makes wt a contiguous operand, which
     # CPU BLAS runs ~1.3x faster than nn.Linear's [n, out, in] passed transposed.
+    lead, rows, n, out, inn = _split(x, w)
     plain = plain_eager(x, w, b)
     recording = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
-    if plain and recording and w.requires_grad and w.stride(2) == 1 and w.numel() >= _LAYOUT_COPY_AT:
+    if plain and recording and w.requires_grad and w.stride(2) == 1 and w.numel() >= _LAYOUT_COPY_AT and \
+            rows <= _LAYOUT_COPY_ROWS:
         # eager training with nn.Linear's [n, out, in] layout: autograd's bmm backward gives the
         # weight's gradient as [n, in, out], copied element by element into the weight's layout;
-        # _BmmLinear computes it in that layout. Its Python costs ~10-20 us a step, which that copy
-        # outweighs from ~32K weight elements on (measured 1 and 2 threads: 0.71-0.96x the step's
-        # time above, 1.05-1.26x below).
+        # _BmmLinear computes it in that layout. Measured (CPU, 1 and 2 threads, step time against
+        # autograd's graph): its Python costs ~10-20 us a step, so 1.05-1.26x below 32K weight
+        # elements, 0.55-0.96x above; past 512 rows the copy is a few % of the step and the other
+        # orientation of the weight-gradient gemm costs as much (0.94-1.07x).
         return _BmmLinear.apply(x, w, b)
-    lead, rows, n, out, inn = _split(x, w)
     xt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
     if plain and not recording:  # write the result with out=
