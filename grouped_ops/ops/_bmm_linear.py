@@ -39,7 +39,7 @@ class _BmmLinear(torch.autograd.Function):
     Its backward is made of differentiable ops on the saved inputs, so second derivatives work.
     :func:`~.grouped_linear.bmm` uses it only in plain eager autograd (:func:`~._common.plain_eager`:
     it has no forward-AD, vmap or tracing rules), and where the copy it saves outweighs its Python:
-    weights of 32K elements or more, batches of at most 512 rows (measured; see there)."""
+    weights of 32K elements or more, batches of at most 256 rows (measured; see there)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

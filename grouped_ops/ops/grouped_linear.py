@@ -37,7 +37,7 @@ Tensor = torch.Tensor
 # ---- implementations -----------------------------------------------------------------------------
 
 _LAYOUT_COPY_AT = 32768  # weight elements from which bmm trains through _BmmLinear (see bmm) ...
-_LAYOUT_COPY_ROWS = 512  # ... up to this many rows
+_LAYOUT_COPY_ROWS = 256  # ... up to this many rows
 
 def einsum(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # torch.einsum hands contraction-order planning to opt_einsum when it is installed. Its result
@@ -60,8 +60,9 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         # weight's gradient as [n, in, out], copied element by element into the weight's layout;
         # _BmmLinear computes it in that layout. Measured (CPU, 1 and 2 threads, step time against
         # autograd's graph): its Python costs ~10-20 us a step, so 1.05-1.26x below 32K weight
-        # elements, 0.55-0.96x above; past 512 rows the copy is a few % of the step and the other
-        # orientation of the weight-gradient gemm costs as much (0.94-1.07x).
+        # elements, 0.55-0.96x above; from 512 rows on the copy is a few % of the step and the
+        # other orientation of the weight-gradient gemm costs as much (0.94-1.07x; 1.05x in the
+        # peers table's 512x4 64->256 cell).
         return _BmmLinear.apply(x, w, b)
     xt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
