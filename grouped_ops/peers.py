@@ -15,12 +15,13 @@ in interleaved rounds. Importing this module imports nothing beyond torch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -240,29 +241,55 @@ def run_peers(shapes: Sequence[Shape | tuple[int, int, int, int]], threads: Sequ
     per_pass: dict[tuple[Shape, int, str, str], list[float]] = {}
     before = torch.get_num_threads()
     try:
-        for p in range(passes):
-            for t in threads:
-                torch.set_num_threads(t)
-                for shape in cells:
-                    for mode in modes:
-                        key = (shape, mode)
-                        if key not in built:
-                            kept = [v for v in variants if not (skip and skip(shape, mode, v))]
-                            built[key] = _build_cell(shape, mode, kept, bias, dtype, seed)
-                        fns = built[key]
-                        if p == 0:
-                            for fn in fns.values():
-                                _warm(fn)
-                        times = time_interleaved(fns, rounds, round_s, rng)
-                        for v, s in times.items():
-                            per_pass.setdefault((shape, t, mode, v), []).append(s * 1e6)
-                        if progress:
-                            progress(f"pass {p + 1}/{passes} threads={t} {shape} {mode}")
+        with _recompile_limits(len(cells) * len(modes) if any(v.startswith("compiled") for v in variants) else 0):
+            for p in range(passes):
+                for t in threads:
+                    torch.set_num_threads(t)
+                    for shape in cells:
+                        for mode in modes:
+                            key = (shape, mode)
+                            if key not in built:
+                                kept = [v for v in variants if not (skip and skip(shape, mode, v))]
+                                built[key] = _build_cell(shape, mode, kept, bias, dtype, seed)
+                            fns = built[key]
+                            if p == 0:
+                                for fn in fns.values():
+                                    _warm(fn)
+                            times = time_interleaved(fns, rounds, round_s, rng)
+                            for v, s in times.items():
+                                per_pass.setdefault((shape, t, mode, v), []).append(s * 1e6)
+                            if progress:
+                                progress(f"pass {p + 1}/{passes} threads={t} {shape} {mode}")
     finally:
         torch.set_num_threads(before)
     return [{"shape": list(shape), "threads": t, "mode": mode, "variant": v,
              "us": statistics.median(us), "passes_us": us}
             for (shape, t, mode, v), us in per_pass.items()]
+
+
+@contextlib.contextmanager
+def _recompile_limits(graphs: int) -> Iterator[None]:
+    """Room for ``graphs`` compiled variants per code object while the benchmark runs.
+
+    Every compiled module of every cell compiles the same ``forward`` functions again for its own
+    parameters and shapes; past dynamo's recompile limit (8 per code object by default) dynamo
+    silently runs the rest eagerly, and the compiled columns would time eager code."""
+    if not graphs:
+        yield
+        return
+    import torch._dynamo  # noqa: PLC0415 - only when a compiled variant runs
+
+    config = torch._dynamo.config
+    names = [n for n in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                         "accumulated_cache_size_limit") if hasattr(config, n)]
+    saved = {n: getattr(config, n) for n in names}
+    try:
+        for n in names:
+            setattr(config, n, max(saved[n], 4 * graphs + 64))
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(config, n, v)
 
 
 def _build_cell(shape: Shape, mode: str, variants: Sequence[str], bias: bool, dtype: torch.dtype,

@@ -76,3 +76,24 @@ def test_run_peers_rows_and_summary():
         assert s["best_peer"] in ("tabm", "loop")
         assert s["speedup"] == pytest.approx(s["best_peer_us"] / s["ours_us"])
     assert peers.geomean([2.0, 0.5]) == pytest.approx(1.0)
+
+
+def test_run_peers_gives_every_compiled_variant_room_to_compile_and_restores_dynamos_limit():
+    # past dynamo's recompile limit (8 per code object) the compiled columns would time eager code
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    before = config.recompile_limit
+    seen = []
+    real_build = peers._build_cell
+
+    def build(*args, **kwargs):
+        seen.append(config.recompile_limit)
+        return real_build(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(peers, "_build_cell", build)
+        peers.run_peers([(2, 2, 4, 4)], passes=1, rounds=1, round_s=1e-4, modes=("fwd",),
+                        variants=("grouped", "compiled_loop"))
+    assert seen and all(limit > before for limit in seen)
+    assert config.recompile_limit == before
