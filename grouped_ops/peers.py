@@ -90,9 +90,17 @@ class LoopLinears(nn.Module):
         return torch.stack([lin(x[:, i]) for i, lin in enumerate(self.linears)], dim=1)
 
 
+#: How the compiled variants compile: each for its cell's shapes, as a model compiled for one input
+#: shape is. Without ``dynamic=False`` the cells' shapes, all passing through the same ``forward``
+#: functions, would make dynamo recompile later cells with dynamic sizes (automatic dynamic shapes),
+#: and the comparison would depend on the order of the cells.
+COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
+
+
 def compiled_loop(linears: Iterable[nn.Linear]) -> nn.Module:
-    """:class:`LoopLinears` under ``torch.compile`` (default mode; compiles on first call)."""
-    return torch.compile(LoopLinears(linears))
+    """:class:`LoopLinears` under ``torch.compile`` (default mode, static shapes: see
+    :data:`COMPILE_OPTIONS`; compiles on first call)."""
+    return torch.compile(LoopLinears(linears), **COMPILE_OPTIONS)
 
 
 def _grouped(linears: Iterable[nn.Linear]) -> nn.Module:
@@ -116,7 +124,7 @@ def _mlp(kind: str) -> Callable[[Iterable[nn.Linear]], nn.Module]:
         n, out = len(first), first[0].out_features
         second = make_linears(Shape(0, n, out, out), bias=first[0].bias is not None,
                               dtype=first[0].weight.dtype, seed=1)
-        return torch.compile(nn.Sequential(build(kind, first), nn.ReLU(), build(kind, second)))
+        return torch.compile(nn.Sequential(build(kind, first), nn.ReLU(), build(kind, second)), **COMPILE_OPTIONS)
     return make
 
 
