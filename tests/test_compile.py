@@ -193,6 +193,28 @@ def test_training_through_compiled_grouped_linear_matches_eager(warm, stacked):
     assert len(rec.graphs) == 1
 
 
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_compiled_training_computes_the_weight_gradient_in_the_weights_layout(layout):
+    # Warm bmm under torch.compile trains through _BmmLinear for nn.Linear's layout (traced into
+    # the graph), so the compiled backward gives the weight's gradient as [n, out, in] and no
+    # transposing copy follows; a weight stored [n, in, out] keeps autograd's own bmm graph.
+    torch.manual_seed(0)
+    layer = GroupedLinear(4, 8, 6, weight_layout=layout).double()
+    reference = copy.deepcopy(layer)
+    x = torch.randn(5, 4, 8, dtype=torch.float64)
+    with grouped_ops.use_impl("bmm"):
+        rec = Recorder(aot=True)
+        compiled = torch.compile(layer, backend=rec, fullgraph=True, dynamic=False)
+        xs = (x.clone().requires_grad_(), x.clone().requires_grad_())
+        compiled(xs[0]).square().sum().backward()
+        reference(xs[1]).square().sum().backward()
+    assert ("autograd_function_apply" in rec.names()) == (layout == "out_in")
+    assert layer.weight.grad.stride() == layer.weight.stride()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(layer, name).grad, getattr(reference, name).grad)
+
+
 def test_cold_training_tunes_forward_and_backward_with_the_callers_grad_mode():
     torch.manual_seed(0)
     layer = GroupedLinear(4, 16, 24)

@@ -128,9 +128,9 @@ def test_every_implementation_works_under_vmap_grad_and_double_backward(op):
 @pytest.fixture
 def bmm_trains_through_its_function(monkeypatch):
     # _BmmLinear takes over from ~32K weight elements; these tests use small weights
-    from grouped_ops.ops import grouped_linear as gl
+    from grouped_ops.ops import _bmm_linear as bl
 
-    monkeypatch.setattr(gl, "_LAYOUT_COPY_AT", 0)
+    monkeypatch.setattr(bl, "LAYOUT_COPY_AT", 0)
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])

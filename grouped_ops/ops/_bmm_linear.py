@@ -9,7 +9,31 @@ from typing import Any
 
 import torch
 
+from ._common import traced_plainly
+
 Tensor = torch.Tensor
+
+LAYOUT_COPY_AT = 32768  # weight elements from which eager training takes _BmmLinear ...
+LAYOUT_COPY_ROWS = 256  # ... and rows up to which any training does
+
+
+def takes_bmm_linear(x: Tensor, w: Tensor, b: Tensor | None, rows: int, plain: bool) -> bool:
+    """Whether bmm's training call (autograd records it) goes through :class:`_BmmLinear`;
+    ``plain`` is :func:`~._common.plain_eager` of the arguments.
+
+    Only for nn.Linear's layout (rows of ``in`` contiguous), whose weight gradient autograd's own
+    bmm backward gives as ``[n, in, out]``, to be copied element by element. Measured (CPU, 1 and 2
+    threads, step time against autograd's graph): in eager mode its Python costs ~10-20 us a step,
+    so 1.05-1.26x below 32K weight elements and 0.55-0.96x above; from 512 rows on the copy is a
+    few % of the step and the other orientation of the weight-gradient gemm costs as much
+    (0.94-1.07x; 1.05x in the peers table's 512x4 64->256 cell). Under torch.compile it is traced
+    into the graph (no Python per call) at any weight size: there the copy is a kernel of the
+    compiled backward, and the TabM model's step took 0.74x the time at 16x64 256->256 without
+    this Function, 1.12x with it (docs/benchmarks/peers.md).
+    """
+    if not (w.requires_grad and w.stride(2) == 1 and rows <= LAYOUT_COPY_ROWS):
+        return False
+    return (plain and w.numel() >= LAYOUT_COPY_AT) or traced_plainly(x, w, b)
 
 
 def _bmm_into_new(xt: Tensor, wt: Tensor, b: Tensor | None, shape: tuple[int, ...]) -> Tensor:
@@ -37,9 +61,10 @@ class _BmmLinear(torch.autograd.Function):
     (measured 294 -> 172 us a training step at batch 1, 32 groups of 64->64, one thread: the TabM
     layer's time). The forward writes the result with the bias in one pass (``out=``).
     Its backward is made of differentiable ops on the saved inputs, so second derivatives work.
-    :func:`~.grouped_linear.bmm` uses it only in plain eager autograd (:func:`~._common.plain_eager`:
-    it has no forward-AD, vmap or tracing rules), and where the copy it saves outweighs its Python:
-    weights of 32K elements or more, batches of at most 256 rows (measured; see there)."""
+    :func:`~.grouped_linear.bmm` uses it in plain eager autograd (:func:`~._common.plain_eager`: it
+    has no forward-AD, vmap or jit-tracing rules) where the copy it saves outweighs its Python
+    (weights of 32K elements or more), and under torch.compile, which traces it into the graph
+    (:func:`~._common.traced_plainly`); both for batches of at most 256 rows (measured; see there)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -49,7 +74,11 @@ class _BmmLinear(torch.autograd.Function):
         lead, rows, n, out, inn = _split(x, w)
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return _bmm_into_new(x.reshape(rows, n, inn).transpose(0, 1), w.transpose(1, 2), b, (*lead, n, out))
+        xt, wt = x.reshape(rows, n, inn).transpose(0, 1), w.transpose(1, 2)
+        if torch.compiler.is_compiling():  # no out= in a graph: inductor fuses the add into the copy
+            y = torch.bmm(xt, wt) if b is None else torch.bmm(xt, wt) + b.unsqueeze(1)
+            return y.transpose(0, 1).reshape(*lead, n, out).clone(memory_format=torch.contiguous_format)
+        return _bmm_into_new(xt, wt, b, (*lead, n, out))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

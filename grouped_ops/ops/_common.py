@@ -72,6 +72,17 @@ def plain_eager(*tensors: torch.Tensor | None) -> bool:
     return not (_any_autocast() and torch.is_autocast_enabled(first.device.type))
 
 
+def traced_plainly(*tensors: torch.Tensor | None) -> bool:
+    """Being traced by torch.compile with no torch.func transform, forward-mode AD or tensor
+    subclass: where dynamo traces an ``autograd.Function`` without ``setup_context`` (forward and
+    backward) into the graph."""
+    if not torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if getattr(_forward_ad, "_current_level", 0) >= 0:
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
 def apply_function(function: type[torch.autograd.Function], *args: Any) -> Any:
     """``function.apply(*args)``, every argument given positionally, without the cost of binding them.
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
 from ._block_diagonal_linear import _BlockDiagonalLinear, _BlockDiagonalLinearWithJvp
-from ._bmm_linear import _bmm_into_new, _BmmLinear, _split
+from ._bmm_linear import _bmm_into_new, _BmmLinear, _split, takes_bmm_linear
 from ._common import (
     apply_function,
     check_dtypes_devices,
@@ -36,8 +36,6 @@ Tensor = torch.Tensor
 
 # ---- implementations -----------------------------------------------------------------------------
 
-_LAYOUT_COPY_AT = 32768  # weight elements from which bmm trains through _BmmLinear (see bmm) ...
-_LAYOUT_COPY_ROWS = 256  # ... up to this many rows
 
 def einsum(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # torch.einsum hands contraction-order planning to opt_einsum when it is installed. Its result
@@ -54,15 +52,7 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     lead, rows, n, out, inn = _split(x, w)
     plain = plain_eager(x, w, b)
     recording = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
-    if plain and recording and w.requires_grad and w.stride(2) == 1 and w.numel() >= _LAYOUT_COPY_AT and \
-            rows <= _LAYOUT_COPY_ROWS:
-        # eager training with nn.Linear's [n, out, in] layout: autograd's bmm backward gives the
-        # weight's gradient as [n, in, out], copied element by element into the weight's layout;
-        # _BmmLinear computes it in that layout. Measured (CPU, 1 and 2 threads, step time against
-        # autograd's graph): its Python costs ~10-20 us a step, so 1.05-1.26x below 32K weight
-        # elements, 0.55-0.96x above; from 512 rows on the copy is a few % of the step and the
-        # other orientation of the weight-gradient gemm costs as much (0.94-1.07x; 1.05x in the
-        # peers table's 512x4 64->256 cell).
+    if recording and takes_bmm_linear(x, w, b, rows, plain):
         return _BmmLinear.apply(x, w, b)
     xt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
