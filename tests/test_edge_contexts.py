@@ -159,3 +159,37 @@ def test_recording_in_one_thread_does_not_touch_another_threads_calls():
     done.set()
     t.join()
     assert noted == [] and grouped_ops.lookup("grouped_linear", *gl_args()).impl == "einsum"
+
+
+class _Combine(nn.Module):
+    def __init__(self, impl: str) -> None:
+        super().__init__()
+        self.impl, self.logits = impl, nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return weighted_combine(x, self.logits.softmax(-1), impl=self.impl)
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+@pytest.mark.parametrize(("op", "impl", "layout"),
+                         [("grouped_linear", i, layout) for i in grouped_ops.implementations("grouped_linear")
+                          if i != "grouped_mm" for layout in ("out_in", "in_out")]
+                         + [("weighted_combine", i, None) for i in grouped_ops.implementations("weighted_combine")])
+def test_an_exported_module_keeps_its_gradients(op, impl, layout, strict):
+    # strict export records a custom autograd.Function with grad mode off, so an implementation
+    # that runs one (masked_dense; bmm's training Function under tracing) would export a module
+    # whose result has no gradient; under export they run plain differentiable ops
+    torch.manual_seed(0)
+    if op == "grouped_linear":
+        module = GroupedLinear(4, 8, 6, impl=impl, weight_layout=layout).double()
+        x = torch.randn(5, 4, 8, dtype=torch.float64)
+    else:
+        module, x = _Combine(impl), torch.randn(3, 4, 5, dtype=torch.float64)
+    exported = torch.export.export(module, (x,), strict=strict).module()
+    got, want = exported(x), module(x)
+    assert got.requires_grad
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(y.square().sum(), list(module.parameters())) for y in (want,)]
+    got_grads = torch.autograd.grad(got.square().sum(), list(exported.parameters()))
+    for g, w in zip(got_grads, grads[0], strict=True):
+        torch.testing.assert_close(g, w)

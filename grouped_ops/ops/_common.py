@@ -75,8 +75,10 @@ def plain_eager(*tensors: torch.Tensor | None) -> bool:
 def traced_plainly(*tensors: torch.Tensor | None) -> bool:
     """Being traced by torch.compile with no torch.func transform, forward-mode AD or tensor
     subclass: where dynamo traces an ``autograd.Function`` without ``setup_context`` (forward and
-    backward) into the graph."""
-    if not torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    backward) into the graph. Not under torch.export: strict export records such a Function with
+    grad mode off, and the exported module's result would have no gradient."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or \
+            torch._C._are_functorch_transforms_active():
         return False
     if getattr(_forward_ad, "_current_level", 0) >= 0:
         return False

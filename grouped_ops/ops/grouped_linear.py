@@ -16,7 +16,11 @@ import torch.nn.functional as F
 
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
-from ._block_diagonal_linear import _BlockDiagonalLinear, _BlockDiagonalLinearWithJvp
+from ._block_diagonal_linear import (
+    _block_diagonal_linear,
+    _BlockDiagonalLinear,
+    _BlockDiagonalLinearWithJvp,
+)
 from ._bmm_linear import _bmm_into_new, _BmmLinear, _split, takes_bmm_linear
 from ._common import (
     apply_function,
@@ -91,6 +95,8 @@ def bmm_weight_left(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # Seed 000's "partitioned linear": one dense matmul over a block-diagonal [n*out, n*in] weight.
+    if torch.compiler.is_exporting():  # strict export records a custom Function without its gradients
+        return _block_diagonal_linear(x, w, b)  # autograd differentiates the dense matmul
     function = _BlockDiagonalLinear if torch.compiler.is_compiling() else _BlockDiagonalLinearWithJvp
     return apply_function(function, x, w, b)
 

@@ -60,6 +60,8 @@ def masked_dense(inputs: Inputs, weights: Tensor) -> Tensor:
     # One dense [b, b*k] @ [b*k, F] matmul whose left side is block-diagonal: row i holds weights[i]
     # in columns i*k .. i*k+k-1.
     stacked = isinstance(inputs, Tensor)
+    if torch.compiler.is_exporting():  # strict export records a custom Function without its gradients
+        return _block_diagonal_combine(weights, inputs)  # autograd differentiates the dense matmul
     function = _BlockDiagonalCombine if torch.compiler.is_compiling() else _BlockDiagonalCombineWithJvp
     return apply_function(function, weights, stacked, *((inputs,) if stacked else inputs))
 
