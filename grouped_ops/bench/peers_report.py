@@ -199,7 +199,8 @@ def render(results: dict[str, list[dict]], meta: dict) -> str:
                                "GroupedLinear model vs TabM model")
         out += ["## 2. Under torch.compile", "",
                 "`layer(in→out), ReLU, layer(out→out)`, built with GroupedLinear or with the TabM "
-                "layer, compiled (default mode, static shapes: `dynamic=False`, each model for its cell's shapes) after GroupedLinear's eager tuning.", "", *lines, "",
+                "layer, compiled (default mode, static shapes: `dynamic=False`, each model for its "
+                "cell's shapes) after GroupedLinear's eager tuning.", "", *lines, "",
                 _verdict(ratios, _pass_geomeans(results["compiled"], "compiled_grouped_mlp")), ""]
     if "auto" in results:
         rows = results["auto"]

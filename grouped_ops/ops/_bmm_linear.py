@@ -1,6 +1,6 @@
-"""bmm's eager training path for nn.Linear's weight layout, as one autograd Function (see
-:class:`_BmmLinear`), and the write of a batched product into a fresh ``[..., n, out]`` that both
-bmm paths share."""
+"""bmm's training path for nn.Linear's weight layout, as one autograd Function (see
+:class:`_BmmLinear` and :func:`takes_bmm_linear`), and the write of a batched product into a fresh
+``[..., n, out]`` that both bmm paths share."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _bmm_into_new(xt: Tensor, wt: Tensor, b: Tensor | None, shape: tuple[int, ..
 
 
 class _BmmLinear(torch.autograd.Function):
-    """bmm's eager training path for nn.Linear's weight layout, as one autograd node: ``input [...,
+    """bmm's training path for nn.Linear's weight layout, as one autograd node: ``input [...,
     n, in]``, ``weight [n, out, in]`` (rows of ``in`` contiguous), ``bias [n, out]`` or None -> a
     fresh contiguous ``[..., n, out]``.
 

@@ -40,7 +40,6 @@ Tensor = torch.Tensor
 
 # ---- implementations -----------------------------------------------------------------------------
 
-
 def einsum(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # torch.einsum hands contraction-order planning to opt_einsum when it is installed. Its result
     # is a permuted view of a [n, rows, out] product: without bias one copy makes it the
@@ -126,8 +125,9 @@ class _GroupedLinearMM(torch.autograd.Function):
     gradient penalties, ``torch.func.grad`` of a gradient) its products go through
     :class:`_GroupedMM`, which fits the gradients of a second backward too (torch's own grouped_mm
     backward does not: ``F.grouped_mm`` fails there). One Function, not two: each costs ~5 us a call
-    on CPU (applied with :func:`~._common.apply_function`). ``setup_context`` and ``generate_vmap_rule`` make it work under torch.func; there
-    (as under torch.compile) the forward takes two plain passes instead of ``out=``."""
+    on CPU (applied with :func:`~._common.apply_function`). ``setup_context`` and
+    ``generate_vmap_rule`` make it work under torch.func; there (as under torch.compile) the forward
+    takes two plain passes instead of ``out=``."""
 
     generate_vmap_rule = True
 
