@@ -7,21 +7,15 @@ belongs to that op (registered there with the others).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ._bmm_linear import _split
 from ._common import may_write_into, own_tensor
 
 Tensor = torch.Tensor
-
-
-def _split(x: Tensor, w: Tensor) -> tuple[tuple[int, ...], int, int, int, int]:
-    lead = tuple(x.shape[:-2])
-    n, out, inn = w.shape
-    return lead, math.prod(lead), n, out, inn
 
 
 def _block_diagonal_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
