@@ -28,8 +28,8 @@ def takes_bmm_linear(x: Tensor, w: Tensor, b: Tensor | None, rows: int, plain: b
     few % of the step and the other orientation of the weight-gradient gemm costs as much
     (0.94-1.07x; 1.05x in the peers table's 512x4 64->256 cell). Under torch.compile it is traced
     into the graph (no Python per call) at any weight size: there the copy is a kernel of the
-    compiled backward, and the TabM model's step took 0.74x the time at 16x64 256->256 without
-    this Function, 1.12x with it (docs/benchmarks/peers.md).
+    compiled backward: a compiled two-layer model at 16x64 256->256 trained at 0.74x the TabM
+    model's speed without this Function, 0.98-1.11x with it (docs/benchmarks/peers.md).
     """
     if not (w.requires_grad and w.stride(2) == 1 and rows <= LAYOUT_COPY_ROWS):
         return False
