@@ -1,6 +1,6 @@
 """bmm's training path for nn.Linear's weight layout, as one autograd Function (see
-:class:`_BmmLinear` and :func:`takes_bmm_linear`), and the write of a batched product into a fresh
-``[..., n, out]`` that both bmm paths share."""
+:class:`_BmmLinear` and :func:`takes_bmm_linear`), and the write of a grouped product into a fresh
+``[..., n, out]`` that bmm and grouped_mm share (:func:`_into_new`)."""
 
 from __future__ import annotations
 
@@ -36,17 +36,17 @@ def takes_bmm_linear(x: Tensor, w: Tensor, b: Tensor | None, rows: int, plain: b
     return (plain and w.numel() >= LAYOUT_COPY_AT) or traced_plainly(x, w, b)
 
 
-def _bmm_into_new(xt: Tensor, wt: Tensor, b: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-    """``xt [n, rows, in] @ wt [n, in, out]`` (+ ``b [n, out]``) as a fresh contiguous ``shape``
+def _into_new(y: Tensor, b: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """A grouped product ``y [n, rows, out]`` (+ ``b [n, out]``) as a fresh contiguous ``shape``
     (``[..., n, out]``), outside autograd: the bias add (or a copy) is the reordering pass, which
-    saves baddbmm's bias fill (2-3 us on launch-bound shapes)."""
-    y = torch.bmm(xt, wt).transpose(0, 1)  # [rows, n, out], a view
-    result = xt.new_empty(shape)
-    into = result if len(shape) == 3 else result.view(y.shape)  # a view costs ~1 us: only where needed
+    saves baddbmm's bias fill (2-3 us on launch-bound shapes). bmm and grouped_mm both end here."""
+    yt = y.transpose(0, 1)  # [rows, n, out], a view
+    result = y.new_empty(shape)
+    into = result if len(shape) == 3 else result.view(yt.shape)  # a view costs ~1 us: only where needed
     if b is None:
-        into.copy_(y)
+        into.copy_(yt)
     else:
-        torch.add(y, b, out=into)
+        torch.add(yt, b, out=into)
     return result
 
 
@@ -78,7 +78,7 @@ class _BmmLinear(torch.autograd.Function):
         if torch.compiler.is_compiling():  # no out= in a graph: inductor fuses the add into the copy
             y = torch.bmm(xt, wt) if b is None else torch.bmm(xt, wt) + b.unsqueeze(1)
             return y.transpose(0, 1).reshape(*lead, n, out).clone(memory_format=torch.contiguous_format)
-        return _bmm_into_new(xt, wt, b, (*lead, n, out))
+        return _into_new(torch.bmm(xt, wt), b, (*lead, n, out))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

@@ -21,7 +21,7 @@ from ._block_diagonal_linear import (
     _BlockDiagonalLinear,
     _BlockDiagonalLinearWithJvp,
 )
-from ._bmm_linear import _bmm_into_new, _BmmLinear, _split, takes_bmm_linear
+from ._bmm_linear import _BmmLinear, _into_new, _split, takes_bmm_linear
 from ._common import (
     apply_function,
     check_dtypes_devices,
@@ -60,7 +60,7 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     xt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
     if plain and not recording:  # write the result with out=
-        return _bmm_into_new(xt, wt, b, (*lead, n, out))
+        return _into_new(torch.bmm(xt, wt), b, (*lead, n, out))
     # The product is [n, rows, out]; the contract wants a fresh contiguous [..., n, out], i.e. one
     # pass that reorders it. Writing bmm's product straight there (out= a permuted view) is not
     # faster in general on CPU: ATen then runs one gemm per group (measured
@@ -133,14 +133,11 @@ class _GroupedLinearMM(torch.autograd.Function):
 
     @staticmethod
     def forward(xt: Tensor, wt: Tensor, b: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-        yt = _grouped_mm_op()(xt, wt).transpose(0, 1)  # [rows, n, out]; reshaped to `shape`, still a view
-        if b is None:
-            return yt.reshape(shape).clone(memory_format=torch.contiguous_format)
+        y = _grouped_mm_op()(xt, wt)  # [n, rows, out]
         if may_write_into(xt, wt, b):  # grad mode is off in here: false only under transforms/tracing
-            result = xt.new_empty(shape)
-            torch.add(yt, b, out=result.view(yt.shape))
-            return result
-        return (yt + b).reshape(shape).clone(memory_format=torch.contiguous_format)
+            return _into_new(y, b, shape)
+        yt = y.transpose(0, 1) if b is None else y.transpose(0, 1) + b  # [rows, n, out]
+        return yt.reshape(shape).clone(memory_format=torch.contiguous_format)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -248,13 +245,8 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return bmm(x, w, b)
     if not may_write_into(x, w, b):  # a backward may run (the Function costs ~5 us a call: only then)
         return apply_function(_GroupedLinearMM, xt, wt, b, (*lead, n, out))
-    y = _grouped_mm_op()(xt, wt)  # [n, rows, out]
-    result = x.new_empty(*lead, n, out)  # the bias add is the reordering pass
-    if b is None:
-        result.view(rows, n, out).copy_(y.transpose(0, 1))
-    else:  # torch's grouped_mm takes no bias yet ("Bias not supported yet")
-        torch.add(y.transpose(0, 1), b, out=result.view(rows, n, out))
-    return result
+    # torch's grouped_mm takes no bias yet ("Bias not supported yet"): the add is the reordering pass
+    return _into_new(_grouped_mm_op()(xt, wt), b, (*lead, n, out))
 
 
 # ---- what each implementation supports -----------------------------------------------------------
