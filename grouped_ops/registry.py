@@ -83,6 +83,13 @@ class Implementation:
         work_factor: how many times the arithmetic of a plain batched matmul it does.
         check: extra reasons it cannot run a given signature (beyond devices/dtypes).
         forward_ad: whether it supports forward-mode AD (``torch.func.jvp``, dual tensors).
+        prepare: optional ``prepare(m, implementation)``: for a decided call's description ``m``
+            (the op's ``meta``), a function that computes what ``implementation`` computes for every
+            call with that description, with less Python per call; or None. The dispatcher
+            memoises it in place of the implementation for eager calls outside torch.func
+            transforms, forward-mode AD and tracing (those are in the memo key); anything else it
+            relies on (tensor types, autocast) it checks per call, handing over to
+            ``implementation`` where that fails. Its result keeps the output contract itself.
     """
 
     name: str
@@ -93,10 +100,16 @@ class Implementation:
     work_factor: Callable[[Any], float] = field(default=lambda sig: 1.0)
     check: Callable[[Any], list[str]] = field(default=lambda sig: [])
     forward_ad: bool = True
+    prepare: Callable[[Any, Implementation], Callable[..., torch.Tensor] | None] | None = None
 
     def __call__(self, *args: Any) -> torch.Tensor:
         """Run the implementation; the result keeps the output contract (see :func:`fresh_contiguous`)."""
         return fresh_contiguous(self.fn(*args))
+
+    def prepared(self, m: Any) -> Callable[..., torch.Tensor]:
+        """What the dispatcher memoises for calls described by ``m`` (see ``prepare``)."""
+        run = None if self.prepare is None else self.prepare(m, self)
+        return self if run is None else run
 
     def not_supported_reasons(self, sig: Any) -> list[str]:
         """Why this implementation cannot run ``sig`` (a Signature); empty when it can."""

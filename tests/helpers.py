@@ -71,9 +71,10 @@ def wc_args(batch: int = 8, k: int = 4, f: int = 16, *, as_list: bool = False, s
 
 
 def replace_impl(monkeypatch, op: str, name: str, fn: Callable[..., Any]) -> None:
-    """Swap one implementation's function for the rest of the test (Implementation is frozen)."""
+    """Swap one implementation's function for the rest of the test (Implementation is frozen); its
+    ``prepare`` goes too, being a specialisation of the function replaced."""
     registry = SPECS[op].registry
-    monkeypatch.setitem(registry._impls, name, dataclasses.replace(registry._impls[name], fn=fn))
+    monkeypatch.setitem(registry._impls, name, dataclasses.replace(registry._impls[name], fn=fn, prepare=None))
 
 
 def disk_entries() -> list[dict[str, Any]]:

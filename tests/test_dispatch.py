@@ -7,13 +7,17 @@ import dataclasses
 import logging
 import threading
 
+import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from helpers import FakeTimer, disk_entries, gl_args, make_stale, wc_args
 
 import grouped_ops
 from grouped_ops import dispatch
 from grouped_ops.dispatch import resolve
 from grouped_ops.ops import SPECS
+from grouped_ops.ops import _bmm_linear as bl
+from grouped_ops.registry import Implementation
 from grouped_ops.tuning.settings import settings
 
 GL, WC = SPECS["grouped_linear"], SPECS["weighted_combine"]
@@ -183,3 +187,89 @@ def test_decisions_are_logged_and_printed_on_request(monkeypatch, capsys, caplog
     line = "-> einsum (tuned)"
     assert line in capsys.readouterr().err
     assert any(line in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
+
+
+# ---- prepared functions on the hot path (Implementation.prepare) -------------------------------------
+
+def _memoised(x, w, b, impl="bmm"):
+    """What the hot path's memo holds for this call."""
+    return dispatch._MEMO.get(dispatch._key(GL, GL.meta(x, w, b), impl))
+
+
+def _fp64_linear(x, w, b):
+    y = torch.einsum("...ni,noi->...no", x.double(), w.double())
+    return y if b is None else y + b.double()
+
+
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3), (0,)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_a_decided_bmm_call_runs_its_prepared_function_with_the_implementations_bits(lead, bias, layout):
+    g = torch.Generator().manual_seed(0)
+    n, inn, out = 4, 6, 5
+    x = torch.randn(*lead, n, inn, generator=g)
+    w = torch.randn(n, out, inn, generator=g) if layout == "out_in" else \
+        torch.randn(n, inn, out, generator=g).transpose(1, 2)
+    b = torch.randn(n, out, generator=g) if bias else None
+    first = grouped_ops.grouped_linear(x, w, b, impl="bmm")
+    run = _memoised(x, w, b)
+    assert run is not None and not isinstance(run, Implementation)  # bmm's prepared function
+    second = grouped_ops.grouped_linear(x, w, b, impl="bmm")
+    with torch.no_grad():
+        third = grouped_ops.grouped_linear(x, w, b, impl="bmm")  # another key (grad mode off): prepared too
+    expected = GL.registry["bmm"](x, w, b)
+    for y in (first, second, third):
+        assert torch.equal(y, expected) and y.shape == (*lead, n, out)
+        assert y.is_contiguous() and not y._is_view()  # the output contract
+    torch.testing.assert_close(second, _fp64_linear(x, w, b).float())
+
+
+def test_a_decided_training_call_goes_through_the_prepared_bmm_linear(monkeypatch):
+    monkeypatch.setattr(bl, "LAYOUT_COPY_AT", 1)  # the Function for this small weight too
+    x, w, b = gl_args(batch=3, n=4, inn=6, out=5, grad=True)
+    x.requires_grad_()
+    gy = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for _ in range(2):
+        y = grouped_ops.grouped_linear(x, w, b, impl="bmm")
+        assert type(y.grad_fn).__name__ == "_BmmLinearBackward" and y.is_contiguous()
+        grads.append(torch.autograd.grad(y, (x, w, b), gy))
+    assert not isinstance(_memoised(x, w, b), Implementation)
+    assert all(torch.equal(p, q) for p, q in zip(*grads, strict=True))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    expected = torch.autograd.grad(_fp64_linear(x64, w64, b64), (x64, w64, b64), gy.double())
+    for got, want in zip(grads[1], expected, strict=True):
+        torch.testing.assert_close(got, want.float())
+    assert grads[1][1].stride() == w.stride()  # the weight's gradient in the weight's layout
+
+
+def test_a_prepared_function_hands_subclasses_and_autocast_over_to_the_implementation():
+    x, w, b = gl_args()
+    handed = []
+    implementation = GL.registry["bmm"]
+
+    def spy(*args):
+        handed.append(type(args[0]))
+        return implementation(*args)
+
+    run = bl.prepare_bmm(GL.meta(x, w, b), spy)
+    assert torch.equal(run(x, w, b), implementation(x, w, b)) and not handed
+
+    class Marked(torch.Tensor):
+        pass
+
+    run(x.as_subclass(Marked), w, b)
+    with torch.autocast("cpu"):
+        run(x, w, b)
+    assert handed == [Marked, torch.Tensor]
+
+
+def test_only_plain_eager_calls_memoise_a_prepared_function():
+    x, w, b = gl_args()
+    with fwAD.dual_level():
+        grouped_ops.grouped_linear(fwAD.make_dual(x, torch.ones_like(x)), w, b, impl="bmm")
+    torch.func.vmap(lambda xi: grouped_ops.grouped_linear(xi, w, b, impl="bmm"))(x.unsqueeze(0).expand(2, -1, -1, -1))
+    torch.jit.trace(lambda xi: grouped_ops.grouped_linear(xi, w, b, impl="bmm"), (x,), check_trace=False)
+    assert dispatch._MEMO and all(isinstance(run, Implementation) for run in dispatch._MEMO.values())
+    grouped_ops.grouped_linear(x, w, b, impl="bmm")
+    assert not isinstance(_memoised(x, w, b), Implementation)

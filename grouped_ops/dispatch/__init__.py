@@ -13,7 +13,7 @@ import contextvars
 import warnings
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -40,25 +40,27 @@ __all__ = [
     "impl_set_version", "implementation_for", "known_decision", "use_timer",
 ]
 
-# (op, argument description, impl, overrides, settings) -> implementation, for decided calls.
+# (op, argument description, impl, overrides, settings) -> implementation, or the function it
+# prepared for that description (Implementation.prepare), for decided calls.
 # Bounded: a workload with endless distinct shapes (dynamic batch sizes in exact-bucket mode) must
 # not grow it forever; when full it is emptied, and hot entries come back on their next call.
 MEMO_LIMIT = 4096
-_MEMO: dict[Hashable, Implementation] = {}
+_MEMO: dict[Hashable, Callable[..., torch.Tensor]] = {}
 # The grouped_ops.record() blocks active in this thread (or asyncio task); each sees its calls.
 RECORDING: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("grouped_ops_recording", default=())
 
 
 def _settings() -> tuple[Any, ...]:
     # What changes a decision besides the arguments, read on every call (~0.3 us): deterministic
-    # mode, the CPU thread count and float32 matmul precision (part of the signature), and whether
-    # a torch.func transform or forward-mode AD is on (some implementations cannot run there).
+    # mode, the CPU thread count and float32 matmul precision (part of the signature); whether
+    # a torch.func transform or forward-mode AD is on (some implementations cannot run there), and
+    # jit tracing (a prepared function is only for plain eager calls: see _runner).
     return (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
             torch.get_float32_matmul_precision(), torch._C._are_functorch_transforms_active(),
-            getattr(_forward_ad, "_current_level", -1))
+            getattr(_forward_ad, "_current_level", -1), torch._C._is_tracing())
 
 
-def _key(spec: OpSpec, m: Hashable, impl: str) -> Hashable:
+def _key(spec: OpSpec, m: Hashable, impl: str) -> tuple[Any, ...]:
     return spec.name, m, impl, overrides.state(spec.name), _settings()
 
 
@@ -71,15 +73,28 @@ def call(spec: OpSpec, args: tuple[Any, ...], impl: str) -> torch.Tensor:
         if implementation is not None:
             return implementation(*args)
     implementation, keep = _choose(spec, args, m, impl)
-    if keep:
-        _remember(key, implementation)
-    return implementation(*args)
+    if not keep:
+        return implementation(*args)
+    run = _runner(implementation, m, key)  # the first call runs what the later ones will
+    _remember(key, run)
+    return run(*args)
 
 
-def _remember(key: Hashable, implementation: Implementation) -> None:
+def _runner(implementation: Implementation, m: Hashable, key: tuple[Any, ...]) -> Callable[..., torch.Tensor]:
+    """What the memo keeps for ``key``: the implementation's prepared function for ``m`` where the
+    key's settings say a plain eager context (no torch.func transform, forward-mode AD or jit
+    tracing; torch.compile never gets here), else the implementation. Measured: 34.7 -> 30.5 us a
+    GroupedLinear forward at batch 1, 32 groups of 64->64 (CPU, one thread)."""
+    functorch, forward_ad_level, tracing = key[-1][3:]
+    if functorch or forward_ad_level >= 0 or tracing:
+        return implementation
+    return implementation.prepared(m)
+
+
+def _remember(key: Hashable, run: Callable[..., torch.Tensor]) -> None:
     if len(_MEMO) >= MEMO_LIMIT:
         _MEMO.clear()
-    _MEMO[key] = implementation
+    _MEMO[key] = run
 
 
 def implementation_for(spec: OpSpec, args: tuple[Any, ...], m: Hashable, impl: str,
@@ -88,14 +103,16 @@ def implementation_for(spec: OpSpec, args: tuple[Any, ...], m: Hashable, impl: s
     torch.compile custom op passes the traced call's grad flags; ``impl=""`` means ``auto``).
     A decision still to be made is made inside ``around()``."""
     impl = impl or "auto"
-    key = _key(spec, m, impl)
+    # its own memo entries (the same decisions): ``m`` holds the traced call's grad flags, not this
+    # context's, so the prepared functions that :func:`call` keeps are not for it
+    key = (*_key(spec, m, impl), "implementation_for")
     implementation = _MEMO.get(key)
     if implementation is None:
         with around():
             implementation, keep = _choose(spec, args, m, impl)
         if keep:
             _remember(key, implementation)
-    return implementation
+    return cast(Implementation, implementation)
 
 
 def _choose(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: str) -> tuple[Implementation, bool]:

@@ -21,7 +21,7 @@ from ._block_diagonal_linear import (
     _BlockDiagonalLinear,
     _BlockDiagonalLinearWithJvp,
 )
-from ._bmm_linear import _BmmLinear, _into_new, _split, takes_bmm_linear
+from ._bmm_linear import _BmmLinear, _into_new, _split, prepare_bmm, takes_bmm_linear
 from ._common import (
     apply_function,
     check_dtypes_devices,
@@ -319,7 +319,7 @@ def _block_bytes(sig: Signature) -> int:
 
 
 REGISTRY = Registry(OP, [
-    Implementation("bmm", bmm),
+    Implementation("bmm", bmm, prepare=prepare_bmm),
     Implementation("bmm_weight_left", bmm_weight_left),
     Implementation("einsum", einsum),
     Implementation("grouped_mm", grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
