@@ -21,7 +21,7 @@ from ._block_diagonal_linear import (
     _BlockDiagonalLinear,
     _BlockDiagonalLinearWithJvp,
 )
-from ._bmm_linear import _BmmLinear, _into_new, _split, prepare_bmm, takes_bmm_linear
+from ._bmm_linear import _BmmLinear, _into_new, _split, prepare_bmm, takes_bmm_linear, written_per_group
 from ._common import (
     apply_function,
     check_dtypes_devices,
@@ -90,6 +90,13 @@ def bmm_weight_left(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     xt = x.reshape(rows, n, inn).permute(1, 2, 0)  # [n, in, rows]
     yt = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)  # [n, out, rows]
     return yt.permute(2, 0, 1).reshape(*lead, n, out)  # the output contract makes it contiguous
+
+
+def bmm_strided_out(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    # bmm's gemms writing the result's layout directly (one per group, see written_per_group): no
+    # reordering pass; faster with few groups and many rows, slower with many (measured in its doc).
+    # Where out= is not allowed (autograd records the call, transforms, tracing) it is bmm.
+    return written_per_group(x, w, b) if may_write_into(x, w, b) else bmm(x, w, b)
 
 
 def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -321,14 +328,15 @@ def _block_bytes(sig: Signature) -> int:
 REGISTRY = Registry(OP, [
     Implementation("bmm", bmm, prepare=prepare_bmm),
     Implementation("bmm_weight_left", bmm_weight_left),
+    Implementation("bmm_strided_out", bmm_strided_out, devices=frozenset({"cpu"})),
     Implementation("einsum", einsum),
     Implementation("grouped_mm", grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
                    check=_grouped_mm_reasons, forward_ad=False),  # torch has no forward AD formula for it
     Implementation("loop", loop),
     Implementation("masked_dense", masked_dense, extra_memory=_block_bytes,
                    work_factor=lambda sig: float(sig.dim("n"))),
-], version=4)  # v2: training timed with AccumulateGrad's layout copies; v3: bmm_weight_left;
-# v4: bmm trains through _BmmLinear
+], version=5)  # v2: training timed with AccumulateGrad's layout copies; v3: bmm_weight_left;
+# v4: bmm trains through _BmmLinear; v5: bmm_strided_out
 
 
 # ---- validation, signature, private inputs -------------------------------------------------------
