@@ -201,40 +201,42 @@ def _fp64_linear(x, w, b):
     return y if b is None else y + b.double()
 
 
+@pytest.mark.parametrize("impl", ["bmm", "bmm_strided_out"])
 @pytest.mark.parametrize("lead", [(), (5,), (2, 3), (0,)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-def test_a_decided_bmm_call_runs_its_prepared_function_with_the_implementations_bits(lead, bias, layout):
+def test_a_decided_call_runs_its_prepared_function_with_the_implementations_bits(impl, lead, bias, layout):
     g = torch.Generator().manual_seed(0)
     n, inn, out = 4, 6, 5
     x = torch.randn(*lead, n, inn, generator=g)
     w = torch.randn(n, out, inn, generator=g) if layout == "out_in" else \
         torch.randn(n, inn, out, generator=g).transpose(1, 2)
     b = torch.randn(n, out, generator=g) if bias else None
-    first = grouped_ops.grouped_linear(x, w, b, impl="bmm")
-    run = _memoised(x, w, b)
-    assert run is not None and not isinstance(run, Implementation)  # bmm's prepared function
-    second = grouped_ops.grouped_linear(x, w, b, impl="bmm")
+    first = grouped_ops.grouped_linear(x, w, b, impl=impl)
+    run = _memoised(x, w, b, impl)
+    assert run is not None and not isinstance(run, Implementation)  # the prepared function
+    second = grouped_ops.grouped_linear(x, w, b, impl=impl)
     with torch.no_grad():
-        third = grouped_ops.grouped_linear(x, w, b, impl="bmm")  # another key (grad mode off): prepared too
-    expected = GL.registry["bmm"](x, w, b)
+        third = grouped_ops.grouped_linear(x, w, b, impl=impl)  # another key (grad mode off): prepared too
+    expected = GL.registry[impl](x, w, b)
     for y in (first, second, third):
         assert torch.equal(y, expected) and y.shape == (*lead, n, out)
         assert y.is_contiguous() and not y._is_view()  # the output contract
     torch.testing.assert_close(second, _fp64_linear(x, w, b).float())
 
 
-def test_a_decided_training_call_goes_through_the_prepared_bmm_linear(monkeypatch):
+@pytest.mark.parametrize("impl", ["bmm", "bmm_strided_out"])  # the latter is bmm in training
+def test_a_decided_training_call_goes_through_the_prepared_bmm_linear(monkeypatch, impl):
     monkeypatch.setattr(bl, "LAYOUT_COPY_AT", 1)  # the Function for this small weight too
     x, w, b = gl_args(batch=3, n=4, inn=6, out=5, grad=True)
     x.requires_grad_()
     gy = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1))
     grads = []
     for _ in range(2):
-        y = grouped_ops.grouped_linear(x, w, b, impl="bmm")
+        y = grouped_ops.grouped_linear(x, w, b, impl=impl)
         assert type(y.grad_fn).__name__ == "_BmmLinearBackward" and y.is_contiguous()
         grads.append(torch.autograd.grad(y, (x, w, b), gy))
-    assert not isinstance(_memoised(x, w, b), Implementation)
+    assert not isinstance(_memoised(x, w, b, impl), Implementation)
     assert all(torch.equal(p, q) for p, q in zip(*grads, strict=True))
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     expected = torch.autograd.grad(_fp64_linear(x64, w64, b64), (x64, w64, b64), gy.double())

@@ -2,7 +2,7 @@
 :class:`_BmmLinear` and :func:`takes_bmm_linear`), the write of a grouped product into a fresh
 ``[..., n, out]`` that bmm and grouped_mm share (:func:`_into_new`), the product written there
 with no reordering pass (:func:`written_per_group`), and bmm prepared for one call description
-(:func:`prepare_bmm`)."""
+(:func:`prepare_bmm`, :func:`prepare_bmm_strided_out`)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,18 @@ def prepare_bmm(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Ca
             return implementation(x, w, b)
         xt = (x if flat else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
         return _into_new(torch.bmm(xt, w.transpose(1, 2)), b, shape)
+    return infer
+
+
+def prepare_bmm_strided_out(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Callable[..., Tensor] | None:
+    """As :func:`prepare_bmm`, for ``bmm_strided_out``: :func:`written_per_group` without
+    gradients, bmm's prepared function where autograd records the calls (there it is bmm)."""
+    grad = m[-1]
+    if grad and any(grad):
+        return prepare_bmm(m, implementation)
+
+    def infer(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return written_per_group(x, w, b) if plain_tensors(x, w, b) else implementation(x, w, b)
     return infer
 
 

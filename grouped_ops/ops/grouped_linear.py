@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
+from . import _bmm_linear
 from ._block_diagonal_linear import (
     _block_diagonal_linear,
     _BlockDiagonalLinear,
     _BlockDiagonalLinearWithJvp,
 )
-from ._bmm_linear import _BmmLinear, _into_new, _split, prepare_bmm, takes_bmm_linear, written_per_group
+from ._bmm_linear import _BmmLinear, _into_new, _split, takes_bmm_linear, written_per_group
 from ._common import (
     apply_function,
     check_dtypes_devices,
@@ -61,10 +62,8 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
     if plain and not recording:  # write the result with out=
         return _into_new(torch.bmm(xt, wt), b, (*lead, n, out))
-    # The product is [n, rows, out]; the contract wants a fresh contiguous [..., n, out], i.e. one
-    # pass that reorders it. Writing bmm's product straight there (out= a permuted view) is not
-    # faster in general on CPU: ATen then runs one gemm per group (measured
-    # 0.2-1.8x, fp32 and bf16, one thread).
+    # The product is [n, rows, out]; one pass reorders it into the contract's fresh contiguous
+    # [..., n, out] (bmm_strided_out writes it there directly: faster for some shapes only).
     if b is not None and torch.compiler.is_compiling():
         # traced: inductor fuses this add into the reordering copy below (baddbmm would fill the
         # bias in a pass of its own; measured 230 -> 209 us, the TabM model's time, on a compiled
@@ -326,9 +325,9 @@ def _block_bytes(sig: Signature) -> int:
 
 
 REGISTRY = Registry(OP, [
-    Implementation("bmm", bmm, prepare=prepare_bmm),
+    Implementation("bmm", bmm, prepare=_bmm_linear.prepare_bmm),
     Implementation("bmm_weight_left", bmm_weight_left),
-    Implementation("bmm_strided_out", bmm_strided_out, devices=frozenset({"cpu"})),
+    Implementation("bmm_strided_out", bmm_strided_out, devices=frozenset({"cpu"}), prepare=_bmm_linear.prepare_bmm_strided_out),
     Implementation("einsum", einsum),
     Implementation("grouped_mm", grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
                    check=_grouped_mm_reasons, forward_ad=False),  # torch has no forward AD formula for it
