@@ -14,6 +14,7 @@ from torch import Tensor
 from . import dispatch
 from ._errors import GroupedOpsError
 from .ops import SPECS
+from .ops._common import autocast_on as _autocast_on
 from .ops._spec import OpSpec
 from .ops.grouped_linear import SPEC as _GL
 from .ops.weighted_combine import SPEC as _WC
@@ -166,16 +167,9 @@ def _cast(t: object, dtype: torch.dtype) -> object:
     return t
 
 
-# One cheap global check keeps the common no-autocast call fast (and meta tensors out of the
-# per-device query below, which rejects device types autocast does not know).
+# One cheap global check keeps the common no-autocast call fast (before the per-device query,
+# ops._common.autocast_on).
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # e.g. "meta": autocast has no such device type, so it is not on
-        return False
 
 
 def _autocast(device_type: str, *tensors: object) -> tuple:

@@ -1,6 +1,7 @@
 """Contexts found by trying to break the ops (each was a failure once): forward-mode AD, exported
 programs of decided signatures, torch.jit.trace's own check, autocast with float64, checkpointing
-after a provisional decision, recording in one thread while another runs."""
+after a provisional decision, recording in one thread while another runs, inference mode with grad
+enabled, meta tensors under autocast."""
 
 from __future__ import annotations
 
@@ -193,3 +194,28 @@ def test_an_exported_module_keeps_its_gradients(op, impl, layout, strict):
     got_grads = torch.autograd.grad(got.square().sum(), list(exported.parameters()))
     for g, w in zip(got_grads, grads[0], strict=True):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("impl", ["bmm", "bmm_strided_out", "einsum"])
+def test_inference_mode_with_grad_enabled_records_no_graph_before_or_after_training(impl):
+    # weights of 32K elements take bmm's own autograd Function in training; inference mode must
+    # still give a plain inference tensor, on a first call and on one memoised by training
+    x, w = torch.randn(4, 8, 64), torch.randn(8, 64, 64, requires_grad=True)
+    expected = torch.einsum("rni,noi->rno", x.double(), w.detach().double())
+    for train_first in (False, True):
+        dispatch.clear_memory()
+        if train_first:
+            grouped_linear(x, w, impl=impl).sum().backward()
+        for _ in range(2):
+            with torch.inference_mode(), torch.enable_grad():
+                y = grouped_linear(x, w, impl=impl)
+            assert y.is_inference() and not y.requires_grad and y.grad_fn is None
+            torch.testing.assert_close(y, expected.float())
+
+
+def test_meta_tensors_under_cpu_autocast_give_a_meta_result():
+    x, w = torch.randn(4, 8, 64, device="meta"), torch.randn(8, 32, 64, device="meta")
+    for _ in range(2):  # a first call, then the memoised one
+        with torch.autocast("cpu"):
+            y = grouped_linear(x, w)
+        assert y.device.type == "meta" and y.shape == (4, 8, 32)

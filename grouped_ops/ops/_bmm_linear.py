@@ -36,7 +36,10 @@ def takes_bmm_linear(x: Tensor, w: Tensor, b: Tensor | None, rows: int, plain: b
     """
     if not _layout_copy_saved(w.requires_grad, w.stride(2), rows):
         return False
-    return (plain and w.numel() >= LAYOUT_COPY_AT) or traced_plainly(x, w, b)
+    if not plain:  # (plain_eager is false while compiling: dynamo cannot trace the inference-mode query)
+        return traced_plainly(x, w, b)
+    # inference mode with grad enabled: autograd records nothing, and neither may this Function
+    return w.numel() >= LAYOUT_COPY_AT and not torch.is_inference_mode_enabled()
 
 
 def _layout_copy_saved(w_requires_grad: bool, w_in_stride: int, rows: int) -> bool:
@@ -59,7 +62,7 @@ def prepare_bmm(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Ca
             return None
 
         def train(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-            if not plain_tensors(x, w, b):
+            if torch.is_inference_mode_enabled() or not plain_tensors(x, w, b):  # see takes_bmm_linear
                 return implementation(x, w, b)
             return _BmmLinear.apply(x, w, b)
         return train

@@ -81,7 +81,15 @@ def plain_tensors(*tensors: torch.Tensor | None) -> bool:
             if type(t) not in _PLAIN:
                 return False
             first = t if first is None else first
-    return first is None or not (_any_autocast() and torch.is_autocast_enabled(first.device.type))
+    return first is None or not (_any_autocast() and autocast_on(first.device.type))
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for one autocast does not know)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # e.g. "meta": autocast has no such device type, so it is not on
+        return False
 
 
 def traced_plainly(*tensors: torch.Tensor | None) -> bool:
