@@ -90,6 +90,9 @@ class Implementation:
             transforms, forward-mode AD and tracing (those are in the memo key); anything else it
             relies on (tensor types, autocast) it checks per call, handing over to
             ``implementation`` where that fails. Its result keeps the output contract itself.
+        runs_as: for a signature, the name of the implementation whose code this one runs there
+            (``bmm_strided_out`` is ``bmm`` in training), or None. The tuner does not time it
+            where that one is timed; forcing it still works.
     """
 
     name: str
@@ -101,6 +104,7 @@ class Implementation:
     check: Callable[[Any], list[str]] = field(default=lambda sig: [])
     forward_ad: bool = True
     prepare: Callable[[Any, Implementation], Callable[..., torch.Tensor] | None] | None = None
+    runs_as: Callable[[Any], str | None] = field(default=lambda sig: None)
 
     def __call__(self, *args: Any) -> torch.Tensor:
         """Run the implementation; the result keeps the output contract (see :func:`fresh_contiguous`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import FakeTimer, gl_args
 
 import grouped_ops
 from grouped_ops import dispatch, grouped_linear
@@ -208,3 +209,16 @@ def test_a_reduce_overhead_warmup_is_recognised(monkeypatch):
     assert not harness.cudagraph_warmup(cuda0)
     trees.get_obj = lambda local, name: 1 / 0  # torch changed its internals: no crash, no claim
     assert not harness.cudagraph_warmup(cuda0)
+
+
+def test_an_implementation_that_runs_anothers_code_is_not_timed_twice():
+    # bmm_strided_out is bmm in training (Implementation.runs_as): one timing for the two names
+    timer = FakeTimer()
+    with dispatch.use_timer(timer):
+        trained = grouped_ops.prewarm("grouped_linear", *gl_args(grad=True))
+        inferred = grouped_ops.prewarm("grouped_linear", *gl_args())
+    assert "bmm_strided_out" not in trained.timings and "bmm" in trained.timings
+    assert trained.skipped["bmm_strided_out"] == "runs bmm's code for this signature (timed as bmm)"
+    assert "bmm_strided_out" in inferred.timings
+    with grouped_ops.exclude_impls("bmm"), dispatch.use_timer(FakeTimer()):  # then it is timed
+        assert "bmm_strided_out" in grouped_ops.prewarm("grouped_linear", *gl_args(batch=100, grad=True)).timings

@@ -328,7 +328,8 @@ REGISTRY = Registry(OP, [
     Implementation("bmm", bmm, prepare=_bmm_linear.prepare_bmm),
     Implementation("bmm_weight_left", bmm_weight_left),
     Implementation("bmm_strided_out", bmm_strided_out, devices=frozenset({"cpu"}),
-                   prepare=_bmm_linear.prepare_bmm_strided_out),
+                   prepare=_bmm_linear.prepare_bmm_strided_out,
+                   runs_as=lambda sig: "bmm" if sig.needs_grad else None),
     Implementation("einsum", einsum),
     Implementation("grouped_mm", grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
                    check=_grouped_mm_reasons, forward_ad=False),  # torch has no forward AD formula for it

@@ -209,6 +209,11 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
                              f"{budget / 2**30:.2g} GiB (GROUPED_OPS_TUNE_MEMORY_FRACTION/_BYTES)")
         else:
             candidates.append(name)
+    for name in list(candidates):  # one timing for code that two names run (see Implementation.runs_as)
+        other = spec.registry[name].runs_as(sig)
+        if other in candidates and other != name:
+            candidates.remove(name)
+            skipped[name] = f"runs {other}'s code for this signature (timed as {other})"
     if len(candidates) <= 1:
         impl = candidates[0] if candidates else default_allowed(spec, sig, excluded)
         return Decision(impl, "tuned" if candidates else "default", {}, skipped, sig), True
