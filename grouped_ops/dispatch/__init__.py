@@ -85,7 +85,7 @@ def _runner(implementation: Implementation, m: Hashable, key: tuple[Any, ...]) -
     key's settings say a plain eager context (no torch.func transform, forward-mode AD or jit
     tracing; torch.compile never gets here), else the implementation. Measured: 34.7 -> 30.5 us a
     GroupedLinear forward at batch 1, 32 groups of 64->64 (CPU, one thread)."""
-    functorch, forward_ad_level, tracing = key[-1][3:]
+    _deterministic, _threads, _precision, functorch, forward_ad_level, tracing = key[-1]  # _settings()
     if functorch or forward_ad_level >= 0 or tracing:
         return implementation
     return implementation.prepared(m)
