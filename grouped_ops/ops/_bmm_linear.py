@@ -34,16 +34,19 @@ def takes_bmm_linear(x: Tensor, w: Tensor, b: Tensor | None, rows: int, plain: b
     compiled backward: a compiled two-layer model at 16x64 256->256 trained at 0.74x the TabM
     model's speed without this Function, 0.98-1.11x with it (docs/benchmarks/peers.md).
     """
-    if not _layout_copy_saved(w.requires_grad, w.stride(2), rows):
-        return False
     if not plain:  # (plain_eager is false while compiling: dynamo cannot trace the inference-mode query)
-        return traced_plainly(x, w, b)
+        return _layout_copy_saved(w.requires_grad, w.stride(2), rows) and traced_plainly(x, w, b)
     # inference mode with grad enabled: autograd records nothing, and neither may this Function
-    return w.numel() >= LAYOUT_COPY_AT and not torch.is_inference_mode_enabled()
+    return _pays_in_eager(w.requires_grad, w.stride(2), rows, w.numel()) and not torch.is_inference_mode_enabled()
 
 
 def _layout_copy_saved(w_requires_grad: bool, w_in_stride: int, rows: int) -> bool:
     return w_requires_grad and w_in_stride == 1 and rows <= LAYOUT_COPY_ROWS
+
+
+def _pays_in_eager(w_requires_grad: bool, w_in_stride: int, rows: int, w_numel: int) -> bool:
+    # the eager rule, for takes_bmm_linear and prepare_bmm alike
+    return _layout_copy_saved(w_requires_grad, w_in_stride, rows) and w_numel >= LAYOUT_COPY_AT
 
 
 def prepare_bmm(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Callable[..., Tensor] | None:
@@ -58,7 +61,7 @@ def prepare_bmm(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Ca
     n, out, inn = w_shape
     rows = math.prod(lead)
     if grad and any(grad):  # autograd records these calls
-        if not (_layout_copy_saved(grad[1], w_stride[2], rows) and n * out * inn >= LAYOUT_COPY_AT):
+        if not _pays_in_eager(grad[1], w_stride[2], rows, n * out * inn):
             return None
 
         def train(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
