@@ -26,6 +26,14 @@ class Decision:
     decision is their majority); empty otherwise.
     provisional: timed where timings are not representative (under a profiler): used in this
     process until one clean re-tuning, never written to disk.
+    partial: why a measured decision is partial, or ``""`` for a full one: ``"noise"`` (its
+        timings stayed unstable to the end of the tuning budget) or ``"out of memory: a, b"``
+        (those candidates ran out of memory, so it picks among the ones that fitted). A partial
+        decision is stored and used like a full one, and re-tuned once where tuning is allowed.
+    tunings: how many tunings this decision comes from (a partial decision re-tuned once has 2;
+        after that it is kept as it is).
+    stored: whether this call wrote the decision to the user's disk cache.
+    not_stored: why it was not written (empty when it was, or when it came from a store).
     """
 
     impl: str
@@ -35,6 +43,10 @@ class Decision:
     signature: Signature | None = None
     opinions: tuple[str, ...] = ()
     provisional: bool = False
+    partial: str = ""
+    tunings: int = 1
+    stored: bool = False
+    not_stored: str = ""
 
     def __str__(self) -> str:
         return f"{self.impl} ({self.source})" + (f" for {self.signature}" if self.signature else "")

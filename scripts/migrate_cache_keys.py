@@ -1,4 +1,7 @@
-"""Convert a format-1 tuning table (shipped or exported) to format 2, in place or to a new file.
+"""Convert a format-1 or format-2 tuning table (shipped or exported) to format 3, in place or to a new file.
+
+Format 3 adds the partial state (``partial``, ``tunings``). Tables hold full decisions only, so a
+format-2 entry becomes a format-3 one by gaining ``"tunings": 1``.
 
 Format 2 keys name the math settings a decision was measured under (``math[...]`` after the
 device). Format-1 decisions were all measured at torch's defaults, so each key gets those:
@@ -48,12 +51,13 @@ def migrate_entry(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def migrate_table(data: dict[str, Any]) -> dict[str, Any]:
-    if data.get("format") == 2:
+    if data.get("format") == 3:
         return data
-    if data.get("format") != 1 or not isinstance(data.get("entries"), list):
-        raise ValueError(f"not a format-1 table (format {data.get('format')!r})")
-    entries = sorted((migrate_entry(e) for e in data["entries"]), key=lambda e: e["key"])
-    return {"format": 2, "entries": entries}
+    if data.get("format") not in (1, 2) or not isinstance(data.get("entries"), list):
+        raise ValueError(f"not a format-1 or format-2 table (format {data.get('format')!r})")
+    entries = data["entries"] if data["format"] == 2 else [migrate_entry(e) for e in data["entries"]]
+    entries = sorted(({"tunings": 1, **e} for e in entries), key=lambda e: e["key"])
+    return {"format": 3, "entries": entries}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,15 @@ so concurrent writers never clobber each other's entries and a reader never sees
 A corrupted file is reported by name and ignored; the next write for that key heals it.
 
 Shipped tables (``tuning_cache/*.json`` in the repo, installed as ``grouped_ops.tuning_cache``)
-and exports share one format: ``{"format": 2, "entries": [entry, ...]}``.
+and exports share one format: ``{"format": 3, "entries": [entry, ...]}``.
 
-Format 2 (keys name the math settings, ``math[...]``, the live CPU thread count, and the weight
-layouts ``shared``/``chunked``): user-cache files of format 1 live in ``<cache>/v1`` and are no
-longer read; a format-1 table is ignored with a warning naming ``scripts/migrate_cache_keys.py``,
-which converts one.
+Format 3 adds the partial state to an entry: ``"partial"`` (why the decision is partial: measured
+under noise, or some candidates ran out of memory; absent for a full decision) and ``"tunings"`` (how
+many tunings it comes from). An older version reading a partial entry would take it as full, so the
+user cache moved to ``<cache>/v3``; ``<cache>/v2`` and format-2 tables are no longer read (a format-2
+table is ignored with a warning naming ``scripts/migrate_cache_keys.py``, which converts one).
+Format 2 named the math settings, ``math[...]``, the live CPU thread count, and the weight layouts
+``shared``/``chunked`` in its keys; format 1 did not.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ..decision import Decision
 from ..signature import Signature
 
 log = logging.getLogger("grouped_ops")
-FORMAT = 2  # 2: math settings, live thread count and shared/chunked weights in the key
+FORMAT = 3  # 3: the partial state (partial, tunings); 2: math settings, thread count, weight layouts in the key
 _warned_unwritable: set[str] = set()
 
 
@@ -70,6 +73,8 @@ def entry_of(decision: Decision, op_version: str) -> dict[str, Any]:
         "timings": dict(decision.timings),
         "skipped": dict(decision.skipped),
         **({"opinions": list(decision.opinions)} if decision.opinions else {}),
+        **({"partial": decision.partial} if decision.partial else {}),
+        "tunings": decision.tunings,
         "fingerprint": fingerprint(op_version),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -78,7 +83,8 @@ def entry_of(decision: Decision, op_version: str) -> dict[str, Any]:
 def decision_of(entry: dict[str, Any], source: str, sig: Signature | None = None) -> Decision:
     """The Decision an entry stores, reported as ``source``."""
     return Decision(entry["impl"], source, {k: float(v) for k, v in entry.get("timings", {}).items()},
-                    dict(entry.get("skipped", {})), sig, tuple(map(str, entry.get("opinions", ()))))
+                    dict(entry.get("skipped", {})), sig, tuple(map(str, entry.get("opinions", ()))),
+                    partial=str(entry.get("partial", "")), tunings=int(entry.get("tunings", 1)))
 
 
 def fingerprint(op_version: str) -> dict[str, str]:
@@ -165,7 +171,10 @@ def _valid_entry(entry: Any) -> bool:
     if not (isinstance(entry, dict) and isinstance(entry.get("key"), str) and isinstance(entry.get("impl"), str)):
         return False
     timings, skipped = entry.get("timings", {}), entry.get("skipped", {})
+    tunings = entry.get("tunings", 1)
     return (isinstance(timings, dict) and isinstance(skipped, dict)
+            and isinstance(entry.get("partial", ""), str)
+            and isinstance(tunings, int) and not isinstance(tunings, bool) and tunings >= 1
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in timings.values())
             and all(isinstance(v, str) for v in skipped.values()))
 
@@ -194,7 +203,7 @@ def read_table(path: Path) -> list[dict[str, Any]]:
         if not isinstance(entries, list):
             raise ValueError("no 'entries' list")
         if data.get("format") != FORMAT:
-            hint = "; convert it with scripts/migrate_cache_keys.py" if data.get("format") == 1 else ""
+            hint = "; convert it with scripts/migrate_cache_keys.py" if data.get("format") in (1, 2) else ""
             raise ValueError(f"format {data.get('format')!r}, this version reads format {FORMAT}{hint}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("grouped_ops: ignoring tuning table %s (%s)", path, e)
