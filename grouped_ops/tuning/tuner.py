@@ -28,9 +28,8 @@ CONFIRM_BUDGET_ROUNDS = 3  # the time budget may end a confirmation after this m
 TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of a gap to the best, clamped to 1%..5%
 SECOND_OPINION_BAND = 0.3  # batch prewarm tunes again the signatures whose runner-up was this close
                            # (a busy spell has decided a miss on a gap of 21%)
-SPELL_FACTOR = 10.0  # a candidate whose slowest sample is this many times its fastest lived through a
-                     # busy spell (a preempted thread, another process): the pick may be the spell's.
-                     # (5x fired in most tunings on a 2-core machine at load 3.5; a spell can be 55x)
+NOISE_Z = 2.0  # a tuning is noisy where a close contender may be over TIE_MAX faster than the pick:
+               # its paired ratio to the pick, less NOISE_Z times that ratio's uncertainty, is under 1 - TIE_MAX
 
 
 @dataclass
@@ -38,7 +37,7 @@ class TuneResult:
     timings: dict[str, float] = field(default_factory=dict)  # name -> median seconds per call
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it has no timing, or why it was cut
     winner: str | None = None
-    disturbed: bool = False  # some candidate's samples spread over SPELL_FACTOR: a busy spell
+    noisy: bool = False  # the pick's gap to a close contender was still unresolved when the budget ran out
 
 
 def tune(
@@ -61,19 +60,16 @@ def tune(
     budget is skipped, one that raises or fails ``check`` against the first candidate's result is
     excluded. Ties within noise go to the earliest in ``candidates``.
 
+    Stability is judged from medians and their spread, never from one sample: the close contenders
+    are re-timed in paired rounds (see _confirm_close_calls), and where one of them may still be
+    over TIE_MAX faster than the pick when the budget ends, the result is ``noisy``. One slow sample
+    among many (a preempted thread, another process for a moment) moves no median.
+
     ``arithmetic_bound_s``: where a leader's call lasts at least this long, time follows arithmetic
     on this device, so a candidate doing HOPELESS_FACTOR times the leader's arithmetic is not run.
     """
     work = work_factor or {}
     order = sorted(candidates, key=lambda n: work.get(n, 1.0))
-    seen: dict[str, list[float]] = {}  # every sample of every candidate, for the busy-spell check
-    measure = timer
-
-    def timer(name: str, fn: Callable[[], Any], number: int) -> float:
-        t = measure(name, fn, number)
-        seen.setdefault(name, []).append(t)
-        return t
-
     result = TuneResult()
     samples: dict[str, list[float]] = {}
     runs: dict[str, Callable[[], Any]] = {}
@@ -123,7 +119,6 @@ def tune(
     finally:
         if gc_was_enabled:
             gc.enable()
-    result.disturbed = any(len(s) >= 2 and max(s) > SPELL_FACTOR * min(s) for s in seen.values())
     result.timings = {n: statistics.median(s) for n, s in samples.items()}
     result.timings.update(paired)
     if result.timings:
@@ -133,6 +128,7 @@ def tune(
         # from the best's own samples.
         band = {n: _band(noise[n] if n in noise else _uncertainty(samples[best_name])) for n in result.timings}
         result.winner = next(n for n in candidates if n in result.timings and result.timings[n] <= best * (1 + band[n]))
+        result.noisy = _unsettled(paired, noise, result.winner)
     for name, (factor, leader_name, why) in predicted.items():  # the leader's time as the table shows it
         t = result.timings.get(leader_name)
         result.skipped[name] = (f"predicted ~{t * factor:.3g}s a call ({factor:.0f}x the arithmetic of {leader_name}, "
@@ -232,6 +228,19 @@ def _compare_paired(paired: dict[str, list[float]]) -> tuple[dict[str, float], d
 def _resolved(estimates: dict[str, float], noise: dict[str, float]) -> bool:
     best = min(estimates.values())
     return all(estimates[n] / best - 1 <= TIE_MIN or estimates[n] / best - 1 > _band(u) for n, u in noise.items())
+
+
+def _unsettled(estimates: Mapping[str, float], noise: Mapping[str, float], winner: str) -> bool:
+    """Whether a confirmed contender may be over TIE_MAX faster than ``winner``: its estimated ratio
+    to the winner, less NOISE_Z times that ratio's uncertainty, below 1 - TIE_MAX. A gap inside the
+    near-tie band is no doubt about the pick (either is within TIE_MAX); only a spread of the
+    paired ratios wide enough to hide a real difference is."""
+    if winner not in estimates:
+        return False
+    # noise holds each one's uncertainty against the fastest estimate; the fastest's against the
+    # winner (a near-tie won by preference) is the winner's
+    return any(estimates[n] / estimates[winner] - NOISE_Z * noise.get(n, noise.get(winner, 0.0)) < 1 - TIE_MAX
+               for n in estimates if n != winner)
 
 
 def _band(uncertainty: float) -> float:
