@@ -165,7 +165,8 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
                          number: dict[str, int], timer: Timer, on_error: Callable[[BaseException], None],
                          result: TuneResult, shuffler: random.Random, clock: Callable[[], float],
                          budget_s: float) -> tuple[dict[str, float], dict[str, float]]:
-    """Every candidate whose best sample is within CONFIRM_BAND of the best median is timed again, in
+    """Every candidate whose best sample is within CONFIRM_BAND of the best median (widened by
+    NOISE_Z times that median's uncertainty) is timed again, in
     rounds of one sample each (a new order every round), and those samples alone decide between
     them. Returns each one's median time as estimated from the paired samples, and the uncertainty
     of each one's gap to the best (see _compare_paired).
@@ -182,11 +183,14 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
     timed = [n for n in samples if n in runs]
     if len(timed) < 2:
         return {}, {}
-    best = min(statistics.median(samples[n]) for n in timed)
+    leader = min(timed, key=lambda n: statistics.median(samples[n]))
+    best = statistics.median(samples[leader])
     # Judged by each one's best sample: interference only ever adds time, and in a busy spell most
     # of a candidate's samples can be slow (measured: loop's median 922 us in the rounds, 207 us
-    # when timed again; its best sample had been close to that).
-    paired: dict[str, list[float]] = {n: [] for n in timed if min(samples[n]) <= best * (1 + CONFIRM_BAND)}
+    # when timed again; its best sample had been close to that). The band widens by the spread of
+    # the leader's own samples: a median that noise may have pulled down is no clear lead.
+    band = CONFIRM_BAND + (NOISE_Z * _uncertainty(samples[leader]) if len(samples[leader]) >= 4 else 0.0)
+    paired: dict[str, list[float]] = {n: [] for n in timed if min(samples[n]) <= best * (1 + band)}
     if len(paired) < 2:
         return {}, {}
     start = clock()
