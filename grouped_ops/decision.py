@@ -67,4 +67,12 @@ class Decision:
                 rows.append(f"   {'':<{w}} {'':>12}      ({name}: {why})")
         if self.opinions:
             rows.append(f"   picks of {len(self.opinions)} tunings: {', '.join(self.opinions)}")
+        if self.partial:
+            rows.append(f"   {partial_note(self)}")
         return "\n".join(rows)
+
+
+def partial_note(d: Decision) -> str:
+    """One line on a partial decision: why, and whether it is still to be tuned once more."""
+    again = "tuned once more where tuning is allowed" if d.tunings < 2 else "kept as it is"
+    return f"partial: {d.partial} (from {d.tunings} tuning{'s' if d.tunings != 1 else ''}; {again})"

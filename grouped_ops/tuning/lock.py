@@ -129,7 +129,8 @@ def _after_fork_in_child() -> None:
     for held in _FILE_LOCKS.values():
         context = getattr(held, "_context", None)
         fd = getattr(context, "lock_file_fd", None)
-        if isinstance(fd, int):
+        # filelock 3.x leaves it to us; a version with its own fork handling (4.x) is left to it
+        if isinstance(fd, int) and not hasattr(held, "_reset_after_fork_in_child"):
             with contextlib.suppress(OSError):
                 os.close(fd)
             with contextlib.suppress(AttributeError):
