@@ -11,6 +11,9 @@ the other processes of the host.
   users' jobs sharing a GPU) must still take turns.
 - A file is named by the device's identity (:func:`grouped_ops.signature.device_identity`): the CPU
   model, the GPU's UUID. Its contents mean nothing; holding it is the lock.
+- A process waits for each tuning under way up to ``GROUPED_OPS_TUNE_WAIT_S``; the holder writes
+  who it is and when it started into ``<lock>.holder``, so a waiter behind several tunings in a row
+  sees progress and waits on.
 - The kernel drops the lock when its process dies, ``kill -9`` included: nothing to clean up.
 - Not inherited through ``fork``: a child drops whatever its parent held (its copy of the file
   descriptor closed without unlocking, which would unlock the parent's too) and starts with fresh
@@ -41,6 +44,7 @@ _GUARD = threading.Lock()  # guards the two tables below
 _THREAD_LOCKS: dict[str, threading.Lock] = {}  # device identity -> this process's turn
 _FILE_LOCKS: dict[str, filelock.BaseFileLock] = {}  # lock file path -> its lock (reused: one open file each)
 _WARNED: set[str] = set()
+_RELEASED: dict[str, float] = {}  # lock file path -> when this process last let go of it
 _ORPHANS: list[filelock.BaseFileLock] = []  # a forked child's copies of its parent's locks
 POLL_S = 0.01  # how often a waiting process tries the file lock again
 
@@ -66,21 +70,24 @@ def lock_path(device: torch.device, configured: str = "") -> Path:
 @contextlib.contextmanager
 def tuning_turn(device: torch.device, wait_s: float, configured_dir: str = "") -> Iterator[bool]:
     """Hold ``device``'s tuning lock for the block. Yields True once held, or False (holding
-    nothing) when it was not free within ``wait_s`` seconds (negative: wait as long as it takes)."""
-    deadline = None if wait_s < 0 else time.monotonic() + wait_s
+    nothing) where one tuning under way went on for over ``wait_s`` seconds (negative: wait as long
+    as it takes). Each new tuning that starts meanwhile restarts the wait: a process waits behind a
+    queue of others' tunings as long as they make progress, each within the bound."""
     with _GUARD:
         turn = _THREAD_LOCKS.setdefault(device_identity(device), threading.Lock())
-    if not turn.acquire(timeout=-1 if deadline is None else max(0.0, wait_s)):
+    if not turn.acquire(timeout=-1 if wait_s < 0 else max(0.0, wait_s)):
         yield False
         return
     try:
-        held = _file_lock(lock_path(device, configured_dir))
-        got = held is None or _acquire(held, deadline)
+        path = lock_path(device, configured_dir)
+        held = _file_lock(path)
+        got = held is None or _acquire(held, wait_s, path.with_suffix(".holder"))
         try:
             yield got
         finally:
             if got and held is not None:
                 held.release()
+                _RELEASED[str(path)] = time.monotonic()
     finally:
         turn.release()
 
@@ -90,13 +97,34 @@ def device_count() -> int:
     return len(_THREAD_LOCKS)
 
 
-def _acquire(held: filelock.BaseFileLock, deadline: float | None) -> bool:
-    left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+def _acquire(held: filelock.BaseFileLock, wait_s: float, holder: Path) -> bool:
+    # Fairness: waiting processes poll; one that has just let go and comes straight back (a batch
+    # prewarm's next signature) lets a poll in first.
+    since = time.monotonic() - _RELEASED.get(str(holder.with_suffix(".lock")), -1e9)
+    if since < 2 * POLL_S:
+        time.sleep(2 * POLL_S - since)
+    last, deadline = _holder(holder), time.monotonic() + wait_s
+    while True:
+        left = 0.25 if wait_s < 0 else min(0.25, max(0.0, deadline - time.monotonic()))
+        try:
+            held.acquire(timeout=left, poll_interval=POLL_S)
+        except filelock.Timeout:
+            seen = _holder(holder)
+            if seen != last:  # another tuning started: wait for that one in turn
+                last, deadline = seen, time.monotonic() + wait_s
+            elif wait_s >= 0 and time.monotonic() >= deadline:
+                return False
+            continue
+        with contextlib.suppress(OSError):  # who tunes now: what waiting processes watch for progress
+            holder.write_text(f"{os.getpid()} {time.time_ns()}\n", encoding="utf-8")
+        return True
+
+
+def _holder(path: Path) -> str:
     try:
-        held.acquire(timeout=left, poll_interval=POLL_S)
-    except filelock.Timeout:
-        return False
-    return True
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
 
 
 def _file_lock(path: Path) -> filelock.BaseFileLock | None:
@@ -139,6 +167,7 @@ def _after_fork_in_child() -> None:
         _ORPHANS.append(held)
     _FILE_LOCKS.clear()
     _THREAD_LOCKS.clear()
+    _RELEASED.clear()
     _GUARD = threading.Lock()
 
 
