@@ -2,8 +2,9 @@
 
 Each round runs one fresh process per version (alternating which goes first), each with an empty
 cache and no shipped tables, one torch thread. In it, per cell: the first call's cost (one
-``prewarm``, which tunes), then every implementation timed forced, interleaved, 7 samples of about
-2 ms each, and the ratio of the pick's median to the fastest median ("auto vs fastest").
+``prewarm``, which tunes; a throwaway signature first takes the one-off start-up costs), then every
+implementation timed forced, 15 rounds of one sample of about 5 ms each, in a new order each
+round, and the ratio of the pick's median to the fastest median ("auto vs fastest").
 
     python3 scripts/tuner_before_after.py BEFORE_SRC AFTER_SRC [--rounds 2]
 
@@ -24,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 CHILD = r'''
-import json, statistics, sys, time, torch
+import json, random, statistics, sys, time, torch
 import grouped_ops
 torch.set_num_threads(1)
 cells = []
@@ -32,44 +33,53 @@ for batch in (16, 128):
     for n, i, o in ((8, 32, 32), (32, 16, 16), (4, 128, 128)):
         for grad in (False, True):
             cells.append((batch, n, i, o, grad))
-out = []
 g = torch.Generator().manual_seed(0)
-for batch, n, i, o, grad in cells:
-    args = (torch.randn(batch, n, i, generator=g), torch.randn(n, o, i, generator=g).requires_grad_(grad),
+
+def make(batch, n, i, o, grad):
+    return (torch.randn(batch, n, i, generator=g), torch.randn(n, o, i, generator=g).requires_grad_(grad),
             torch.randn(n, o, generator=g).requires_grad_(grad))
+
+grouped_ops.prewarm("grouped_linear", *make(3, 3, 8, 8, False))  # one-off start-up costs, not a first call's
+out = []
+shuffle = random.Random(0)
+for batch, n, i, o, grad in cells:
+    args = make(batch, n, i, o, grad)
     t0 = time.perf_counter()
     d = grouped_ops.prewarm("grouped_linear", *args)
     first = time.perf_counter() - t0
-    names = grouped_ops.implementations("grouped_linear")
+
     def run(m):
         if grad:
-            y = grouped_ops.grouped_linear(*args, impl=m); y.backward(torch.ones_like(y))
+            y = grouped_ops.grouped_linear(*args, impl=m)
+            y.backward(torch.ones_like(y))
             for a in args:
                 a.grad = None
         else:
             with torch.no_grad():
                 grouped_ops.grouped_linear(*args, impl=m)
     ok = []
-    for m in names:
+    for m in grouped_ops.implementations("grouped_linear"):
         try:
-            run(m); ok.append(m)
+            run(m)
+            ok.append(m)
         except Exception:
             pass
     number = {}
     for m in ok:
-        t = time.perf_counter(); run(m); dt = time.perf_counter() - t
-        number[m] = max(1, min(200, int(2e-3 / max(dt, 1e-7))))
+        t = time.perf_counter()
+        run(m)
+        number[m] = max(1, min(500, int(5e-3 / max(time.perf_counter() - t, 1e-7))))
     samples = {m: [] for m in ok}
-    for _ in range(7):
-        for m in ok:
+    for _ in range(15):  # rounds: every implementation once, in a new order each round
+        for m in shuffle.sample(ok, len(ok)):
             t = time.perf_counter()
             for _ in range(number[m]):
                 run(m)
             samples[m].append((time.perf_counter() - t) / number[m])
     med = {m: statistics.median(s) for m, s in samples.items()}
     out.append({"cell": [batch, n, i, o, grad], "first_s": first, "impl": d.impl, "file": grouped_ops.__file__,
-                "ratio": med[d.impl] / min(med.values()), "partial": getattr(d, "partial", ""),
-                "stored": getattr(d, "stored", None)})
+                "ratio": med[d.impl] / min(med.values()), "fastest": min(med, key=med.get),
+                "partial": getattr(d, "partial", ""), "stored": getattr(d, "stored", None)})
 print(json.dumps(out))
 '''
 
@@ -97,6 +107,8 @@ def main() -> None:
             loads.append(Path("/proc/loadavg").read_text().split()[0])
             results[name].append(run(src))
     print(f"load averages (1 min) before each process: {', '.join(loads)}")
+    noisy = {name: sum(c["partial"] == "noise" for rr in runs for c in rr) for name, runs in results.items()}
+    print(f"decisions marked noise: {noisy}")
     print("| version | rounds | cells | auto/fastest geomean | worst | median first call (s) | total first calls (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, runs in results.items():
