@@ -4,7 +4,8 @@ Each round runs one fresh process per version (alternating which goes first), ea
 cache and no shipped tables, one torch thread. In it, per cell: the first call's cost (one
 ``prewarm``, which tunes; a throwaway signature first takes the one-off start-up costs), then every
 implementation timed forced, 15 rounds of one sample of about 5 ms each, in a new order each
-round, and the ratio of the pick's median to the fastest median ("auto vs fastest").
+round; "auto vs fastest" is the largest over the other implementations of the median of the
+per-round ratios of the pick's sample to theirs (paired: each round sees one moment of the machine).
 
     python3 scripts/tuner_before_after.py BEFORE_SRC AFTER_SRC [--rounds 2]
 
@@ -76,9 +77,10 @@ for batch, n, i, o, grad in cells:
             for _ in range(number[m]):
                 run(m)
             samples[m].append((time.perf_counter() - t) / number[m])
-    med = {m: statistics.median(s) for m, s in samples.items()}
+    # paired: the pick against each other implementation, round by round (the same moment of a busy machine)
+    paired = {m: statistics.median(p / q for p, q in zip(samples[d.impl], samples[m])) for m in ok}
     out.append({"cell": [batch, n, i, o, grad], "first_s": first, "impl": d.impl, "file": grouped_ops.__file__,
-                "ratio": med[d.impl] / min(med.values()), "fastest": min(med, key=med.get),
+                "ratio": max(paired.values()), "fastest": min(paired, key=lambda m: 1 / paired[m]),
                 "partial": getattr(d, "partial", ""), "stored": getattr(d, "stored", None)})
 print(json.dumps(out))
 '''

@@ -111,7 +111,9 @@ def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
     known = _remembered(spec, sig, excluded)
     may_tune = blocker is None and _may_retune()
     if known is not None and not (may_tune and (retune or _due(known))):
-        return _respecting(spec, _recalled(known), excluded), not known.provisional
+        # one still due for its re-tuning (here, only in a backward pass or under a profiler) is
+        # not memoised: a later call re-tunes it
+        return _respecting(spec, _recalled(known), excluded), not (known.provisional or (blocker is None and _due(known)))
     if blocker is not None:
         if not guess:
             return None, False
