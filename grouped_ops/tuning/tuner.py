@@ -175,7 +175,8 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
     (measured: loop 662 vs 898 us in two tunings of one signature). A fast signature's 25 rounds
     last only ~50 ms, so one transient can cover all of them. The close ones are timed for at least
     CONFIRM_MIN_ROUNDS rounds, until their samples cover CONFIRM_MIN_S each, and then on until every
-    gap to the best is resolved: a near-tie (under TIE_MIN) or larger than its own uncertainty. At
+    gap to the best is resolved, a near-tie (under TIE_MIN) or larger than its own uncertainty, and
+    no contender may still be over TIE_MAX faster than the best (see _unsettled). At
     most CONFIRM_MAX_ROUNDS rounds, or the budget again (after CONFIRM_BUDGET_ROUNDS: 10 rounds of
     three 50 ms candidates took 1.5 s). In one measured miss the true best was the third, so the band
     takes them all.
@@ -200,7 +201,7 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
         if i >= CONFIRM_BUDGET_ROUNDS and clock() - start > budget_s:
             break
         if (i >= CONFIRM_MIN_ROUNDS and min(sum(s) * number[n] for n, s in paired.items()) >= CONFIRM_MIN_S
-                and _resolved(*_compare_paired(paired))):
+                and _settled(*_compare_paired(paired))):
             break
         for name in shuffler.sample(list(paired), len(paired)):
             if not _sample(name, paired[name], runs, number, timer, on_error, result):
@@ -232,6 +233,12 @@ def _compare_paired(paired: dict[str, list[float]]) -> tuple[dict[str, float], d
 def _resolved(estimates: dict[str, float], noise: dict[str, float]) -> bool:
     best = min(estimates.values())
     return all(estimates[n] / best - 1 <= TIE_MIN or estimates[n] / best - 1 > _band(u) for n, u in noise.items())
+
+
+def _settled(estimates: dict[str, float], noise: dict[str, float]) -> bool:
+    """Every gap to the best resolved, and no contender that may still be over TIE_MAX faster."""
+    best = min(estimates, key=estimates.__getitem__)
+    return _resolved(estimates, noise) and not _unsettled(estimates, noise, best)
 
 
 def _unsettled(estimates: Mapping[str, float], noise: Mapping[str, float], winner: str) -> bool:
