@@ -128,7 +128,7 @@ def tune(
         # from the best's own samples.
         band = {n: _band(noise[n] if n in noise else _uncertainty(samples[best_name])) for n in result.timings}
         result.winner = next(n for n in candidates if n in result.timings and result.timings[n] <= best * (1 + band[n]))
-        result.noisy = _unsettled(paired, noise, result.winner)
+        result.noisy = _unsettled({n: samples[n] for n in paired}, result.winner)
     for name, (factor, leader_name, why) in predicted.items():  # the leader's time as the table shows it
         t = result.timings.get(leader_name)
         result.skipped[name] = (f"predicted ~{t * factor:.3g}s a call ({factor:.0f}x the arithmetic of {leader_name}, "
@@ -166,7 +166,7 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
                          result: TuneResult, shuffler: random.Random, clock: Callable[[], float],
                          budget_s: float) -> tuple[dict[str, float], dict[str, float]]:
     """Every candidate whose best sample is within CONFIRM_BAND of the best median (widened by
-    NOISE_Z times that median's uncertainty) is timed again, in
+    NOISE_Z times that median's uncertainty, up to twice CONFIRM_BAND) is timed again, in
     rounds of one sample each (a new order every round), and those samples alone decide between
     them. Returns each one's median time as estimated from the paired samples, and the uncertainty
     of each one's gap to the best (see _compare_paired).
@@ -190,7 +190,7 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
     # of a candidate's samples can be slow (measured: loop's median 922 us in the rounds, 207 us
     # when timed again; its best sample had been close to that). The band widens by the spread of
     # the leader's own samples: a median that noise may have pulled down is no clear lead.
-    band = CONFIRM_BAND + (NOISE_Z * _uncertainty(samples[leader]) if len(samples[leader]) >= 4 else 0.0)
+    band = CONFIRM_BAND + min(CONFIRM_BAND, NOISE_Z * _robust_uncertainty(samples[leader]))
     paired: dict[str, list[float]] = {n: [] for n in timed if min(samples[n]) <= best * (1 + band)}
     if len(paired) < 2:
         return {}, {}
@@ -201,7 +201,7 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
         if i >= CONFIRM_BUDGET_ROUNDS and clock() - start > budget_s:
             break
         if (i >= CONFIRM_MIN_ROUNDS and min(sum(s) * number[n] for n, s in paired.items()) >= CONFIRM_MIN_S
-                and _settled(*_compare_paired(paired))):
+                and _settled(paired)):
             break
         for name in shuffler.sample(list(paired), len(paired)):
             if not _sample(name, paired[name], runs, number, timer, on_error, result):
@@ -235,23 +235,37 @@ def _resolved(estimates: dict[str, float], noise: dict[str, float]) -> bool:
     return all(estimates[n] / best - 1 <= TIE_MIN or estimates[n] / best - 1 > _band(u) for n, u in noise.items())
 
 
-def _settled(estimates: dict[str, float], noise: dict[str, float]) -> bool:
+def _settled(paired: dict[str, list[float]]) -> bool:
     """Every gap to the best resolved, and no contender that may still be over TIE_MAX faster."""
-    best = min(estimates, key=estimates.__getitem__)
-    return _resolved(estimates, noise) and not _unsettled(estimates, noise, best)
+    estimates, noise = _compare_paired(paired)
+    return _resolved(estimates, noise) and not _unsettled(paired, min(estimates, key=estimates.__getitem__))
 
 
-def _unsettled(estimates: Mapping[str, float], noise: Mapping[str, float], winner: str) -> bool:
-    """Whether a confirmed contender may be over TIE_MAX faster than ``winner``: its estimated ratio
-    to the winner, less NOISE_Z times that ratio's uncertainty, below 1 - TIE_MAX. A gap inside the
-    near-tie band is no doubt about the pick (either is within TIE_MAX); only a spread of the
-    paired ratios wide enough to hide a real difference is."""
-    if winner not in estimates:
+def _unsettled(paired: Mapping[str, list[float]], winner: str) -> bool:
+    """Whether a confirmed contender may be over TIE_MAX faster than ``winner``: the median of its
+    per-round ratios to the winner, less NOISE_Z times that median's robust uncertainty, below
+    1 - TIE_MAX. A gap inside the near-tie band is no doubt about the pick (either is within
+    TIE_MAX); only a spread of the paired ratios wide enough to hide a real difference is."""
+    if winner not in paired:
         return False
-    # noise holds each one's uncertainty against the fastest estimate; the fastest's against the
-    # winner (a near-tie won by preference) is the winner's
-    return any(estimates[n] / estimates[winner] - NOISE_Z * noise.get(n, noise.get(winner, 0.0)) < 1 - TIE_MAX
-               for n in estimates if n != winner)
+    for name, mine in paired.items():
+        if name != winner:
+            ratios = [a / b for a, b in zip(mine, paired[winner], strict=False)]
+            if statistics.median(ratios) - NOISE_Z * _robust_uncertainty(ratios) < 1 - TIE_MAX:
+                return True
+    return False
+
+
+def _robust_uncertainty(values: list[float]) -> float:
+    """Standard error of the median of ``values`` relative to it, from their median absolute
+    deviation (1.2533 x 1.4826 x MAD / sqrt(n) for normally spread samples): up to half the samples
+    can be outliers (a preempted thread's 20x) without moving it, where a quartile range of a few
+    samples takes one in. It reads what a few samples show too (a budget cut after 3 rounds)."""
+    if len(values) < 2:
+        return 0.0
+    middle = statistics.median(values)
+    mad = statistics.median(abs(v - middle) for v in values)
+    return 1.858 * mad / max(middle, 1e-12) / math.sqrt(len(values))
 
 
 def _band(uncertainty: float) -> float:
