@@ -29,11 +29,16 @@ class Decision:
     partial: why a measured decision is partial, or ``""`` for a full one: ``"noise"`` (its
         timings stayed unstable to the end of the tuning budget) or ``"out of memory: a, b"``
         (those candidates ran out of memory, so it picks among the ones that fitted). A partial
-        decision is stored and used like a full one, and re-tuned once where tuning is allowed.
+        decision is stored and used like a full one, and re-tuned once where tuning is allowed: by
+        the first later process that may tune (one per host: the tuning lock), or by batch
+        prewarm's later pass; the process that measured it does not repeat it on its next calls.
     tunings: how many tunings this decision comes from (a partial decision re-tuned once has 2;
         after that it is kept as it is).
-    stored: whether this call wrote the decision to the user's disk cache.
-    not_stored: why it was not written (empty when it was, or when it came from a store).
+    stored: whether this call wrote the decision to the user's disk cache (under torch.distributed,
+        a broadcast decision says what rank 0's call did).
+    not_stored: why it was not written (empty when it was, or when it came from a store): an
+        unwritable cache folder, a tuning under a profiler or exclusions, or a guess's reason for
+        not tuning. A decision remembered from an earlier call keeps it.
     """
 
     impl: str
@@ -67,4 +72,12 @@ class Decision:
                 rows.append(f"   {'':<{w}} {'':>12}      ({name}: {why})")
         if self.opinions:
             rows.append(f"   picks of {len(self.opinions)} tunings: {', '.join(self.opinions)}")
+        if self.partial:
+            rows.append(f"   {partial_note(self)}")
         return "\n".join(rows)
+
+
+def partial_note(d: Decision) -> str:
+    """One line on a partial decision: why, and whether it is still to be tuned once more."""
+    again = "tuned once more where tuning is allowed" if d.tunings < 2 else "kept as it is"
+    return f"partial: {d.partial} (from {d.tunings} tuning{'s' if d.tunings != 1 else ''}; {again})"

@@ -10,6 +10,7 @@ decisions by signature (see :mod:`grouped_ops.dispatch.distributed`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -48,14 +49,18 @@ def _signatures(spec: OpSpec, args: tuple[Any, ...]) -> tuple[Signature, Signatu
     return spec.signature(m, bucketing_mode() == "pow2"), spec.signature(m, False)
 
 
-def prewarm(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Decision:
+def prewarm(op: str | Callable[..., Any], *args: Any, retune: bool = False, **kwargs: Any) -> Decision:
     """Decide (tuning if needed) the implementation ``auto`` will use for these arguments, persist it,
     and return the decision. Arguments exactly as for the op; they are only described, never run.
+    ``retune=True`` measures on this machine even where the cache or a shipped table answers.
     Under torch.distributed it is collective: call it on every rank (see docs/autotuner.md).
+
+    The decision says what was done: ``stored`` (written to the user cache now) or ``not_stored``
+    (why not), and ``partial`` (``"noise"``: measured under noise, stored, tuned once more later).
 
     Example:
         >>> d = grouped_ops.prewarm("grouped_linear", x, layer.weight, layer.bias)
-        >>> d.impl, d.source, d.timings
+        >>> d.impl, d.source, d.timings, d.stored
 
     Raises:
         GroupedOpsError: an unknown op, ``impl=``, or arguments the op rejects.
@@ -63,8 +68,8 @@ def prewarm(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Decision
     spec, args = _spec_and_args(op, args, dict(kwargs), "prewarm")
     sig, exact = _signatures(spec, args)
     if distributed.active(settings()):
-        return prewarm_signatures([(sig, exact)], second_opinion=False)[0]
-    return resolve.decide_signature(spec, sig, at=exact)
+        return prewarm_signatures([(sig, exact)], second_opinion=False, retune=retune)[0]
+    return resolve.decide_signature(spec, sig, at=exact, retune=retune)
 
 
 def lookup(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Decision | None:
@@ -75,22 +80,24 @@ def lookup(op: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Decision 
 
 
 def prewarm_signatures(requests: Sequence[Request], *, second_opinion: bool = True,
-                       progress: Progress | None = None) -> list[Decision]:
+                       progress: Progress | None = None, retune: bool = False) -> list[Decision]:
     """Decide many signatures ahead of time, each ``(signature, at)``: ``at`` is the exact signature
     of its first call, where a bucket is timed.
 
     With ``second_opinion``, every signature tuned here whose runner-up came within
     SECOND_OPINION_BAND of the winner is tuned again once all are done (its close contenders only),
     and a third time where the two picks differ; the majority is kept. The tunings lie a whole pass
-    apart, so one busy spell of a shared machine cannot decide alone (see tuner.contenders).
+    apart, so one busy spell of a shared machine cannot decide alone (see tuner.contenders). A
+    tuning measured under noise (``partial="noise"``) is tuned once more after the first pass.
+    ``retune`` measures every signature on this machine even where the cache or a shipped table answers.
     Under torch.distributed it is collective (rank 0 decides, every rank adopts by signature).
     """
     if distributed.active(settings()):
         decided = distributed.agree(
-            requests, lambda union: _prewarm_here(union, second_opinion, progress),
-            lambda request: resolve.decide_signature(SPECS[request[0].op], *request))
+            requests, lambda union: _prewarm_here(union, second_opinion, progress, retune),
+            lambda request: resolve.decide_signature(SPECS[request[0].op], *request, retune=retune))
         return [_adopt(d) for d in decided]
-    return _prewarm_here(requests, second_opinion, progress)
+    return _prewarm_here(requests, second_opinion, progress, retune)
 
 
 def _adopt(d: Decision) -> Decision:
@@ -103,27 +110,31 @@ def _adopt(d: Decision) -> Decision:
     return d
 
 
-def _prewarm_here(requests: Sequence[Request], second_opinion: bool, progress: Progress | None) -> list[Decision]:
+def _prewarm_here(requests: Sequence[Request], second_opinion: bool, progress: Progress | None,
+                  retune: bool = False) -> list[Decision]:
     decisions: list[Decision] = []
     total = len(requests)
     for sig, at in requests:
-        decisions.append(resolve.decide_signature(SPECS[sig.op], sig, at))
+        decisions.append(resolve.decide_signature(SPECS[sig.op], sig, at, retune=retune))
         if progress:
             progress(len(decisions), total, sig, "decided")
-    # A tuning that lived through a busy spell was not stored: tune it once more, a pass later.
-    spelled = [i for i, d in enumerate(decisions) if d.provisional and not harness.profiling()]
-    total += len(spelled)
-    for done, i in enumerate(spelled, start=len(decisions) + 1):
+    # A tuning measured under noise was stored marked so: tune it once more, a pass later (its
+    # re-tuning, which a later process would otherwise do), and keep that.
+    noisy = [i for i, d in enumerate(decisions)
+             if d.source == "tuned" and d.partial == "noise" and d.tunings < 2 and not harness.profiling()]
+    total += len(noisy)
+    for done, i in enumerate(noisy, start=len(decisions) + 1):
         sig, at = requests[i]
-        decisions[i] = resolve.decide_signature(SPECS[sig.op], sig, at)
+        decisions[i] = resolve.decide_signature(SPECS[sig.op], sig, at, retune=True)
         if progress:
-            progress(done, total, sig, "tuned again after a busy spell")
+            progress(done, total, sig, "tuned again after noise")
     if not second_opinion:
         return decisions
     s = settings()
     close = {i: names for i, d in enumerate(decisions)
              if d.source == "tuned" and len(names := contenders(d.timings)) >= 2}
-    opinions = {i: [TuneResult(dict(decisions[i].timings), {}, decisions[i].impl)] for i in close}
+    opinions = {i: [TuneResult(dict(decisions[i].timings), {}, decisions[i].impl, decisions[i].partial == "noise")]
+                for i in close}
     done = total
     for which in ("second opinion", "third opinion"):
         # the third only where the first two disagree
@@ -134,7 +145,7 @@ def _prewarm_here(requests: Sequence[Request], second_opinion: bool, progress: P
             sig, at = requests[i]
             d, _ = harness.measure(SPECS[sig.op], sig, s, at, only=close[i], timer=resolve.injected_timer())
             if d.source == "tuned" and d.timings:  # else every contender failed: no opinion
-                opinions[i].append(TuneResult(dict(d.timings), dict(d.skipped), d.impl))
+                opinions[i].append(TuneResult(dict(d.timings), dict(d.skipped), d.impl, d.partial == "noise"))
             done += 1
             if progress:
                 progress(done, total, sig, which)
@@ -145,11 +156,14 @@ def _prewarm_here(requests: Sequence[Request], second_opinion: bool, progress: P
 
 
 def _settle(first: Decision, opinions: list[TuneResult]) -> Decision:
-    """Replace a first tuning's decision by the vote of all the tunings of its signature."""
+    """Replace a first tuning's decision by the vote of all the tunings of its signature. It comes
+    from all of them (``tunings``), and is measured under noise only where every one of them was."""
     sig = first.signature
     assert sig is not None
     spec = SPECS[sig.op]
     picks = tuple(str(o.winner) for o in opinions)
+    tunings = first.tunings + len(opinions) - 1
+    partial = "noise" if all(o.noisy for o in opinions) else "" if first.partial == "noise" else first.partial
     skipped = {**first.skipped, **{n: why for o in opinions for n, why in o.skipped.items()}}
     failed = {n for o in opinions for n, why in o.skipped.items() if why.startswith(("raised", "disagrees"))}
     if failed:  # a candidate that failed in any tuning must not win
@@ -157,11 +171,12 @@ def _settle(first: Decision, opinions: list[TuneResult]) -> Decision:
         opinions = [TuneResult(t, {}, min(t, key=t.__getitem__)) for t in kept if t]
     if opinions:
         impl, timings = vote(list(spec.registry), opinions)
-        final = Decision(impl, "tuned", timings, skipped, sig, picks)
+        final = Decision(impl, "tuned", timings, skipped, sig, picks, partial=partial, tunings=tunings)
     else:
-        final = Decision(spec.default_impl(sig), "default", {}, skipped, sig, picks)
+        final = Decision(spec.default_impl(sig), "default", {}, skipped, sig, picks, tunings=tunings)
+    why_not = resolve.persist_decision(spec, final)
+    final = dataclasses.replace(final, stored=not why_not, not_stored=why_not)
     resolve.remember(final)
-    resolve.persist_decision(spec, final)
     if final.impl != first.impl:
         resolve.announce(final, settings())
     return final
@@ -193,11 +208,11 @@ class Recorder:
             for sig, exact in self.requests():
                 f.write(json.dumps({**sig.to_spec(), "tune_at_batch": exact.dim("batch")}) + "\n")
 
-    def prewarm(self, *, second_opinion: bool = True, progress: bool = False) -> list[Decision]:
+    def prewarm(self, *, second_opinion: bool = True, progress: bool = False, retune: bool = False) -> list[Decision]:
         """Decide every recorded signature now, in this process (see :func:`prewarm_signatures`);
-        ``progress`` shows a progress bar on stderr."""
+        ``progress`` shows a progress bar on stderr; ``retune`` measures even what is known."""
         with progress_bar(progress) as report:
-            return prewarm_signatures(self.requests(), second_opinion=second_opinion, progress=report)
+            return prewarm_signatures(self.requests(), second_opinion=second_opinion, progress=report, retune=retune)
 
 
 @contextlib.contextmanager

@@ -52,6 +52,17 @@ def device_name(device: torch.device) -> str:
     return _device_model(device)
 
 
+def device_identity(device: torch.device) -> str:
+    """Which physical device ``device`` is on this host, for what must not run twice at once on it
+    (a tuning): the CPU model for a CPU (every process shares it), the GPU's UUID for CUDA (its
+    index changes with CUDA_VISIBLE_DEVICES; its model is shared by other GPUs of the host)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        return f"cuda-{uuid}" if uuid is not None else f"cuda{index}-{_device_model(device)}"
+    return _device_model(device) if device.type == "cpu" else device.type
+
+
 @functools.cache
 def _device_model(device: torch.device) -> str:
     # Cached: reading /proc/cpuinfo or the CUDA properties is slow, and neither changes in a process.

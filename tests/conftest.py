@@ -28,6 +28,9 @@ def _private_cache(tmp_path, monkeypatch):
     # The shipped tables match this project's own machines (CI too): tests must tune, not read them.
     (tmp_path / "no-shipped-tables").mkdir()
     monkeypatch.setenv("GROUPED_OPS_SHIPPED_DIR", str(tmp_path / "no-shipped-tables"))
+    # Private tuning locks too: another job on this host (another checkout's tests) must not make
+    # a test wait, nor a test's kill -9 touch anyone else's lock.
+    monkeypatch.setenv("GROUPED_OPS_LOCK_DIR", str(tmp_path / "locks"))
     for var in ("GROUPED_OPS_AUTOTUNE", "GROUPED_OPS_IMPL", "GROUPED_OPS_BUCKETS", "GROUPED_OPS_VERBOSE"):
         monkeypatch.delenv(var, raising=False)
     # Small tuning budget: tests check behaviour, not speed.

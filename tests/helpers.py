@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import json
 import math
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +51,23 @@ class FakeTimer:
             raise exc
         t = self.times.get(name, self.default)
         return t(count) if callable(t) else t
+
+
+class NoisyTimer:
+    """Each implementation's true time ``times[name]`` (else ``default``), off by up to ``jitter``
+    (relative, uniform) in every sample, and one sample in ``every`` (at random) ``factor`` times
+    slow: a shared machine's preempted thread. Seeded: a test sees the same samples every run."""
+
+    def __init__(self, times: dict[str, float] | None = None, *, default: float = 1e-4, jitter: float = 0.02,
+                 every: int = 20, factor: float = 20.0, seed: int = 0):
+        self.times, self.default, self.jitter, self.every, self.factor = dict(times or {}), default, jitter, every, factor
+        self.rng = random.Random(seed)
+        self.calls = 0
+
+    def __call__(self, name: str, fn: Callable[[], Any], number: int) -> float:
+        self.calls += 1
+        t = self.times.get(name, self.default) * (1 + self.rng.uniform(-self.jitter, self.jitter))
+        return t * self.factor if self.rng.random() < 1 / self.every else t
 
 
 def gl_args(batch: int = 8, n: int = 4, inn: int = 8, out: int = 8, *, grad: bool = False,

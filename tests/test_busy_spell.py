@@ -1,17 +1,23 @@
-"""A busy spell (every call ~55x slow for a moment: another process, a preempted OpenMP thread)
-must not be stored as a decision: a fresh-cache tuning leaves on disk the true best or nothing, and
-a decision that is not stored is tuned again at most once, on a later call."""
+"""Noise on a shared machine (a preempted thread, another process for a moment) is judged from
+medians and their spread, never from one sample: a spell of slow samples does not change the
+pick, and a tuning whose close contenders stay unresolved to the end of its budget is stored
+marked ``partial="noise"``, used by every later process, and re-tuned once by one of them."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
+from helpers import NoisyTimer
 
 import grouped_ops
 from grouped_ops import dispatch, grouped_linear
+from grouped_ops.ops import SPECS
 from grouped_ops.tuning import store
 
-BASE = {"bmm": 1.0e-5, "einsum": 1.3e-5, "grouped_mm": 1.2e-5, "loop": 2.0e-5, "masked_dense": 1.6e-5}
+BASE = {"bmm": 1.0e-5, "einsum": 1.3e-5, "grouped_mm": 1.2e-5, "loop": 2.0e-5, "masked_dense": 1.6e-5,
+        "bmm_weight_left": 1.4e-5}
 SPELL, LENGTH = 55.0, 6  # six consecutive samples, each 55x slow
 
 
@@ -27,22 +33,37 @@ class SpellTimer:
         return BASE[name] * (SPELL if slow else 1.0)
 
 
+class Unsettled:
+    """bmm steady; einsum, its close contender, by turns 20% faster and 25% slower: the paired
+    ratios spread too widely for any number of rounds to settle the pick."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, name, fn, number):
+        if name == "einsum":
+            self.calls += 1
+            return 1e-5 * (0.8, 1.25, 1.25, 0.8)[self.calls % 4]
+        return 1e-5 if name == "bmm" else 3e-5
+
+
 def args():
     g = torch.Generator().manual_seed(0)
     return torch.randn(8, 4, 16, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, generator=g)
 
 
 def stored():
-    return [e["impl"] for e in store.DiskStore().entries()]
+    return [(e["impl"], e.get("partial", ""), e["tunings"]) for e in store.DiskStore().entries()]
 
 
-def test_without_a_spell_the_true_best_is_stored():
+def test_without_a_spell_the_true_best_is_stored_in_full():
     with dispatch.use_timer(SpellTimer(None)):
         grouped_linear(*args())
-    assert stored() == ["bmm"]
+    assert stored() == [("bmm", "", 1)]
 
 
-def test_a_spell_at_any_offset_leaves_the_true_best_or_nothing(monkeypatch):
+def test_a_spell_at_any_offset_stores_the_true_best(monkeypatch):
+    # Every candidate is over 15% from bmm: no close call, and a spell of six samples moves no median.
     monkeypatch.setenv("GROUPED_OPS_TUNE_REPS", "8")  # fewer samples, fewer offsets: a quicker test
     probe = SpellTimer(None)
     with dispatch.use_timer(probe):
@@ -52,38 +73,73 @@ def test_a_spell_at_any_offset_leaves_the_true_best_or_nothing(monkeypatch):
     for offset in range(calls):  # every offset, from the first timed call on
         dispatch.clear_memory()
         store.DiskStore().clear()
-        timer = SpellTimer(offset)
-        with dispatch.use_timer(timer):
-            grouped_linear(*args())
-            assert stored() in ([], ["bmm"]), f"spell at call {offset} stored {stored()}"
-            d = grouped_ops.lookup("grouped_linear", *args())
-            if not stored():  # not stored: tuned again on the next call, once
-                assert d.provisional
-                before = timer.calls
-                grouped_linear(*args())
-                assert timer.calls > before
-                after = timer.calls
-                grouped_linear(*args())
-                grouped_linear(*args())
-                assert timer.calls == after, "tuned more than once more"
-                # the spell may reach into that tuning too: then it is used, and still not stored
-                assert stored() in ([], ["bmm"]) and not grouped_ops.lookup("grouped_linear", *args()).provisional
+        with dispatch.use_timer(SpellTimer(offset)):
+            d = grouped_ops.prewarm("grouped_linear", *args())
+        assert (d.impl, d.partial, d.stored, d.not_stored) == ("bmm", "", True, ""), f"spell at call {offset}"
+        assert stored() == [("bmm", "", 1)]
 
 
-@pytest.mark.parametrize("offset", [0, 3])
-def test_a_spell_in_the_second_tuning_too_uses_it_but_stores_nothing(offset):
-    class TwoSpells(SpellTimer):
-        def __call__(self, name, fn, number):  # a spell at the same offset of every tuning
-            slow = self.calls % 1000 in range(offset, offset + LENGTH)
-            self.calls += 1
-            return BASE[name] * (SPELL if slow else 1.0)
-
-    timer = TwoSpells(None)
+def test_an_unsettled_tuning_is_stored_marked_noise_and_retuned_once_by_a_later_process(count_tunings):
+    timer = Unsettled()
     with dispatch.use_timer(timer):
+        d = grouped_ops.prewarm("grouped_linear", *args())
+        assert (d.partial, d.tunings, d.stored, d.source) == ("noise", 1, True, "tuned")
+        assert stored() == [(d.impl, "noise", 1)]
+        grouped_linear(*args())  # this process uses it, and does not tune it again itself
+        assert sum(count_tunings.values()) == 1
+        assert grouped_ops.lookup("grouped_linear", *args()).partial == "noise"
+
+        dispatch.clear_memory()  # a later process: finds the partial entry, uses it and re-tunes it once
         grouped_linear(*args())
-        timer.calls = 1000
-        grouped_linear(*args())  # the second (last) tuning, disturbed again
-        timer.calls = 2000
+        assert sum(count_tunings.values()) == 2
+        assert [(p, t) for _, p, t in stored()] == [("noise", 2)]
+
+        dispatch.clear_memory()  # and the next one keeps it as it is
         grouped_linear(*args())
-    assert timer.calls == 2000 and stored() == []
-    assert not grouped_ops.lookup("grouped_linear", *args()).provisional
+        again = grouped_ops.prewarm("grouped_linear", *args())
+    assert sum(count_tunings.values()) == 2
+    assert (again.source, again.partial, again.tunings, again.stored) == ("cache", "noise", 2, False)
+
+
+@pytest.mark.parametrize("partial", ["noise", "out of memory: masked_dense"])
+def test_any_partial_entry_is_used_and_retuned_once(partial, count_tunings):
+    # One partial state for every reason: what another process stored is used where tuning is not
+    # allowed, and tuned once more where it is.
+    disk = store.DiskStore()
+    with dispatch.use_timer(SpellTimer(None)):
+        grouped_linear(*args())
+        entry = next(disk.entries())
+        disk.put({**entry, "impl": "loop", "partial": partial})
+        dispatch.clear_memory()  # another process, later
+        assert (grouped_ops.lookup("grouped_linear", *args()).impl, sum(count_tunings.values())) == ("loop", 1)
+        d = grouped_ops.prewarm("grouped_linear", *args())
+    assert (d.impl, d.partial, d.tunings, d.stored) == ("bmm", "", 2, True)
+    assert sum(count_tunings.values()) == 2 and stored() == [("bmm", "", 2)]
+
+
+def test_a_noisy_timer_rarely_marks_noise_and_picks_the_true_best(monkeypatch):
+    """1 sample in 20 slow by 20x (and 2% jitter on every sample): at most 1 decision in 10 is stored
+    as noisy, and the pick is the true best in at least 95% of signatures."""
+    monkeypatch.setenv("GROUPED_OPS_BUCKETS", "exact")
+    rng = random.Random(1)
+    names = [n for n in SPECS["grouped_linear"].registry if n != "bmm_strided_out"]  # runs bmm's code here
+    noisy = right = 0
+    count = 40
+    for batch in range(1, count + 1):
+        # true times 3% or more apart, in a random order: the best is unique beyond the 1% near-tie band
+        steps = [1.0 + 0.03 * i + rng.uniform(0, 0.5) * i for i in range(len(names))]
+        times = {n: 1e-5 * t for n, t in zip(rng.sample(names, len(names)), steps, strict=True)}
+        with dispatch.use_timer(NoisyTimer(times, seed=batch)):
+            d = grouped_ops.prewarm("grouped_linear", *_gl(batch))
+        assert d.stored
+        noisy += d.partial == "noise"
+        right += d.impl == min(times, key=times.__getitem__)
+    assert len(list(store.DiskStore().entries())) == count
+    print(f"{noisy} of {count} marked noisy; the true best picked in {right}")
+    assert noisy <= count // 10, f"{noisy} of {count} marked noisy"
+    assert right >= 0.95 * count, f"the true best picked in {right} of {count}"
+
+
+def _gl(batch):
+    g = torch.Generator().manual_seed(batch)
+    return torch.randn(batch, 4, 16, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, generator=g)

@@ -382,3 +382,46 @@ def test_a_negative_feature_dim_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["explain", "weighted_combine", "--batch", "8", "--k", "4", "--features", "4x-1x-2"])
     assert e.value.code == 2 and "every feature dim must be positive" in capsys.readouterr().err
+
+
+def test_cli_prewarm_says_what_it_could_not_store_and_what_is_noisy(capsys, tmp_path, monkeypatch):
+    from test_busy_spell import Unsettled
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("GROUPED_OPS_CACHE_DIR", str(blocker / "cache"))  # cannot be created
+    code, out, _ = run(capsys, "prewarm", "--no-progress", *GL_FLAGS)
+    assert code == 0 and "1 not stored:" in out and "is not writable" in out
+
+    monkeypatch.setenv("GROUPED_OPS_CACHE_DIR", str(tmp_path / "cache"))
+    dispatch.clear_memory()  # another process
+    with dispatch.use_timer(Unsettled()):
+        code, out, _ = run(capsys, "prewarm", "--no-progress", "--single-opinion", *GL_FLAGS)
+    assert code == 0 and "partial: noise" in out and "1 marked as measured under noise" in out
+    assert "not stored" not in out
+    code, out, _ = run(capsys, "cache", "list")
+    assert "[partial: noise, 2 tuning(s)]" in out  # tuned once more a pass later: noisy again, kept
+    code, out, _ = run(capsys, "cache", "export", str(tmp_path / "table.json"))
+    assert "exported 0 entries" in out and "left out 1 partial" in out
+    assert json.loads((tmp_path / "table.json").read_text())["entries"] == []
+
+
+def test_cli_prewarm_retune_measures_what_the_cache_answers(capsys, count_tunings):
+    run(capsys, "prewarm", "--no-progress", "--single-opinion", *GL_FLAGS)
+    code, out, _ = run(capsys, "prewarm", "--no-progress", "--single-opinion", *GL_FLAGS)
+    assert "(cache)" in out and sum(count_tunings.values()) == 1
+    code, out, _ = run(capsys, "prewarm", "--no-progress", "--single-opinion", "--retune", *GL_FLAGS)
+    assert code == 0 and "(tuned)" in out and sum(count_tunings.values()) == 2
+
+
+def test_prewarm_retune_measures_what_a_shipped_table_answers(shipped_tables, count_tunings):
+    x, w = torch.randn(8, 4, 16), torch.randn(4, 8, 16)
+    d = grouped_ops.prewarm("grouped_linear", x, w)
+    entry = next(store.DiskStore().entries())
+    store.write_table(shipped_tables / "table.json", [{**entry, "impl": "loop"}])
+    store.DiskStore().clear()
+    dispatch.clear_memory()
+    assert grouped_ops.prewarm("grouped_linear", x, w).source == "shipped"
+    again = grouped_ops.prewarm("grouped_linear", x, w, retune=True)
+    assert (again.source, again.impl, again.stored) == ("tuned", d.impl, True)
+    assert sum(count_tunings.values()) == 2

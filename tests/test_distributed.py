@@ -216,3 +216,15 @@ def test_fsdp2_with_an_in_place_activation_trains_with_every_implementation(tmp_
     assert set(r0["losses"]) >= {"bmm", "einsum", "loop", "masked_dense"}
     for impl, loss in r0["losses"].items():
         assert loss == pytest.approx(r1["losses"][impl]), impl
+
+
+def test_the_broadcast_carries_every_field_of_a_decision():
+    # What rank 0 sends is rank 0's decision whole: the partial state and whether it was stored too.
+    from grouped_ops.decision import Decision
+    from grouped_ops.dispatch.distributed import _fields
+
+    d = Decision("loop", "tuned", {"loop": 1e-5, "bmm": 2e-5}, {"masked_dense": "over budget"}, None,
+                 ("loop", "bmm", "loop"), partial="noise", tunings=2, stored=True)
+    sent = json.loads(json.dumps(_fields(d)))
+    assert Decision(**{**sent, "opinions": tuple(sent["opinions"])}) == d
+    assert {"partial", "tunings", "stored", "not_stored", "provisional"} <= set(sent)

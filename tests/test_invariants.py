@@ -348,15 +348,22 @@ def test_declared_dependencies_are_what_the_code_imports():
     indirect = {"opt_einsum", "numpy"}
     assert third_party - optional <= names, f"imported but not declared: {sorted(third_party - optional - names)}"
     assert names - indirect <= third_party, f"declared but imported nowhere: {sorted(names - indirect - third_party)}"
-    assert "filelock" not in names and "hypothesis" not in names
+    assert "hypothesis" not in names  # the testing extra, not a dependency
     extras = project["optional-dependencies"]
     assert any(d.startswith("hypothesis") for d in extras["testing"])
     assert any(d.startswith("hypothesis") for d in extras["test"])  # `bash scripts/install.sh test`
 
 
 def test_a_non_editable_install_imports_every_subpackage(tmp_path):
-    """``pip install .`` (not editable: an editable install would hide a package missing from the
-    list) into a fresh virtual environment, then import every package found on disk from it."""
+    """A wheel built from the sources and installed not editable (an editable install would hide a
+    package missing from the list), as users install it, then every package found on disk imported
+    from there.
+
+    Run by this interpreter's own pip and setuptools, in whatever environment runs the tests (a
+    virtualenv, CI, a plain interpreter): a nested venv would reach the base interpreter's
+    packages instead, whose setuptools may predate ``license = "BSD-3-Clause"`` (PEP 639, setuptools
+    77), and could not see this environment's torch. torch itself requires setuptools 77 or later,
+    so wherever torch is installed the build needs nothing from the network (no build isolation)."""
     start = time.perf_counter()
     source = tmp_path / "src"
     source.mkdir()
@@ -365,26 +372,29 @@ def test_a_non_editable_install_imports_every_subpackage(tmp_path):
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(PACKAGE, source / "grouped_ops", ignore=ignore)
     shutil.copytree(REPO / "tuning_cache", source / "tuning_cache", ignore=ignore)
-    venv = tmp_path / "venv"
-    # --without-pip: the system pip (visible through --system-site-packages) installs into the venv
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-                   check=True, timeout=120)
-    python = venv / "bin" / "python"
-    proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--no-warn-script-location", str(source)],
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--wheel-dir", str(wheels), str(source)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = wheels.glob("grouped_ops-*.whl")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-warn-script-location",
+                           "--target", str(target), str(wheel)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    python = Path(sys.executable)
     packages = sorted(_packages_on_disk())
     code = ("import importlib, json, sys\n"
             f"names = {packages!r}\n"
             "mods = [importlib.import_module(n) for n in names]\n"
             "print(json.dumps([m.__file__ for m in mods]))")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # the fresh install first on the path, ahead of an editable install in site-packages
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(target)}
     proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     files = json.loads(proc.stdout.strip().splitlines()[-1])
-    outside = [f for f in files if not f.startswith(str(venv))]
+    outside = [f for f in files if not f.startswith(str(target))]
     assert not outside, f"imported from outside the fresh install (an editable install shadows it?): {outside}"
     shipped = subprocess.run([str(python), "-c", "from importlib import resources; print(sorted(p.name for p in "
                               "resources.files('grouped_ops.tuning_cache').iterdir()))"],
@@ -395,7 +405,7 @@ def test_a_non_editable_install_imports_every_subpackage(tmp_path):
     count = subprocess.run([str(python), "-c", "from grouped_ops.tuning import store; print(len(store.shipped_entries()))"],
                            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env_shipped)
     assert int(count.stdout.strip() or 0) > 0, count.stdout + count.stderr
-    script = subprocess.run([str(venv / "bin" / "grouped-ops"), "--version"], capture_output=True, text=True,
+    script = subprocess.run([str(target / "bin" / "grouped-ops"), "--version"], capture_output=True, text=True,
                             timeout=120, cwd=tmp_path, env=env)
     assert script.stdout.startswith("grouped_ops "), script.stdout + script.stderr
     assert time.perf_counter() - start < 120

@@ -76,7 +76,7 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
             chosen = _matching(entries, args.filter) if args.filter else entries
             print(f"{path.name}: {len(entries)} entries")
             for e in chosen:
-                print(f"  {e['impl']:<{IMPL_WIDTH}} {_status(e):<6} {e['key']}")
+                print(_row(e))
         if tables:
             print(BUCKET_LEGEND)
         return 0
@@ -86,12 +86,24 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
     print(f"cache folder: {disk.root}")
     print(f"{len(chosen)} of {len(entries)} entries" + (f" matching {args.filter!r}" if args.filter else ""))
     for e in sorted(chosen, key=lambda e: e["key"]):
-        print(f"  {e['impl']:<{IMPL_WIDTH}} {_status(e):<6} {e['key']}")
+        print(_row(e))
     if chosen:
         print(BUCKET_LEGEND)
+        if any(e.get("partial") for e in chosen):
+            print(PARTIAL_LEGEND)
     elif shipped := _shipped_matches(args.filter):
         print(f"({shipped} in the shipped tables: `cache list --shipped{' ' + args.filter if args.filter else ''}`)")
     return 0
+
+
+def _row(entry: dict[str, Any]) -> str:
+    """One line of `cache list`: the pick, fresh or stale, the key, and a partial entry's mark."""
+    mark = f"  [partial: {entry['partial']}, {entry.get('tunings', 1)} tuning(s)]" if entry.get("partial") else ""
+    return f"  {entry['impl']:<{IMPL_WIDTH}} {_status(entry):<6} {entry['key']}{mark}"
+
+
+PARTIAL_LEGEND = ("([partial: noise] was measured under noise, [partial: out of memory: ...] without candidates "
+                  "that ran out of memory: used, and tuned once more by a later process where its tunings are 1)")
 
 
 def _shipped_matches(text: str) -> int:
@@ -155,8 +167,12 @@ def cmd_cache_clear(args: argparse.Namespace) -> int:
 
 def cmd_cache_export(args: argparse.Namespace) -> int:
     disk = store.DiskStore()
-    n = store.write_table(args.file, disk.entries())
+    entries = list(disk.entries())
+    n = store.write_table(args.file, entries)
     print(f"exported {n} entries from {disk.root} to {args.file}")
+    if partial := sum(1 for e in entries if e.get("partial")):
+        print(f"left out {partial} partial entries (a table holds full decisions only): re-tune them on a "
+              "quiet machine (`prewarm --retune`) to export them")
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from .. import dispatch
-from ..decision import Decision
+from ..decision import Decision, partial_note
 from ..ops import SPECS
 from ..ops._spec import OpSpec
 from ..signature import Signature, bucket_note, bucketing_mode
@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
         decision = dispatch.decide_signature(spec, sig, at)
     if decision is not None:
         print(f"decision:  {decision.impl} ({decision.source}: {_SOURCES.get(decision.source, '')})")
+        if decision.partial:
+            print(f"           {partial_note(decision)}")
+        if decision.not_stored:
+            print(f"           not stored: {decision.not_stored}")
     print()
     print(explain_table(spec, sig, decision, memory_budget(sig.device, s)))
     return 0

@@ -14,6 +14,7 @@ locally any that its hardware cannot run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,7 +54,13 @@ def agree(requests: Sequence[Request], decide_all: Callable[[list[Request]], lis
 
     Rank 0 runs ``decide_all`` on the union of all ranks' requests; each rank gets, for each of its
     own requests in order, the decision made for that signature (source ``"broadcast"`` off rank
-    0), or ``decide_local``'s where rank 0's pick cannot run here.
+    0; every other field as rank 0 has it, ``partial``, ``tunings``, ``stored`` and ``not_stored``
+    included), or ``decide_local``'s where rank 0's pick cannot run here.
+
+    No rank holds a device's tuning lock (:mod:`grouped_ops.tuning.lock`) across the collectives
+    here: rank 0 takes it for each tuning in ``decide_all``, between them, while the others wait in
+    the broadcast; a rank that is tuning a first call on its own finishes and lets go before it
+    enters this.
     """
     dist = torch.distributed
     mine = [(sig.to_spec(), None if at is None else at.to_spec()) for sig, at in requests]
@@ -70,9 +77,7 @@ def agree(requests: Sequence[Request], decide_all: Callable[[list[Request]], lis
                 union.setdefault(sig.key(), (sig, None if at is None else Signature.from_spec(at)))
         try:
             decisions = decide_all(list(union.values()))
-            box[0] = json.dumps({d.signature.key(): {"impl": d.impl, "source": d.source, "timings": dict(d.timings),
-                                                     "skipped": dict(d.skipped), "opinions": list(d.opinions)}
-                                 for d in decisions if d.signature is not None})
+            box[0] = json.dumps({d.signature.key(): _fields(d) for d in decisions if d.signature is not None})
         except BaseException as e:  # the other ranks are already waiting: tell them, then raise
             failure = e
             box[0] = json.dumps({"(error)": f"{type(e).__name__}: {e}"})
@@ -89,7 +94,13 @@ def agree(requests: Sequence[Request], decide_all: Callable[[list[Request]], lis
         if data is None:  # cannot happen unless ranks disagree on keys (different hardware names)
             out.append(decide_local(request))
             continue
-        decision = Decision(data["impl"], data["source"] if me == 0 else "broadcast", data["timings"],
-                            data["skipped"], sig, tuple(data.get("opinions", ())))
-        out.append(decision)
+        out.append(Decision(**{**data, "source": data["source"] if me == 0 else "broadcast", "signature": sig,
+                               "opinions": tuple(data["opinions"])}))
     return out
+
+
+def _fields(d: Decision) -> dict[str, Any]:
+    """Every field of ``d`` but its signature (the key says it), JSON-able: a rank gets rank 0's
+    decision whole, its partial state and whether rank 0 stored it included."""
+    fields = {f.name: getattr(d, f.name) for f in dataclasses.fields(d) if f.name != "signature"}
+    return {**fields, "timings": dict(d.timings), "skipped": dict(d.skipped), "opinions": list(d.opinions)}

@@ -4,13 +4,16 @@ In order:
 1. forced: a ``use_impl`` scope, then ``GROUPED_OPS_IMPL``;
 2. under ``torch.use_deterministic_algorithms(True)``: the op's default rule, so every process
    computes the same bits whatever its cache holds;
-3. remembered: this process's table, the user's disk cache, the shipped tables (a provisional
-   decision, timed under a profiler, is tuned again once where that is allowed);
+3. remembered: this process's table, the user's disk cache, the shipped tables. Tuned again once
+   where that is allowed: a provisional decision (timed under a profiler, never stored), and a
+   partial one (``Decision.partial``) that another process stored after one tuning;
 4. may we tune here? Not while tracing or scripting, inside a torch.func transform, capturing a
    CUDA graph, on fake or meta tensors, while recording, or with tuning switched off. If we may,
-   tune in an isolated context (:mod:`grouped_ops.tuning.harness`), one tuning at a time per
-   device, then remember and persist; else use a stale entry, the nearest tuned batch size or the
-   op's default rule, and persist nothing (a transient reason remembers nothing either).
+   take the device's tuning lock (one tuning at a time per device on the host,
+   :mod:`grouped_ops.tuning.lock`), look again (another process may have decided meanwhile), tune
+   in an isolated context (:mod:`grouped_ops.tuning.harness`), remember and persist; else, or where
+   the lock stays busy past GROUPED_OPS_TUNE_WAIT_S, use a stale entry, the nearest tuned batch
+   size or the op's default rule, and persist nothing (a transient reason remembers nothing either).
 Exclusions (``exclude_impls``, ``GROUPED_OPS_EXCLUDE``) apply to every answer of 3 and 4.
 """
 
@@ -35,6 +38,7 @@ from ..ops._spec import OpSpec
 from ..registry import Implementation
 from ..signature import Signature, bucket_note
 from ..tuning import harness
+from ..tuning import lock as _lock
 from ..tuning import store as _store
 from ..tuning.settings import Settings, memory_budget, settings
 from ..tuning.timer import Timer
@@ -49,7 +53,6 @@ FAMILY_LIMIT = 64  # tuned batch sizes kept per family for nearest-batch answers
 _DECISIONS: OrderedDict[tuple[str, frozenset[str]], Decision] = OrderedDict()
 _FAMILIES: OrderedDict[str, OrderedDict[int, Decision]] = OrderedDict()
 _LOCK = threading.Lock()  # guards the tables above
-_TUNE_LOCKS: dict[str, threading.Lock] = {}  # one tuning at a time per device: they would time each other
 _TIMER: list[Timer] = []  # a test's injected timer, innermost last
 on_clear: list[Callable[[], None]] = []  # memo tables of the callers, emptied with ours
 
@@ -83,7 +86,8 @@ def checked_impl(spec: OpSpec, sig: Signature, impl: str) -> Implementation:
 
 
 def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
-           at: Signature | None = None, tune_allowed: bool = True, guess: bool = True) -> tuple[Decision | None, bool]:
+           at: Signature | None = None, tune_allowed: bool = True, guess: bool = True,
+           retune: bool = False) -> tuple[Decision | None, bool]:
     """(decision, whether callers may remember it for these arguments). See the module docstring.
     Every path that needs a decision asks here: eager calls, torch.compile (at trace time and in
     its custom op), prewarm, lookup and the CLI.
@@ -91,7 +95,8 @@ def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
     ``args`` are the caller's arguments (only inspected, never run); ``at`` is the exact signature
     of the call that asks: a bucket that must be tuned is timed at that batch size, not at its edge
     (measured: 1.34x off at batch 384 tuned as 512). Without ``guess`` (lookup), nothing known
-    gives None instead of a stale entry, the nearest batch size or the default rule.
+    gives None instead of a stale entry, the nearest batch size or the default rule. ``retune``
+    (prewarm's) measures where tuning is allowed even when memory, the cache or a shipped table answers.
     """
     forced = overrides.forced_name(spec.name)
     if forced is not None:
@@ -104,33 +109,49 @@ def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
     s = settings()
     blocker, transient = _tuning_blocker(sig, args, s, tune_allowed)
     known = _remembered(spec, sig, excluded)
-    if known is not None and not (known.provisional and blocker is None and _may_retune()):
-        return _respecting(spec, known, excluded), not known.provisional
+    may_tune = blocker is None and _may_retune()
+    if known is not None and not (may_tune and (retune or _due(known))):
+        # one still due for its re-tuning (here, only in a backward pass or under a profiler) is
+        # not memoised: a later call re-tunes it
+        return _respecting(spec, _recalled(known), excluded), not (known.provisional or (blocker is None and _due(known)))
     if blocker is not None:
         if not guess:
             return None, False
         return _guess(spec, sig, s, blocker, excluded), not transient
-    lock = _TUNE_LOCKS.setdefault(str(sig.device), threading.Lock())
-    with lock:
-        known = _remembered(spec, sig, excluded)  # another thread may have tuned it meanwhile
-        if known is not None and not known.provisional:
-            return _respecting(spec, known, excluded), True
-        retune = known is not None  # a provisional decision gets one more tuning, and no more
-        decision, persist = harness.measure(spec, sig, s, at, excluded=excluded, timer=injected_timer(),
-                                            final=retune)
+    with _lock.tuning_turn(sig.device, s.wait_s, s.lock_dir) as turn:
+        if not turn:  # another process is tuning on this device, longer than we wait: do as if not allowed
+            why = (f"another tuning on this device held its lock ({_lock.lock_path(sig.device, s.lock_dir)}) "
+                   f"for over {s.wait_s:g} s (GROUPED_OPS_TUNE_WAIT_S)")
+            log.warning("grouped_ops: %s: not tuning %s: %s", spec.name, sig, why)
+            if known is not None:
+                return _respecting(spec, _recalled(known), excluded), False
+            return (_guess(spec, sig, s, why, excluded) if guess else None), False
+        previous = known
+        if not retune:  # another thread or process may have decided (or re-tuned) it while this one waited
+            previous = _remembered(spec, sig, excluded, disk_first=known is not None) or known
+            if previous is not None and not _due(previous):
+                return _respecting(spec, _recalled(previous), excluded), not previous.provisional
+        decision, persist = harness.measure(spec, sig, s, at, excluded=excluded, timer=injected_timer())
+        if previous is not None and previous.partial and not previous.provisional:
+            decision = dataclasses.replace(decision, tunings=previous.tunings + 1)
+        if not persist:
+            pass
+        elif excluded:  # a tuning that left implementations out is not the signature's answer
+            decision = dataclasses.replace(decision, not_stored="tuned with implementations excluded (exclude_impls)")
+        else:
+            why_not = persist_decision(spec, decision)
+            decision = dataclasses.replace(decision, stored=not why_not, not_stored=why_not)
+        remember(decision, excluded)  # inside the lock: whoever waited for it finds the decision
         if distributed.active(s):
             log.info("grouped_ops: rank %s decided %s locally (ranks agree at a collective prewarm)",
                      distributed.rank(), sig)
-    remember(decision, excluded)
-    if persist and not excluded:  # a tuning that left implementations out is not the signature's answer
-        persist_decision(spec, decision)
     announce(decision, s)
     return decision, not decision.provisional
 
 
-def decide_signature(spec: OpSpec, sig: Signature, at: Signature | None = None) -> Decision:
-    """Decide a signature with no caller tensors at hand (prewarm from a recorded file)."""
-    decision = decide(spec, sig, None, at=at)[0]
+def decide_signature(spec: OpSpec, sig: Signature, at: Signature | None = None, retune: bool = False) -> Decision:
+    """Decide a signature with no caller tensors at hand (prewarm, also from a recorded file)."""
+    decision = decide(spec, sig, None, at=at, retune=retune)[0]
     assert decision is not None  # guessing is allowed: there is always an answer
     return decision
 
@@ -172,7 +193,7 @@ def table_sizes() -> dict[str, int]:
     """How many entries each in-memory table holds (for tests of their bounds)."""
     return {"decisions": len(_DECISIONS), "families": len(_FAMILIES),
             "family_batches": max((len(f) for f in _FAMILIES.values()), default=0),
-            "tune_locks": len(_TUNE_LOCKS)}
+            "tune_locks": _lock.device_count()}
 
 
 def clear_memory() -> None:
@@ -202,12 +223,25 @@ def use_timer(timer: Timer) -> Iterator[None]:
 
 # ---- what is remembered ----------------------------------------------------------------------------
 
-def _remembered(spec: OpSpec, sig: Signature, excluded: frozenset[str]) -> Decision | None:
+def _remembered(spec: OpSpec, sig: Signature, excluded: frozenset[str], disk_first: bool = False) -> Decision | None:
+    """This process's decision for ``sig``, else the disk's (``disk_first``: the disk's if it has a
+    fresh one, where another process may have re-tuned what this one remembers). As remembered:
+    what this process tuned still says ``"tuned"`` (see :func:`_recalled`)."""
+    if disk_first and (found := from_disk(spec, sig)) is not None:
+        return found
     with _LOCK:
         found = _DECISIONS.get((sig.key(), excluded)) or _DECISIONS.get((sig.key(), frozenset()))
     if found is not None:
-        return _recalled(found)
+        return found
     return from_disk(spec, sig)
+
+
+def _due(d: Decision) -> bool:
+    """Whether a remembered decision is to be tuned once more where tuning is allowed: a provisional
+    one (timed under a profiler), or a partial one that another process stored after one tuning
+    (this process's own partial tunings are not repeated here: a later process, or batch prewarm's
+    later pass, re-tunes them)."""
+    return d.provisional or (bool(d.partial) and d.tunings < 2 and d.source == "cache")
 
 
 def from_disk(spec: OpSpec, sig: Signature, allow_stale: bool = False) -> Decision | None:
@@ -245,7 +279,7 @@ def _guess(spec: OpSpec, sig: Signature, s: Settings, blocker: str, excluded: fr
         found = _nearest(spec, sig, s)
     if found is None:
         found = Decision(spec.default_impl(sig), "default", skipped={"(tuning)": blocker}, signature=sig)
-    return _respecting(spec, found, excluded)
+    return _respecting(spec, dataclasses.replace(found, stored=False, not_stored=f"not tuned: {blocker}"), excluded)
 
 
 def _nearest(spec: OpSpec, sig: Signature, s: Settings) -> Decision | None:
@@ -313,10 +347,16 @@ def _has_fake(args: tuple[Any, ...]) -> bool:
 
 # ---- what is written ---------------------------------------------------------------------------------
 
-def persist_decision(spec: OpSpec, decision: Decision) -> None:
-    """Write ``decision`` to the user's cache (unless tuning is switched off or it is provisional)."""
-    if settings().autotune and decision.signature is not None and not decision.provisional:
-        _store.DiskStore().put(entry_for(spec, decision))
+def persist_decision(spec: OpSpec, decision: Decision) -> str:
+    """Write ``decision`` to the user's cache; returns why it was not written ("" when it was)."""
+    if not settings().autotune:
+        return "autotune switched off (GROUPED_OPS_AUTOTUNE=0): nothing is written"
+    if decision.signature is None or decision.provisional:
+        return decision.not_stored or "provisional (timed under a profiler)"
+    disk = _store.DiskStore()
+    if not disk.put(entry_for(spec, decision)):
+        return f"the cache folder {disk.root} is not writable"
+    return ""
 
 
 def entry_for(spec: OpSpec, decision: Decision) -> dict[str, Any]:
@@ -330,12 +370,16 @@ def impl_set_version(spec: OpSpec) -> str:
 
 def _recalled(d: Decision) -> Decision:
     """A remembered decision as a later call reports it: what this process tuned now comes from the
-    cache; a guess (default, nearest, stale) or rank 0's broadcast keeps saying what it is."""
-    return dataclasses.replace(d, source="cache") if d.source == "tuned" else d
+    cache; a guess (default, nearest, stale) or rank 0's broadcast keeps saying what it is. This
+    call wrote nothing (``stored`` is False); why it is not on disk, if it is not, still holds."""
+    if d.source == "tuned":
+        return dataclasses.replace(d, source="cache", stored=False)
+    return dataclasses.replace(d, stored=False) if d.stored else d
 
 
 def announce(d: Decision, s: Settings) -> None:
-    line = f"grouped_ops: {d.signature} -> {d.impl} ({d.source}{', provisional' if d.provisional else ''})"
+    marks = (", provisional" if d.provisional else "") + (f", partial: {d.partial}" if d.partial else "")
+    line = f"grouped_ops: {d.signature} -> {d.impl} ({d.source}{marks})"
     if d.signature is not None and (note := bucket_note(d.signature)):
         line = f"{line}; {note}"
     log.info(line)

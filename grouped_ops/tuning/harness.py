@@ -4,7 +4,7 @@ The first call of a signature can happen anywhere: under activation checkpointin
 hooks), a TorchDispatchMode or TorchFunctionMode (flop counters, ``torch.device`` contexts),
 autocast, anomaly mode, ``inference_mode`` or a profiler. :func:`isolated` gives the tuning a clean
 context and restores the caller's exactly; what cannot be left (a profiler) is labelled and makes
-the decision provisional. Contexts the tuning cannot run in at all (tracing, torch.func
+the decision provisional (used, never stored, tuned again after the profiler). Contexts the tuning cannot run in at all (tracing, torch.func
 transforms, CUDA graph capture, fake or meta tensors) are refused earlier, by the resolver.
 
 Knows no op by name: it receives the op's spec (registry, private inputs, gradient targets).
@@ -27,7 +27,7 @@ from ..registry import tolerance
 from ..signature import Signature, applied_numerics
 from .settings import Settings, memory_budget
 from .timer import Timer, timer_for
-from .tuner import SPELL_FACTOR, tune
+from .tuner import tune
 
 log = logging.getLogger("grouped_ops")
 
@@ -139,10 +139,10 @@ def _is_oom(e: BaseException) -> bool:
 
 def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
             only: Collection[str] | None = None, excluded: Collection[str] = (),
-            timer: Timer | None = None, final: bool = False) -> tuple[Decision, bool]:
+            timer: Timer | None = None) -> tuple[Decision, bool]:
     # under the signature's math settings: one read from a recording may have been made under others
     with isolated(f"grouped_ops.tune {sig}"), applied_numerics(sig), releasing_cache(sig.device):
-        return _measure(spec, sig, s, at, only, excluded, timer, final)
+        return _measure(spec, sig, s, at, only, excluded, timer)
 
 
 @contextlib.contextmanager
@@ -182,14 +182,15 @@ def cudagraph_warmup(device: torch.device) -> bool:
 
 def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
              only: Collection[str] | None, excluded: Collection[str],
-             timer: Timer | None, final: bool) -> tuple[Decision, bool]:
+             timer: Timer | None) -> tuple[Decision, bool]:
     """Time the candidates (``only`` these, none of ``excluded``) for ``sig``, in an isolated
-    context: (decision, whether it may be persisted).
+    context: (decision, whether it may be persisted; where not, ``Decision.not_stored`` says why).
 
     ``at`` is the exact signature of the call that asked (a bucket is timed at its real batch size).
-    Not persisted: a tuning where no candidate ran, one that ran out of memory anywhere (a partial
-    result), or one timed under a profiler or through a busy spell (provisional: used until one
-    more tuning on a later call; with ``final``, that later tuning, it is used but not stored).
+    A tuning whose timings stayed unstable to the end of its budget is partial, ``"noise"``: stored,
+    and re-tuned once by a later process. Not persisted: a tuning where no candidate ran, one that
+    ran out of memory anywhere, or one timed under a profiler (provisional: used until one more
+    tuning after the profiler).
     """
     timed = at if at is not None and at.dim("batch") > 0 else sig  # what the candidates run on
     skipped: dict[str, str] = {}
@@ -236,7 +237,8 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
             raise
         after_error(e)
         skipped["(inputs)"] = f"out of memory making the private inputs: {str(e).splitlines()[0][:120]}"
-        return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig), False
+        return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig,
+                        not_stored="out of memory making the private inputs"), False
     grad_out: list[torch.Tensor] = []
 
     def make_run(name: str) -> Callable[[], Any]:
@@ -279,14 +281,17 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
         if why.startswith(("disagrees", "raised")):
             log.warning("grouped_ops: %s: excluded %s while tuning %s: %s", spec.name, name, sig, why)
     if result.winner is None:
-        return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig), False
-    if result.disturbed:
-        log.info("grouped_ops: a busy spell while tuning %s (a candidate's samples spread over %gx); "
-                 "%s", sig, SPELL_FACTOR, "not stored" if final else "tuning again on a later call")
-    clean = not (provisional or result.disturbed or ooms)
-    provisional = provisional or (result.disturbed and not final)
-    decision = Decision(result.winner, "tuned", result.timings, skipped, sig, provisional=provisional)
-    return decision, clean
+        return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig,
+                        not_stored="no candidate ran"), False
+    partial = "noise" if result.noisy else ""
+    if result.noisy:
+        log.info("grouped_ops: %s: the timings of close candidates stayed unstable to the end of the "
+                 "tuning budget while tuning %s; marked as measured under noise", spec.name, sig)
+    not_stored = ("timed under a profiler (provisional): tuned again after it" if provisional else
+                  "a candidate ran out of memory (a partial result)" if ooms else "")
+    decision = Decision(result.winner, "tuned", result.timings, skipped, sig, provisional=provisional,
+                        partial=partial, not_stored=not_stored)
+    return decision, not not_stored
 
 
 def private_bytes(spec: Any, sig: Signature) -> int:

@@ -37,6 +37,8 @@ class Settings:
     memory_bytes: float  # GROUPED_OPS_TUNE_MEMORY_BYTES: an absolute workspace budget (overrides the fraction)
     verbose: bool  # GROUPED_OPS_VERBOSE=1 prints every decision to stderr
     distributed: bool  # GROUPED_OPS_DISTRIBUTED=0: no cross-rank agreement even under torch.distributed
+    wait_s: float  # GROUPED_OPS_TUNE_WAIT_S: how long to wait for another process's tuning on the device
+    lock_dir: str  # GROUPED_OPS_LOCK_DIR: the host-local folder of the per-device tuning locks ("": default)
 
 
 def settings() -> Settings:
@@ -48,6 +50,8 @@ def settings() -> Settings:
         memory_bytes=_float("GROUPED_OPS_TUNE_MEMORY_BYTES", 0.0),
         verbose=_flag("GROUPED_OPS_VERBOSE", False),
         distributed=_flag("GROUPED_OPS_DISTRIBUTED", True),
+        wait_s=_float("GROUPED_OPS_TUNE_WAIT_S", 60.0),
+        lock_dir=os.environ.get("GROUPED_OPS_LOCK_DIR", "").strip(),
     )
 
 

@@ -196,7 +196,8 @@ def _read_entry(path: Path) -> dict[str, Any] | None:
 
 
 def read_table(path: Path) -> list[dict[str, Any]]:
-    """Entries of a shipped or exported table; a broken file is reported and yields nothing."""
+    """Entries of a shipped or exported table; a broken file is reported and yields nothing. A table
+    holds full decisions only: a partial entry in one is left out, with a warning."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         entries = data["entries"] if isinstance(data, dict) else None
@@ -208,13 +209,19 @@ def read_table(path: Path) -> list[dict[str, Any]]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("grouped_ops: ignoring tuning table %s (%s)", path, e)
         return []
-    return [e for e in entries if _valid_entry(e)]
+    valid = [e for e in entries if _valid_entry(e)]
+    full = [e for e in valid if not e.get("partial")]
+    if len(full) < len(valid):
+        log.warning("grouped_ops: ignoring %d partial entries of tuning table %s (tables hold full decisions only)",
+                    len(valid) - len(full), path)
+    return full
 
 
 def write_table(path: Path, entries: Iterable[dict[str, Any]]) -> int:
-    """Write entries as a table (the shipped/export format), atomically; returns how many."""
+    """Write entries as a table (the shipped/export format), atomically; returns how many. Partial
+    entries are left out: shipped tables and exports hold full decisions only."""
     path = Path(path)
-    rows = sorted((e for e in entries if _valid_entry(e)), key=lambda e: e["key"])
+    rows = sorted((e for e in entries if _valid_entry(e) and not e.get("partial")), key=lambda e: e["key"])
     text = json.dumps({"format": FORMAT, "entries": rows}, indent=1, sort_keys=True) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:

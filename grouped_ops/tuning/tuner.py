@@ -28,9 +28,8 @@ CONFIRM_BUDGET_ROUNDS = 3  # the time budget may end a confirmation after this m
 TIE_MIN, TIE_MAX = 0.01, 0.05  # near-tie band: the uncertainty of a gap to the best, clamped to 1%..5%
 SECOND_OPINION_BAND = 0.3  # batch prewarm tunes again the signatures whose runner-up was this close
                            # (a busy spell has decided a miss on a gap of 21%)
-SPELL_FACTOR = 10.0  # a candidate whose slowest sample is this many times its fastest lived through a
-                     # busy spell (a preempted thread, another process): the pick may be the spell's.
-                     # (5x fired in most tunings on a 2-core machine at load 3.5; a spell can be 55x)
+NOISE_Z = 2.0  # a tuning is noisy where a close contender may be over TIE_MAX faster than the pick:
+               # its paired ratio to the pick, less NOISE_Z times that ratio's uncertainty, is under 1 - TIE_MAX
 
 
 @dataclass
@@ -38,7 +37,7 @@ class TuneResult:
     timings: dict[str, float] = field(default_factory=dict)  # name -> median seconds per call
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it has no timing, or why it was cut
     winner: str | None = None
-    disturbed: bool = False  # some candidate's samples spread over SPELL_FACTOR: a busy spell
+    noisy: bool = False  # the pick's gap to a close contender was still unresolved when the budget ran out
 
 
 def tune(
@@ -61,19 +60,16 @@ def tune(
     budget is skipped, one that raises or fails ``check`` against the first candidate's result is
     excluded. Ties within noise go to the earliest in ``candidates``.
 
+    Stability is judged from medians and their spread, never from one sample: the close contenders
+    are re-timed in paired rounds (see _confirm_close_calls), and where one of them may still be
+    over TIE_MAX faster than the pick when the budget ends, the result is ``noisy``. One slow sample
+    among many (a preempted thread, another process for a moment) moves no median.
+
     ``arithmetic_bound_s``: where a leader's call lasts at least this long, time follows arithmetic
     on this device, so a candidate doing HOPELESS_FACTOR times the leader's arithmetic is not run.
     """
     work = work_factor or {}
     order = sorted(candidates, key=lambda n: work.get(n, 1.0))
-    seen: dict[str, list[float]] = {}  # every sample of every candidate, for the busy-spell check
-    measure = timer
-
-    def timer(name: str, fn: Callable[[], Any], number: int) -> float:
-        t = measure(name, fn, number)
-        seen.setdefault(name, []).append(t)
-        return t
-
     result = TuneResult()
     samples: dict[str, list[float]] = {}
     runs: dict[str, Callable[[], Any]] = {}
@@ -123,7 +119,6 @@ def tune(
     finally:
         if gc_was_enabled:
             gc.enable()
-    result.disturbed = any(len(s) >= 2 and max(s) > SPELL_FACTOR * min(s) for s in seen.values())
     result.timings = {n: statistics.median(s) for n, s in samples.items()}
     result.timings.update(paired)
     if result.timings:
@@ -133,6 +128,7 @@ def tune(
         # from the best's own samples.
         band = {n: _band(noise[n] if n in noise else _uncertainty(samples[best_name])) for n in result.timings}
         result.winner = next(n for n in candidates if n in result.timings and result.timings[n] <= best * (1 + band[n]))
+        result.noisy = _unsettled({n: samples[n] for n in paired}, result.winner)
     for name, (factor, leader_name, why) in predicted.items():  # the leader's time as the table shows it
         t = result.timings.get(leader_name)
         result.skipped[name] = (f"predicted ~{t * factor:.3g}s a call ({factor:.0f}x the arithmetic of {leader_name}, "
@@ -169,7 +165,8 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
                          number: dict[str, int], timer: Timer, on_error: Callable[[BaseException], None],
                          result: TuneResult, shuffler: random.Random, clock: Callable[[], float],
                          budget_s: float) -> tuple[dict[str, float], dict[str, float]]:
-    """Every candidate whose best sample is within CONFIRM_BAND of the best median is timed again, in
+    """Every candidate whose best sample is within CONFIRM_BAND of the best median (widened by
+    NOISE_Z times that median's uncertainty, up to twice CONFIRM_BAND) is timed again, in
     rounds of one sample each (a new order every round), and those samples alone decide between
     them. Returns each one's median time as estimated from the paired samples, and the uncertainty
     of each one's gap to the best (see _compare_paired).
@@ -178,7 +175,8 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
     (measured: loop 662 vs 898 us in two tunings of one signature). A fast signature's 25 rounds
     last only ~50 ms, so one transient can cover all of them. The close ones are timed for at least
     CONFIRM_MIN_ROUNDS rounds, until their samples cover CONFIRM_MIN_S each, and then on until every
-    gap to the best is resolved: a near-tie (under TIE_MIN) or larger than its own uncertainty. At
+    gap to the best is resolved, a near-tie (under TIE_MIN) or larger than its own uncertainty, and
+    no contender may still be over TIE_MAX faster than the best (see _unsettled). At
     most CONFIRM_MAX_ROUNDS rounds, or the budget again (after CONFIRM_BUDGET_ROUNDS: 10 rounds of
     three 50 ms candidates took 1.5 s). In one measured miss the true best was the third, so the band
     takes them all.
@@ -186,11 +184,14 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
     timed = [n for n in samples if n in runs]
     if len(timed) < 2:
         return {}, {}
-    best = min(statistics.median(samples[n]) for n in timed)
+    leader = min(timed, key=lambda n: statistics.median(samples[n]))
+    best = statistics.median(samples[leader])
     # Judged by each one's best sample: interference only ever adds time, and in a busy spell most
     # of a candidate's samples can be slow (measured: loop's median 922 us in the rounds, 207 us
-    # when timed again; its best sample had been close to that).
-    paired: dict[str, list[float]] = {n: [] for n in timed if min(samples[n]) <= best * (1 + CONFIRM_BAND)}
+    # when timed again; its best sample had been close to that). The band widens by the spread of
+    # the leader's own samples: a median that noise may have pulled down is no clear lead.
+    band = CONFIRM_BAND + min(CONFIRM_BAND, NOISE_Z * _robust_uncertainty(samples[leader]))
+    paired: dict[str, list[float]] = {n: [] for n in timed if min(samples[n]) <= best * (1 + band)}
     if len(paired) < 2:
         return {}, {}
     start = clock()
@@ -200,7 +201,7 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
         if i >= CONFIRM_BUDGET_ROUNDS and clock() - start > budget_s:
             break
         if (i >= CONFIRM_MIN_ROUNDS and min(sum(s) * number[n] for n, s in paired.items()) >= CONFIRM_MIN_S
-                and _resolved(*_compare_paired(paired))):
+                and _settled(paired)):
             break
         for name in shuffler.sample(list(paired), len(paired)):
             if not _sample(name, paired[name], runs, number, timer, on_error, result):
@@ -232,6 +233,39 @@ def _compare_paired(paired: dict[str, list[float]]) -> tuple[dict[str, float], d
 def _resolved(estimates: dict[str, float], noise: dict[str, float]) -> bool:
     best = min(estimates.values())
     return all(estimates[n] / best - 1 <= TIE_MIN or estimates[n] / best - 1 > _band(u) for n, u in noise.items())
+
+
+def _settled(paired: dict[str, list[float]]) -> bool:
+    """Every gap to the best resolved, and no contender that may still be over TIE_MAX faster."""
+    estimates, noise = _compare_paired(paired)
+    return _resolved(estimates, noise) and not _unsettled(paired, min(estimates, key=estimates.__getitem__))
+
+
+def _unsettled(paired: Mapping[str, list[float]], winner: str) -> bool:
+    """Whether a confirmed contender may be over TIE_MAX faster than ``winner``: the median of its
+    per-round ratios to the winner, less NOISE_Z times that median's robust uncertainty, below
+    1 - TIE_MAX. A gap inside the near-tie band is no doubt about the pick (either is within
+    TIE_MAX); only a spread of the paired ratios wide enough to hide a real difference is."""
+    if winner not in paired:
+        return False
+    for name, mine in paired.items():
+        if name != winner:
+            ratios = [a / b for a, b in zip(mine, paired[winner], strict=False)]
+            if statistics.median(ratios) - NOISE_Z * _robust_uncertainty(ratios) < 1 - TIE_MAX:
+                return True
+    return False
+
+
+def _robust_uncertainty(values: list[float]) -> float:
+    """Standard error of the median of ``values`` relative to it, from their median absolute
+    deviation (1.2533 x 1.4826 x MAD / sqrt(n) for normally spread samples): up to half the samples
+    can be outliers (a preempted thread's 20x) without moving it, where a quartile range of a few
+    samples takes one in. It reads what a few samples show too (a budget cut after 3 rounds)."""
+    if len(values) < 2:
+        return 0.0
+    middle = statistics.median(values)
+    mad = statistics.median(abs(v - middle) for v in values)
+    return 1.858 * mad / max(middle, 1e-12) / math.sqrt(len(values))
 
 
 def _band(uncertainty: float) -> float:
