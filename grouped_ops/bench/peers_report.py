@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -49,7 +51,24 @@ PEER_VARIANTS = ("grouped", "grouped_in_out", "tabm", "tabm_contiguous", "vmap",
 OURS = ("grouped", "grouped_in_out", "tabm_contiguous")
 COMPILED_VARIANTS = ("compiled_grouped_mlp", "compiled_tabm_mlp")
 QUICK = {"peers": [(32, 8, 64, 64), (128, 32, 32, 32)], "compiled": [(32, 8, 64, 64)],
-         "auto": [(48, 12, 48, 80)]}
+         "auto": [(48, 12, 48, 80)], "heldout": [(32, 8, 64, 64)]}
+# The held-out grid: drawn from this seed by this rule, committed before anything was tuned on it
+# (issue 22). batch = round(2^U(0, 10)), n = round(2^U(1, 6)), in and out = 8 * round(2^U(0, 5));
+# a shape of PEER_SHAPES or AUTO_SHAPES, a repeat, or over 2^25 multiply-adds is drawn again.
+HELD_OUT_SEED, HELD_OUT_COUNT = 2222, 8
+
+
+def held_out_shapes(seed: int = HELD_OUT_SEED, count: int = HELD_OUT_COUNT) -> list[tuple[int, int, int, int]]:
+    """The held-out grid's ``(batch, n, in, out)`` shapes (see :data:`HELD_OUT_SEED`)."""
+    rng = random.Random(seed)
+    shapes: list[tuple[int, int, int, int]] = []
+    while len(shapes) < count:
+        shape = (round(2 ** rng.uniform(0, 10)), round(2 ** rng.uniform(1, 6)),
+                 8 * round(2 ** rng.uniform(0, 5)), 8 * round(2 ** rng.uniform(0, 5)))
+        if shape in PEER_SHAPES or shape in AUTO_SHAPES or shape in shapes or math.prod(shape) > 2 ** 25:
+            continue
+        shapes.append(shape)
+    return shapes
 
 
 def skip_slow_compiles(shape: peers.Shape, mode: str, variant: str) -> bool:
@@ -65,7 +84,7 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per cell and pass")
     ap.add_argument("--quick", action="store_true", help="a few shapes, for a smoke run")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["peers", "compiled", "auto"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["peers", "heldout", "compiled", "auto"])
     ap.add_argument("--out", default="docs/benchmarks/peers", help="path stem of the .md/.json/.png")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
@@ -81,6 +100,9 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
     if "peers" not in args.skip:
         shapes = QUICK["peers"] if args.quick else PEER_SHAPES
         results["peers"] = peers.run_peers(shapes, variants=PEER_VARIANTS, skip=skip_slow_compiles, **common)
+    if "heldout" not in args.skip:
+        shapes = QUICK["heldout"] if args.quick else held_out_shapes()
+        results["heldout"] = peers.run_peers(shapes, variants=PEER_VARIANTS, skip=skip_slow_compiles, **common)
     if "compiled" not in args.skip:
         shapes = QUICK["compiled"] if args.quick else COMPILED_SHAPES
         results["compiled"] = peers.run_peers(shapes, variants=COMPILED_VARIANTS, **common)
@@ -89,7 +111,7 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
         impls = [f"grouped:{name}" for name in _GL.registry]
         results["auto"] = peers.run_peers(shapes, variants=("grouped", *impls), skip=_skip_impl, **common)
     meta = {"command": command, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
             "minutes": round((time.time() - start) / 60, 1), "passes": args.passes, "rounds": args.rounds,
             "load_before": load_before, "load_after": _load()}
     out = Path(args.out)
@@ -102,6 +124,19 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}"
           + (f", {out.with_suffix('.png')}" if plotted else " (no matplotlib: no plot)"), file=sys.stderr)
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere): the
+    speed-ups move with it (issue 22: AMD EPYC and Intel Xeon differ by up to 0.2x in some cells)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _load() -> str:
@@ -173,7 +208,7 @@ def _contract_line(rows: list[dict]) -> str:
 def render(results: dict[str, list[dict]], meta: dict) -> str:
     out = ["# GroupedLinear against the layers users already write (CPU)", "",
            f"Command: `{meta['command']}` ({meta['minutes']} min; torch {meta['torch']}, "
-           f"{meta['cpus']} CPUs, load average {meta['load_before']} before and {meta['load_after']} "
+           f"CPU: {meta.get('cpu_model', meta['machine'])}, {meta['cpus']} CPUs, load average {meta['load_before']} before and {meta['load_after']} "
            f"after; {meta['passes']} passes of {meta['rounds']} interleaved rounds; "
            "microseconds per call, the median pass). Reproduce with that command; "
            "`grouped_ops.peers.run_peers` is the function behind it.", "",
@@ -194,6 +229,13 @@ def render(results: dict[str, list[dict]], meta: dict) -> str:
                 "not compiled for n > 16, where compiling takes minutes). All built from one ModuleList.",
                 "", *lines, "", _verdict(ratios, _pass_geomeans(results["peers"], "grouped")), "",
                 _contract_line(results["peers"]), ""]
+    if "heldout" in results:
+        lines, ratios = _table(results["heldout"], "grouped", list(PEER_VARIANTS), "GroupedLinear vs best peer")
+        out += ["## 1b. The same, on the held-out grid", "",
+                f"Shapes drawn by `held_out_shapes()` (seed {HELD_OUT_SEED}, rule in "
+                "`grouped_ops/bench/peers_report.py`), committed before anything was tuned on them; "
+                "no test or shipped table uses them.", "", *lines, "",
+                _verdict(ratios, _pass_geomeans(results["heldout"], "grouped")), ""]
     if "compiled" in results:
         lines, ratios = _table(results["compiled"], "compiled_grouped_mlp", list(COMPILED_VARIANTS),
                                "GroupedLinear model vs TabM model")
