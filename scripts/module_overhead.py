@@ -14,6 +14,7 @@ Prints a markdown table; docs/benchmarks/peers.md quotes it with the load averag
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -46,7 +47,7 @@ def main() -> None:
     w_in_out = layer.weight.detach().transpose(1, 2).contiguous()
     tabm = TabMLinear(w_in_out.clone(), layer.bias.detach().clone())
     print(f"torch {torch.__version__}, {args.threads} thread(s), {n} groups of {d}->{d}, no grad; "
-          f"weight stored {tuple(layer.weight.stride())}; load {open('/proc/loadavg').read().split()[:3]}")
+          f"weight stored {tuple(layer.weight.stride())}; load {[round(v, 2) for v in os.getloadavg()]}")
     print("| batch | grouped (us) | grouped_fn (us) | tabm (us) | bmm_only (us) | grouped - tabm (us) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in args.batches:
@@ -58,7 +59,7 @@ def main() -> None:
         def floor(x=x, wt=wt, bias3=bias3):
             return torch.baddbmm(bias3, x.transpose(0, 1), wt)
 
-        variants = {"grouped": lambda x=x: layer(x), "grouped_fn": lambda x=x: grouped_linear(x, w, b),
+        variants = {"grouped": lambda x=x: layer(x), "grouped_fn": lambda x=x, w=w, b=b: grouped_linear(x, w, b),
                     "tabm": lambda x=x: tabm(x), "bmm_only": floor}
         with torch.no_grad():
             for fn in variants.values():  # decide, warm up
@@ -73,7 +74,7 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"| {batch} | {med['grouped']:.1f} | {med['grouped_fn']:.1f} | {med['tabm']:.1f} | "
               f"{med['bmm_only']:.1f} | {med['grouped'] - med['tabm']:+.1f} |")
-    print(f"load after: {open('/proc/loadavg').read().split()[:3]}; grouped_ops {grouped_ops.__version__}")
+    print(f"load after: {[round(v, 2) for v in os.getloadavg()]}; grouped_ops {grouped_ops.__version__}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import random
 import statistics
 import time
@@ -116,7 +117,7 @@ def main() -> None:
                 m(x)
         return run
 
-    print(f"\ntorch {torch.__version__}; load {open('/proc/loadavg').read().split()[:3]}")
+    print(f"\ntorch {torch.__version__}; load {[round(v, 2) for v in os.getloadavg()]}")
     print("| mode | threads | native (ms) | re-routed (ms) | native / re-routed |")
     print("|---|---:|---:|---:|---:|")
     for threads in args.threads:
@@ -134,7 +135,7 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             print(f"| {mode} | {threads} | {med['native']:.1f} | {med['routed']:.1f} | "
                   f"{med['native'] / med['routed']:.3f}x |")
-    print(f"load after: {open('/proc/loadavg').read().split()[:3]}")
+    print(f"load after: {[round(v, 2) for v in os.getloadavg()]}")
 
 
 if __name__ == "__main__":
