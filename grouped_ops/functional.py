@@ -42,13 +42,23 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
         impl: ``"auto"`` (the tuned choice) or one of ``implementations("grouped_linear")``.
 
     Returns:
-        ``[..., n, out]``, a fresh contiguous tensor in the input's dtype (the autocast dtype under
-        ``torch.autocast``), whichever implementation ran.
+        ``[..., n, out]`` in the input's dtype (the autocast dtype under ``torch.autocast``), a
+        fresh tensor stored group-major (``[n, ..., out]`` in memory, as ``torch.einsum`` and TabM's
+        layer return it), whichever implementation ran. ``.view()`` across the group dim raises
+        torch's error: use ``reshape``, or ``y.contiguous()`` for the contiguous layout.
 
     Raises:
         GroupedOpsError: wrong ranks or sizes, mixed dtypes or devices, an unknown ``impl`` or one
             that does not support these inputs (the message lists why).
     """
+    if type(input) is Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN) and \
+            not _any_autocast() and not _is_compiling() and not _RECORDING.get():
+        # the lean road to the dispatcher's memo (dispatch.lean_key): the same entry, less Python
+        key = _lean_key(_GL.name, input, weight, bias, impl)
+        run = _LEAN.get(key)
+        if run is not None:
+            return run(input, weight, bias)
+        return dispatch.lean_call(_GL, key, (input, weight, bias), impl)
     if _any_autocast() and isinstance(input, Tensor) and _autocast_on(input.device.type):
         device_type = input.device.type
         input, weight, bias = _autocast(device_type, input, weight, bias)
@@ -170,6 +180,9 @@ def _cast(t: object, dtype: torch.dtype) -> object:
 # One cheap global check keeps the common no-autocast call fast (before the per-device query,
 # ops._common.autocast_on).
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+_PLAIN = (Tensor, torch.nn.Parameter)
+_is_compiling, _RECORDING = torch.compiler.is_compiling, dispatch.RECORDING
+_lean_key, _LEAN = dispatch.lean_key, dispatch._LEAN
 
 
 def _autocast(device_type: str, *tensors: object) -> tuple:

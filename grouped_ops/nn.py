@@ -11,7 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import GroupedOpsError
-from .functional import grouped_linear
+from .dispatch import _LEAN
+from .dispatch import RECORDING as _RECORDING
+from .dispatch import lean_call as _lean_call
+from .dispatch import lean_key as _lean_key
+from .functional import _PLAIN, _any_autocast, _is_compiling, grouped_linear
 from .ops.grouped_linear import SPEC as _GL
 
 
@@ -19,7 +23,9 @@ class GroupedLinear(nn.Module):
     """``groups`` independent ``nn.Linear(in_features, out_features)`` layers applied side by side.
 
     ``input [..., groups, in_features]`` -> ``[..., groups, out_features]``: group ``g`` of the
-    output is ``F.linear(input[..., g, :], weight[g], bias[g])``. Parameters are ``weight
+    output is ``F.linear(input[..., g, :], weight[g], bias[g])``. The result is a fresh tensor
+    stored group-major (``[groups, ..., out_features]`` in memory, as grouped_linear returns it):
+    ``.view()`` across the group dim raises torch's error; use ``reshape`` or ``y.contiguous()``. Parameters are ``weight
     [groups, out_features, in_features]`` (nn.Linear's layout, stacked) and ``bias [groups,
     out_features]`` or None. Initialised exactly as ``groups`` nn.Linear layers created one after
     the other from the same RNG state would be. With ``weight_layout="in_out"`` the weight is
@@ -86,7 +92,20 @@ class GroupedLinear(nn.Module):
             self.weight.copy_(drawn)
 
     def forward(self, input: Tensor) -> Tensor:
-        return grouped_linear(input, self.weight, self.bias, impl=self.impl)
+        try:  # the parameters from their dict: nn.Module.__getattr__ costs ~0.5 us each per call
+            weight, bias = self._parameters["weight"], self._parameters["bias"]
+        except KeyError:  # moved elsewhere (torch.nn.utils.parametrize): ask the module
+            weight, bias = self.weight, self.bias
+        impl = self.impl
+        if type(input) is Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN) and \
+                not _any_autocast() and not _is_compiling() and not _RECORDING.get():
+            # grouped_linear's lean road to the dispatcher's memo, inline (see functional.grouped_linear)
+            key = _lean_key(_GL.name, input, weight, bias, impl)
+            run = _LEAN.get(key)
+            if run is not None:
+                return run(input, weight, bias)
+            return _lean_call(_GL, key, (input, weight, bias), impl)
+        return grouped_linear(input, weight, bias, impl=impl)
 
     def __prepare_scriptable__(self) -> GroupedLinear:
         # torch.jit.script calls this first: fail with a way forward, not a TorchScript parse error.

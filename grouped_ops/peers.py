@@ -316,6 +316,54 @@ def _build_cell(shape: Shape, mode: str, variants: Sequence[str], bias: bool, dt
     return fns
 
 
+def module_overhead(batches: Sequence[int] = (1, 8, 32), n: int = 32, d: int = 64, rounds: int = 41,
+                    passes: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """Per-call cost of a decided GroupedLinear forward against the TabM layer on the same weights, at
+    tiny batches where Python dominates: one thread, no grad, ``rounds`` interleaved rounds of
+    ~1 ms (shuffled order) per pass; per variant the minimum round of each pass (the least disturbed
+    by other work on the machine), then the median over passes, in microseconds. ``bmm_only`` is the
+    one kernel bmm runs (the floor); ``grouped_fn`` the functional op on the module's parameters.
+    Rows: ``{"batch", "grouped", "grouped_fn", "tabm", "bmm_only", "grouped_minus_tabm"}``."""
+    from .functional import grouped_linear  # noqa: PLC0415 - keeps this module's import light
+    from .nn import GroupedLinear  # noqa: PLC0415
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rng = random.Random(seed)
+    rows = []
+    try:
+        for batch in batches:
+            layer = GroupedLinear.from_linears(make_linears(Shape(batch, n, d, d), seed=seed))
+            w, b = layer.weight, layer.bias
+            tabm = TabMLinear(w.detach().transpose(1, 2).contiguous(), b.detach().clone())
+            x = torch.randn(batch, n, d, generator=torch.Generator().manual_seed(seed))
+            wt, b3 = w.detach().transpose(1, 2), b.detach().unsqueeze(1)
+            fns = {"grouped": lambda layer=layer, x=x: layer(x),
+                   "grouped_fn": lambda x=x, w=w, b=b: grouped_linear(x, w, b),
+                   "tabm": lambda tabm=tabm, x=x: tabm(x),
+                   "bmm_only": lambda x=x, wt=wt, b3=b3: torch.baddbmm(b3, x.transpose(0, 1), wt)}
+            best: dict[str, list[float]] = {k: [] for k in fns}
+            with torch.no_grad():
+                for fn in fns.values():
+                    _warm(fn, 50)
+                reps = {k: _calibrate(f, 1e-3) for k, f in fns.items()}
+                for _ in range(passes):
+                    samples: dict[str, list[float]] = {k: [] for k in fns}
+                    names = list(fns)
+                    for _ in range(rounds):
+                        rng.shuffle(names)
+                        for k in names:
+                            samples[k].append(_round(fns[k], reps[k]))
+                    for k, v in samples.items():
+                        best[k].append(min(v) * 1e6)
+            row: dict[str, Any] = {"batch": batch, **{k: statistics.median(v) for k, v in best.items()}}
+            row["grouped_minus_tabm"] = row["grouped"] - row["tabm"]
+            rows.append(row)
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
 def summarize(rows: Sequence[dict[str, Any]], ours: str = "grouped") -> list[dict[str, Any]]:
     """Per (shape, threads, mode): ours, the best peer and ``speedup`` = best peer's time / ours
     (>= 1: ours is at least as fast)."""

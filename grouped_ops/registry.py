@@ -1,4 +1,5 @@
-"""What an implementation is, the output contract every one keeps, and the tolerance table.
+"""What an implementation is, the output contracts an op's implementations keep, and the tolerance
+table.
 
 An implementation is a plain function plus data saying what it supports. The dispatcher and the
 tuner only ever see :class:`Implementation` objects; op modules own their registries.
@@ -6,6 +7,7 @@ tuner only ever see :class:`Implementation` objects; op modules own their regist
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +53,7 @@ def tolerance(dtype: torch.dtype) -> Tolerance:
 
 
 def fresh_contiguous(y: torch.Tensor) -> torch.Tensor:
-    """The output contract of every op and implementation: a fresh, contiguous tensor.
+    """The default output contract (``Registry(output=...)``): a fresh, contiguous tensor.
 
     Code written against the ``torch.stack([...])`` an op replaces may ``.view()`` the result or
     modify it in place (``nn.ReLU(inplace=True)``, which under FSDP2 fails on a view of an
@@ -63,6 +65,57 @@ def fresh_contiguous(y: torch.Tensor) -> torch.Tensor:
         return y.clone(memory_format=torch.contiguous_format)
     if not y.is_contiguous():
         return y.contiguous()
+    return _own(y)
+
+
+def group_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a ``[..., n, out]`` tensor stored ``[n, ..., out]``: those of
+    ``y.movedim(0, -2)`` of a contiguous ``[n, ..., out]`` (for ``[b, n, out]``: ``(out, b * out, 1)``).
+    Shapes of fewer than 3 dims are contiguous."""
+    if len(shape) < 3:
+        return _contiguous_strides(shape)
+    n_first = _contiguous_strides((shape[-2], *shape[:-2], shape[-1]))  # [n, ..., out]
+    return (*n_first[1:-1], n_first[0], 1)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        # (sym_max for a symbolic size, in a fake kernel; max otherwise: sym_max is a torch function)
+        step = step * (torch.sym_max(size, 1) if isinstance(size, torch.SymInt) else max(size, 1))
+    return tuple(reversed(strides))
+
+
+def group_major(y: torch.Tensor) -> torch.Tensor:
+    """grouped_linear's output contract: a fresh tensor ``[..., n, out]`` stored group-major,
+    ``[n, ..., out]`` in memory (:func:`group_major_strides`), whatever implementation ran.
+
+    That is the layout ``torch.einsum`` and TabM's layer return, and the one a bmm over the groups
+    writes without a reordering pass. Dropout draws its mask in memory order, so a model re-routed
+    through grouped_linear draws the masks it drew before. A result already in the layout is kept,
+    and re-labelled as a tensor of its own if it is a view (``aten._unsafe_view``, no copy: an
+    in-place op on the result then works in autograd, checkpointing and FSDP2); anything else is
+    copied into the layout. ``.view()`` across the group dim of the result raises torch's error:
+    use ``reshape`` or ``y.contiguous()``.
+    """
+    if y.dim() < 3:
+        return fresh_contiguous(y)
+    laid = y if _is_group_major(y) else y.movedim(-2, 0).contiguous().movedim(0, -2)  # the one copy
+    if torch.jit.is_tracing():  # a traced _unsafe_view would fix this call's sizes: clone (keeps strides)
+        return laid.clone(memory_format=torch.preserve_format)
+    return _own(laid)
+
+
+def _is_group_major(y: torch.Tensor) -> bool:
+    """Whether ``y`` is laid out group-major (dims of size 1 may have any stride, as for contiguity)."""
+    if y.numel() == 0:
+        return True
+    return y.movedim(-2, 0).is_contiguous()
+
+
+def _own(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as a tensor of its own (not a view), without a copy."""
     if torch.compiler.is_compiling():  # _is_view() cannot be traced; in a graph the re-label is free
         return torch.ops.aten._unsafe_view(y, y.shape)
     if y._is_view():
@@ -90,9 +143,10 @@ class Implementation:
             transforms, forward-mode AD and tracing (those are in the memo key); anything else it
             relies on (tensor types, autocast) it checks per call, handing over to
             ``implementation`` where that fails. Its result keeps the output contract itself.
-        runs_as: for a signature, the name of the implementation whose code this one runs there
-            (``bmm_strided_out`` is ``bmm`` in training), or None. The tuner does not time it
-            where that one is timed; forcing it still works.
+        runs_as: for a signature, the name of the implementation whose code this one runs there,
+            or None. The tuner does not time it where that one is timed; forcing it still works.
+        output: the op's output contract, applied to every result (see :class:`Registry`, which
+            sets it; :func:`fresh_contiguous` by default).
     """
 
     name: str
@@ -105,10 +159,11 @@ class Implementation:
     forward_ad: bool = True
     prepare: Callable[[Any, Implementation], Callable[..., torch.Tensor] | None] | None = None
     runs_as: Callable[[Any], str | None] = field(default=lambda sig: None)
+    output: Callable[[torch.Tensor], torch.Tensor] = fresh_contiguous
 
     def __call__(self, *args: Any) -> torch.Tensor:
-        """Run the implementation; the result keeps the output contract (see :func:`fresh_contiguous`)."""
-        return fresh_contiguous(self.fn(*args))
+        """Run the implementation; the result keeps the op's output contract (``output``)."""
+        return self.output(self.fn(*args))
 
     def prepared(self, m: Any) -> Callable[..., torch.Tensor]:
         """What the dispatcher memoises for calls described by ``m`` (see ``prepare``)."""
@@ -130,12 +185,24 @@ class Implementation:
 
 
 class Registry(Mapping[str, Implementation]):
-    """The ordered implementations of one op. Order is the tie-break preference of the tuner."""
+    """The ordered implementations of one op. Order is the tie-break preference of the tuner.
 
-    def __init__(self, op: str, impls: list[Implementation], version: int) -> None:
+    ``output`` is the op's output contract: every implementation's result goes through it (a
+    prepared function keeps it itself), in eager mode, under torch.compile and in the custom op. By
+    default :func:`fresh_contiguous`; grouped_linear's is :func:`group_major`. ``removed`` maps the
+    names of implementations that existed to why they went.
+    """
+
+    def __init__(self, op: str, impls: list[Implementation], version: int,
+                 output: Callable[[torch.Tensor], torch.Tensor] = fresh_contiguous,
+                 removed: Mapping[str, str] | None = None) -> None:
         self.op = op
         self.version = version  # bump when an implementation's numerics or speed change materially
-        self._impls = {i.name: i for i in impls}
+        self.output = output
+        # name -> why, for implementations that existed: named in the environment, an exclusion or
+        # a cache entry, each gets one warning and is ignored (jobs configured for them keep running)
+        self.removed: Mapping[str, str] = dict(removed or {})
+        self._impls = {i.name: i if i.output is output else dataclasses.replace(i, output=output) for i in impls}
 
     def __getitem__(self, name: str) -> Implementation:
         try:

@@ -15,11 +15,14 @@ import sys
 device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 dtypes = ["float32", "bfloat16"] + (["float16"] if device.startswith("cuda") else [])
 sizes = [8, 32, 128] + ([1024] if device.startswith("cuda") else [])
-for batch, n, size, dtype, grad in itertools.product(
-        [1, 16, 128, 512, 2048], [4, 8, 32, 64], sizes, dtypes, [(), ("input", "weight", "bias")]):
+# A model's first grouped layer reads a contiguous input; a chained one reads the previous layer's
+# group-major result ([n, batch, in] in memory), which the signature calls a "strided" input.
+for batch, n, size, dtype, grad, x_layout in itertools.product(
+        [1, 16, 128, 512, 2048], [4, 8, 32, 64], sizes, dtypes, [(), ("input", "weight", "bias")],
+        ["contiguous", "strided"]):
     print(json.dumps({"op": "grouped_linear", "dims": {"batch": batch, "n": n, "in": size, "out": size},
                       "dtype": dtype, "device": device,
-                      "layout": {"input": "contiguous", "weight": "contiguous", "bias": "yes"},
+                      "layout": {"input": x_layout, "weight": "contiguous", "bias": "yes"},
                       "grad": list(grad)}))
 for batch, k, features, kind, dtype, grad in itertools.product(
         [16, 128, 512], [2, 4, 8, 16], [256, 4096, 32 * 16 * 16], ["stacked", "list"], dtypes,

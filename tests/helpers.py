@@ -88,6 +88,13 @@ def wc_args(batch: int = 8, k: int = 4, f: int = 16, *, as_list: bool = False, s
     return inputs, torch.softmax(torch.randn(batch, k, generator=g), -1)
 
 
+def group_major(y: torch.Tensor) -> bool:
+    """Whether ``y [..., n, out]`` keeps grouped_linear's output contract: group-major in memory
+    (``[n, ..., out]``, the strides of ``registry.group_major_strides``; dims of size 1 may have any
+    stride) and a tensor of its own (``_base is None``: not a view, aliasing nothing)."""
+    return y.movedim(-2, 0).is_contiguous() and y._base is None and not y._is_view()
+
+
 def replace_impl(monkeypatch, op: str, name: str, fn: Callable[..., Any]) -> None:
     """Swap one implementation's function for the rest of the test (Implementation is frozen); its
     ``prepare`` goes too, being a specialisation of the function replaced."""

@@ -1,6 +1,7 @@
 """The output contract, for every implementation in the registries and on every path a call takes:
-a fresh (not a view of an intermediate), contiguous result of the documented shape, in the input's
-dtype, or the autocast dtype under autocast; the same layout whatever ``auto`` picks.
+a fresh result (not a view of an intermediate, ``_base is None``) of the documented shape, in the
+op's layout (grouped_linear: group-major, ``[n, ..., out]`` in memory; other ops: contiguous), in
+the input's dtype, or the autocast dtype under autocast; the same layout whatever ``auto`` picks.
 
 Parametrized over the registries, so a new implementation is covered without editing this file.
 """
@@ -13,6 +14,7 @@ import torch
 import grouped_ops
 from grouped_ops import dispatch, grouped_linear, weighted_combine
 from grouped_ops.ops import SPECS
+from grouped_ops.registry import group_major_strides
 
 CASES = [(op, impl) for op, spec in SPECS.items() for impl in spec.registry]
 PATHS = ["forced", "auto", "compiled-inline", "compiled-custom-op", "exported"]
@@ -58,17 +60,33 @@ def _run(op: str, impl: str, path: str, args: tuple, tmp_path=None) -> torch.Ten
     return program.module()(*flat)
 
 
-def _check(out: torch.Tensor, shape: tuple, dtype: torch.dtype, what: str) -> None:
+def _want_strides(op: str, shape: tuple) -> tuple:
+    if op == "grouped_linear":  # [n, batch, out] in memory: y.transpose(0, 1) of a contiguous one
+        return group_major_strides(shape)
+    return torch.empty(shape).stride()
+
+
+def test_group_major_strides_are_those_of_a_moved_contiguous_tensor():
+    assert group_major_strides((6, 4, 8)) == torch.empty(4, 6, 8).transpose(0, 1).stride() == (8, 48, 1)
+    for shape in [(2, 3, 4, 5), (1, 4, 5), (0, 4, 5), (3, 0, 2), (4, 5), (7,), ()]:
+        if len(shape) >= 3:
+            want = torch.empty(shape[-2], *shape[:-2], shape[-1]).movedim(0, -2).stride()
+        else:
+            want = torch.empty(shape).stride()
+        assert group_major_strides(shape) == want, shape
+
+
+def _check(out: torch.Tensor, shape: tuple, dtype: torch.dtype, what: str, op: str = "weighted_combine") -> None:
     assert tuple(out.shape) == shape, what
     assert out.dtype == dtype, what
-    assert out.is_contiguous(), f"{what}: strides {out.stride()}"
-    assert not out._is_view(), f"{what}: a view of an intermediate"
+    assert out.stride() == _want_strides(op, shape), f"{what}: strides {out.stride()}"
+    assert not out._is_view() and out._base is None, f"{what}: a view of an intermediate"
 
 
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("op", "impl"), CASES)
-def test_every_implementation_returns_a_fresh_contiguous_result_on_every_path(op, impl, path, grad):
+def test_every_implementation_returns_a_fresh_result_in_the_ops_layout_on_every_path(op, impl, path, grad):
     if path == "exported" and grad:
         pytest.skip("export traces inference programs here")
     args, shape = _args(op, grad=grad)
@@ -78,7 +96,7 @@ def test_every_implementation_returns_a_fresh_contiguous_result_on_every_path(op
         if "does not support" in str(e):
             pytest.skip(f"{impl} does not run this signature here")
         raise
-    _check(out, shape, torch.float32, f"{op}/{impl}/{path}")
+    _check(out, shape, torch.float32, f"{op}/{impl}/{path}", op)
 
 
 @pytest.mark.parametrize(("op", "impl"), CASES)
@@ -101,7 +119,7 @@ def test_autocast_gives_the_autocast_dtype_for_every_implementation(op, impl):
             out = getattr(grouped_ops, op)(*args, impl=impl)
         except grouped_ops.GroupedOpsError:
             pytest.skip(f"{impl} does not run this signature here")
-    _check(out, shape, torch.bfloat16, f"{op}/{impl}")
+    _check(out, shape, torch.bfloat16, f"{op}/{impl}", op)
 
 
 def test_auto_gives_the_same_layout_whatever_it_picks():
@@ -112,7 +130,7 @@ def test_auto_gives_the_same_layout_whatever_it_picks():
         with dispatch.use_timer(lambda name, fn, number, impl=impl: 1e-6 if name == impl else 1e-4):
             out = grouped_linear(*args)
         layouts.add((out.stride(), out._is_view()))
-    assert layouts == {((32, 8, 1), False)}
+    assert layouts == {((8, 48, 1), False)}  # group-major: [4 groups, 6 rows, 8 out] in memory
 
 
 def test_in_place_activation_after_the_op_trains_like_the_loop():

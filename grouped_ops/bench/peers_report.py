@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -49,7 +51,24 @@ PEER_VARIANTS = ("grouped", "grouped_in_out", "tabm", "tabm_contiguous", "vmap",
 OURS = ("grouped", "grouped_in_out", "tabm_contiguous")
 COMPILED_VARIANTS = ("compiled_grouped_mlp", "compiled_tabm_mlp")
 QUICK = {"peers": [(32, 8, 64, 64), (128, 32, 32, 32)], "compiled": [(32, 8, 64, 64)],
-         "auto": [(48, 12, 48, 80)]}
+         "auto": [(48, 12, 48, 80)], "heldout": [(32, 8, 64, 64)]}
+# The held-out grid: drawn from this seed by this rule, committed before anything was tuned on it
+# (issue 22). batch = round(2^U(0, 10)), n = round(2^U(1, 6)), in and out = 8 * round(2^U(0, 5));
+# a shape of PEER_SHAPES or AUTO_SHAPES, a repeat, or over 2^25 multiply-adds is drawn again.
+HELD_OUT_SEED, HELD_OUT_COUNT = 2222, 8
+
+
+def held_out_shapes(seed: int = HELD_OUT_SEED, count: int = HELD_OUT_COUNT) -> list[tuple[int, int, int, int]]:
+    """The held-out grid's ``(batch, n, in, out)`` shapes (see :data:`HELD_OUT_SEED`)."""
+    rng = random.Random(seed)
+    shapes: list[tuple[int, int, int, int]] = []
+    while len(shapes) < count:
+        shape = (round(2 ** rng.uniform(0, 10)), round(2 ** rng.uniform(1, 6)),
+                 8 * round(2 ** rng.uniform(0, 5)), 8 * round(2 ** rng.uniform(0, 5)))
+        if shape in PEER_SHAPES or shape in AUTO_SHAPES or shape in shapes or math.prod(shape) > 2 ** 25:
+            continue
+        shapes.append(shape)
+    return shapes
 
 
 def skip_slow_compiles(shape: peers.Shape, mode: str, variant: str) -> bool:
@@ -65,7 +84,7 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per cell and pass")
     ap.add_argument("--quick", action="store_true", help="a few shapes, for a smoke run")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["peers", "compiled", "auto"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["peers", "heldout", "compiled", "auto", "overhead"])
     ap.add_argument("--out", default="docs/benchmarks/peers", help="path stem of the .md/.json/.png")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
@@ -81,6 +100,9 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
     if "peers" not in args.skip:
         shapes = QUICK["peers"] if args.quick else PEER_SHAPES
         results["peers"] = peers.run_peers(shapes, variants=PEER_VARIANTS, skip=skip_slow_compiles, **common)
+    if "heldout" not in args.skip:
+        shapes = QUICK["heldout"] if args.quick else held_out_shapes()
+        results["heldout"] = peers.run_peers(shapes, variants=PEER_VARIANTS, skip=skip_slow_compiles, **common)
     if "compiled" not in args.skip:
         shapes = QUICK["compiled"] if args.quick else COMPILED_SHAPES
         results["compiled"] = peers.run_peers(shapes, variants=COMPILED_VARIANTS, **common)
@@ -88,8 +110,11 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
         shapes = QUICK["auto"] if args.quick else AUTO_SHAPES
         impls = [f"grouped:{name}" for name in _GL.registry]
         results["auto"] = peers.run_peers(shapes, variants=("grouped", *impls), skip=_skip_impl, **common)
+    if "overhead" not in args.skip:
+        progress("per-call overhead")
+        results["overhead"] = peers.module_overhead(rounds=11 if args.quick else 41)
     meta = {"command": command, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
             "minutes": round((time.time() - start) / 60, 1), "passes": args.passes, "rounds": args.rounds,
             "load_before": load_before, "load_after": _load()}
     out = Path(args.out)
@@ -102,6 +127,19 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
     print(f"wrote {out.with_suffix('.md')}, {out.with_suffix('.json')}"
           + (f", {out.with_suffix('.png')}" if plotted else " (no matplotlib: no plot)"), file=sys.stderr)
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere): the
+    speed-ups move with it (issue 22: AMD EPYC and Intel Xeon differ by up to 0.2x in some cells)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _load() -> str:
@@ -165,15 +203,15 @@ def _contract_line(rows: list[dict]) -> str:
         return ""
     contract = [v["tabm"]["us"] / v["tabm_contiguous"]["us"] for v in _cells(rows).values()
                 if "tabm_contiguous" in v and "tabm" in v]
-    return (f"Against `tabm_contiguous` (the same output contract), GroupedLinear's geometric mean is "
-            f"**{peers.geomean(ratios):.3f}x** (worst cell {min(ratios):.2f}x); the contract alone costs the "
-            f"TabM layer {peers.geomean(contract):.3f}x in geometric mean (worst cell {min(contract):.2f}x).")
+    return (f"Against `tabm_contiguous` (the contiguous contract before issue 22), GroupedLinear's geometric "
+            f"mean is **{peers.geomean(ratios):.3f}x** (worst cell {min(ratios):.2f}x); that contract would cost "
+            f"the TabM layer {peers.geomean(contract):.3f}x in geometric mean (worst cell {min(contract):.2f}x).")
 
 
 def render(results: dict[str, list[dict]], meta: dict) -> str:
     out = ["# GroupedLinear against the layers users already write (CPU)", "",
            f"Command: `{meta['command']}` ({meta['minutes']} min; torch {meta['torch']}, "
-           f"{meta['cpus']} CPUs, load average {meta['load_before']} before and {meta['load_after']} "
+           f"CPU: {meta.get('cpu_model', meta['machine'])}, {meta['cpus']} CPUs, load average {meta['load_before']} before and {meta['load_after']} "
            f"after; {meta['passes']} passes of {meta['rounds']} interleaved rounds; "
            "microseconds per call, the median pass). Reproduce with that command; "
            "`grouped_ops.peers.run_peers` is the function behind it.", "",
@@ -185,15 +223,22 @@ def render(results: dict[str, list[dict]], meta: dict) -> str:
         out += ["## 1. GroupedLinear vs its peers", "",
                 "`grouped` is GroupedLinear as constructed by default (nn.Linear's contiguous weight "
                 "layout); `grouped_in_out` with `weight_layout=\"in_out\"`; `tabm_contiguous` is the "
-                "TabM layer with `.contiguous()` on its result, i.e. under grouped_ops' output contract "
-                "(a fresh contiguous tensor; TabM returns a transposed view). These two are not peers, "
-                "shown for comparison. "
+                "TabM layer with `.contiguous()` on its result (grouped_ops' output contract before "
+                "issue 22; since then GroupedLinear returns TabM's own group-major layout). These two "
+                "are not peers, shown for comparison. "
                 "Peers: `tabm` (weight [n, in, out], `(x.transpose(0, 1) @ W).transpose(0, 1) + b`), "
                 "`vmap` (torch.func stack_module_state + functional_call), `loop` (ModuleList + "
                 "torch.stack), `compiled_loop` (that loop under torch.compile; its training step is "
                 "not compiled for n > 16, where compiling takes minutes). All built from one ModuleList.",
                 "", *lines, "", _verdict(ratios, _pass_geomeans(results["peers"], "grouped")), "",
                 _contract_line(results["peers"]), ""]
+    if "heldout" in results:
+        lines, ratios = _table(results["heldout"], "grouped", list(PEER_VARIANTS), "GroupedLinear vs best peer")
+        out += ["## 1b. The same, on the held-out grid", "",
+                f"Shapes drawn by `held_out_shapes()` (seed {HELD_OUT_SEED}, rule in "
+                "`grouped_ops/bench/peers_report.py`), committed before anything was tuned on them; "
+                "no test or shipped table uses them.", "", *lines, "",
+                _verdict(ratios, _pass_geomeans(results["heldout"], "grouped")), ""]
     if "compiled" in results:
         lines, ratios = _table(results["compiled"], "compiled_grouped_mlp", list(COMPILED_VARIANTS),
                                "GroupedLinear model vs TabM model")
@@ -213,6 +258,18 @@ def render(results: dict[str, list[dict]], meta: dict) -> str:
                 "(masked_dense is left out for n > 8: n times the work.)", "", *lines, "",
                 f"auto's time / the fastest's: geometric mean **{peers.geomean(slow):.3f}**, "
                 f"worst cell **{max(slow):.2f}** over {len(slow)} cells (goal: <= 1.05 and <= 1.15).", ""]
+    if "overhead" in results:
+        out += ["## 4. Per-call cost at tiny batches (the module's Python)", "",
+                "A decided GroupedLinear forward against the TabM layer on the same weights, 32 groups "
+                "of 64→64, one thread, no grad (`grouped_ops.peers.module_overhead`: per variant the "
+                "fastest of many ~1 ms interleaved rounds, the median of 3 passes). `grouped_fn` is the "
+                "functional `grouped_linear` on the module's parameters; `bmm_only` the one kernel "
+                "that both run (the floor). Goal (issue 22): `grouped` − `tabm` ≤ 2 us.", "",
+                "| batch | grouped (us) | grouped_fn (us) | tabm (us) | bmm_only (us) | grouped − tabm (us) |",
+                "|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {r['batch']} | {r['grouped']:.1f} | {r['grouped_fn']:.1f} | {r['tabm']:.1f} | "
+                f"{r['bmm_only']:.1f} | {r['grouped_minus_tabm']:+.1f} |" for r in results["overhead"]]
+        out.append("")
     return "\n".join(out)
 
 
@@ -223,8 +280,8 @@ def plot(results: dict[str, list[dict]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    sections = [(k, ours) for k, ours in (("peers", "grouped"), ("compiled", "compiled_grouped_mlp"),
-                                          ("auto", "grouped")) if k in results]
+    sections = [(k, ours) for k, ours in (("peers", "grouped"), ("heldout", "grouped"),
+                                          ("compiled", "compiled_grouped_mlp"), ("auto", "grouped")) if k in results]
     fig, axes = plt.subplots(len(sections), 1, figsize=(11, 3.2 * len(sections)), squeeze=False)
     for ax, (key, ours) in zip(axes[:, 0], sections, strict=True):
         labels, ratios = [], []
@@ -237,7 +294,8 @@ def plot(results: dict[str, list[dict]], path: Path) -> bool:
         ax.axhline(0.95, color="gray", lw=0.6, ls="--")
         ax.set_xticks(range(len(labels)), labels, rotation=75, fontsize=6)
         ax.set_ylabel("best other / ours")
-        ax.set_title({"peers": "GroupedLinear vs best peer", "compiled": "compiled model: GroupedLinear vs TabM",
+        ax.set_title({"peers": "GroupedLinear vs best peer", "heldout": "held-out grid: GroupedLinear vs best peer",
+                      "compiled": "compiled model: GroupedLinear vs TabM",
                       "auto": "auto vs fastest implementation"}[key], fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -66,18 +66,57 @@ def _key(spec: OpSpec, m: Hashable, impl: str) -> tuple[Any, ...]:
 
 def call(spec: OpSpec, args: tuple[Any, ...], impl: str) -> torch.Tensor:
     """Run ``spec``'s op on ``args`` with implementation ``impl`` (or ``"auto"``)."""
+    return call_keeping(spec, args, impl)[0]
+
+
+def call_keeping(spec: OpSpec, args: tuple[Any, ...], impl: str) -> tuple[torch.Tensor, Callable[..., torch.Tensor] | None]:
+    """:func:`call`, and what the memo keeps for these arguments (None where it keeps nothing)."""
     m = spec.meta(*args)
     key = _key(spec, m, impl)
     if not RECORDING.get():
         implementation = _MEMO.get(key)
         if implementation is not None:
-            return implementation(*args)
+            return implementation(*args), implementation
     implementation, keep = _choose(spec, args, m, impl)
     if not keep:
-        return implementation(*args)
+        return implementation(*args), None
     run = _runner(implementation, m, key)  # the first call runs what the later ones will
     _remember(key, run)
-    return run(*args)
+    return run(*args), run
+
+
+# The lean road to the memo for an op of three tensor arguments (the last may be None), taken by
+# GroupedLinear.forward and grouped_linear: a flat key of everything the memo's key is made of
+# (meta's shapes, strides, dtypes, devices and grad flags; the impl; overrides.state; _settings),
+# read inline -> the memo's entry (its ``bare`` function, where it has one). Only plain eager calls get here (the
+# caller checks: exact tensor types, no autocast, not compiling, not recording). Emptied with the memo.
+_LEAN: dict[Hashable, Callable[..., torch.Tensor]] = {}
+_scope, _RAW, _KEYS = overrides._scope, overrides._RAW, overrides._KEYS
+_grad_enabled, _deterministic = torch.is_grad_enabled, torch.are_deterministic_algorithms_enabled
+_threads, _precision = torch.get_num_threads, torch.get_float32_matmul_precision
+_functorch, _tracing = torch._C._are_functorch_transforms_active, torch._C._is_tracing
+
+
+def lean_key(name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, impl: str) -> Hashable:
+    """The lean key of a call (see ``_LEAN``); None where the environment cannot be read raw."""
+    if _KEYS is None:
+        return None
+    grad = _grad_enabled() and (x.requires_grad, w.requires_grad, b is not None and b.requires_grad)
+    return (x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device,
+            None if b is None else (b.shape, b.dtype, b.device), grad, impl,
+            _scope.get().get(name), _RAW.get(_KEYS[0]), _RAW.get(_KEYS[1]),  # type: ignore[union-attr]
+            _deterministic(), _threads(), _precision(), _functorch(),
+            getattr(_forward_ad, "_current_level", -1), _tracing())
+
+
+def lean_call(spec: OpSpec, key: Hashable, args: tuple[Any, ...], impl: str) -> torch.Tensor:
+    """The call by the long road, remembering its memo entry under the lean ``key``."""
+    out, run = call_keeping(spec, args, impl)
+    if run is not None and key is not None and not RECORDING.get():
+        if len(_LEAN) >= MEMO_LIMIT:
+            _LEAN.clear()
+        _LEAN[key] = getattr(run, "bare", run)  # the caller checked what its checks would
+    return out
 
 
 def _runner(implementation: Implementation, m: Hashable, key: tuple[Any, ...]) -> Callable[..., torch.Tensor]:
@@ -93,8 +132,13 @@ def _runner(implementation: Implementation, m: Hashable, key: tuple[Any, ...]) -
 
 def _remember(key: Hashable, run: Callable[..., torch.Tensor]) -> None:
     if len(_MEMO) >= MEMO_LIMIT:
-        _MEMO.clear()
+        _clear_memo()
     _MEMO[key] = run
+
+
+def _clear_memo() -> None:
+    _MEMO.clear()
+    _LEAN.clear()
 
 
 def implementation_for(spec: OpSpec, args: tuple[Any, ...], m: Hashable, impl: str,
@@ -155,4 +199,4 @@ def _choose_here(spec: OpSpec, args: tuple[Any, ...], m: Hashable | None, impl: 
     return spec.registry[decision.impl], keep and not recorders
 
 
-resolve.on_clear.append(_MEMO.clear)
+resolve.on_clear.append(_clear_memo)

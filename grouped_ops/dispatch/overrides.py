@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import os
 import types
+import warnings
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
 
@@ -44,8 +45,25 @@ def state(op: str) -> Hashable:
     return _scope.get().get(op), os.environ.get(ENV_IMPL), os.environ.get(ENV_EXCLUDE)
 
 
+def removed(op: str, name: str, where: str) -> bool:
+    """Whether ``name`` is an implementation ``op`` had and removed (``Registry.removed``); if so,
+    warn once per (op, name, where) that it is ignored. A job configured for it keeps running."""
+    why = SPECS[op].registry.removed.get(name) if op in SPECS else None
+    if why is None:
+        return False
+    if (op, name, where) not in _WARNED:
+        _WARNED.add((op, name, where))
+        warnings.warn(f"{op}: implementation {name!r} in {where} is ignored: {why}", UserWarning, stacklevel=3)
+    return True
+
+
+_WARNED: set[tuple[str, str, str]] = set()
+
+
 def _owners(name: str, who: str) -> list[str]:
     owners = [op for op, spec in SPECS.items() if name in spec.registry]
+    if not owners and who == "exclude_impls" and any([removed(op, name, who) for op in SPECS]):
+        return []  # (a list, not a generator: every op that removed it warns)
     if not owners:
         valid = sorted({n for spec in SPECS.values() for n in spec.registry})
         raise GroupedOpsError(f"{who}: unknown impl {name!r}; valid options are {valid}")
@@ -106,6 +124,8 @@ def exclude_impls(*names: str, **per_op: str | tuple[str, ...] | list[str]) -> I
     for op, value in per_op.items():
         registry = _registry(op, "exclude_impls")
         for name in (value,) if isinstance(value, str) else value:
+            if removed(op, name, "exclude_impls"):
+                continue
             registry[name]
             add.setdefault(op, set()).add(name)
     previous = _scope.get()
@@ -135,6 +155,10 @@ def _parse_env(var: str, op: str) -> list[str]:
     chosen = []
     for part in raw.split(","):
         owner, _, name = part.strip().rpartition("=")
+        if owner in ("", op) and removed(op, name, var):
+            continue
+        if owner == "" and any(name in spec.registry.removed for spec in SPECS.values()):
+            continue  # another op's removed name: that op warns when it reads the variable
         known_op = owner in ("", *SPECS)
         known_name = any(name in spec.registry for spec in SPECS.values()) if owner == "" else (
             known_op and name in SPECS[owner].registry)

@@ -251,6 +251,8 @@ def from_disk(spec: OpSpec, sig: Signature, allow_stale: bool = False) -> Decisi
     stale: Decision | None = None
     for entry, where in ((_store.DiskStore().get(key), "cache"), (_store.shipped_entries().get(key), "shipped")):
         if entry is None or entry["impl"] not in spec.registry:
+            if entry is not None:
+                overrides.removed(spec.name, entry["impl"], f"a {where} entry")
             continue
         if not spec.registry[entry["impl"]].supports(sig):
             continue
@@ -268,7 +270,8 @@ def _respecting(spec: OpSpec, d: Decision, excluded: Collection[str]) -> Decisio
     if d.impl not in excluded:
         return d
     assert d.signature is not None
-    left = {n: t for n, t in d.timings.items() if n not in excluded and spec.registry[n].supports(d.signature)}
+    left = {n: t for n, t in d.timings.items()
+            if n not in excluded and n in spec.registry and spec.registry[n].supports(d.signature)}
     impl = min(left, key=left.__getitem__) if left else harness.default_allowed(spec, d.signature, excluded)
     return dataclasses.replace(d, impl=impl, skipped={**d.skipped, d.impl: "excluded (exclude_impls)"})
 

@@ -1,8 +1,7 @@
 """bmm's training path for nn.Linear's weight layout, as one autograd Function (see
-:class:`_BmmLinear` and :func:`takes_bmm_linear`), the write of a grouped product into a fresh
-``[..., n, out]`` that bmm and grouped_mm share (:func:`_into_new`), the product written there
-with no reordering pass (:func:`written_per_group`), and bmm prepared for one call description
-(:func:`prepare_bmm`, :func:`prepare_bmm_strided_out`)."""
+:class:`_BmmLinear` and :func:`takes_bmm_linear`), the gemms writing the group-major result
+``[..., n, out]`` (:func:`written`; grouped_mm's product re-labelled as it: :func:`own_group_major`),
+and bmm prepared for one call description (:func:`prepare_bmm`)."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..registry import group_major, group_major_strides
 from ._common import plain_tensors, traced_plainly
 
 Tensor = torch.Tensor
@@ -55,90 +55,86 @@ def prepare_bmm(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Ca
     ``Implementation.prepare``): what :func:`~.grouped_linear.bmm` does for such a call in plain
     eager mode, with the sizes and branches worked out once. Where the tensors are not plain
     (a subclass, autocast on), it hands over to ``implementation``. Saves ~4 us a call (measured:
-    34.7 -> 30.5 us a GroupedLinear forward at batch 1, 32 groups of 64->64, CPU, one thread)."""
+    34.7 -> 30.5 us a GroupedLinear forward at batch 1, 32 groups of 64->64, CPU, one thread).
+    Its ``bare`` attribute, where it has one, skips those per-call checks: for callers that made
+    them already (the dispatcher's lean road, ``dispatch.lean_key``)."""
     (x_shape, _, _, _), (w_shape, w_stride, _, _), _, grad = m
     lead = tuple(x_shape[:-2])
     n, out, inn = w_shape
     rows = math.prod(lead)
+    flat, shape, strides = len(lead) == 1, (*lead, n, out), group_major_strides((*lead, n, out))
     if grad and any(grad):  # autograd records these calls
-        if not _pays_in_eager(grad[1], w_stride[2], rows, n * out * inn):
-            return None
+        if _pays_in_eager(grad[1], w_stride[2], rows, n * out * inn):
+            def train(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+                if torch.is_inference_mode_enabled() or not plain_tensors(x, w, b):  # see takes_bmm_linear
+                    return implementation(x, w, b)
+                return _BmmLinear.apply(x, w, b)
+            return train
 
-        def train(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-            if torch.is_inference_mode_enabled() or not plain_tensors(x, w, b):  # see takes_bmm_linear
-                return implementation(x, w, b)
-            return _BmmLinear.apply(x, w, b)
-        return train
-    flat, shape = len(lead) == 1, (*lead, n, out)
+        def recorded(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            # autograd's own graph: the product [n, rows, out] is the result's group-major memory,
+            # re-labelled as a tensor of its own (no copy), as bmm and the contract do
+            xt = (x if flat else x.reshape(rows, n, inn)).transpose(0, 1)
+            y = torch.bmm(xt, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xt, w.transpose(1, 2))
+            return torch.ops.aten._unsafe_view(y.transpose(0, 1) if flat else y.view(n, *lead, out).movedim(0, -2),
+                                               shape)
 
-    def infer(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        if not plain_tensors(x, w, b):
-            return implementation(x, w, b)
+        def record(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            return recorded(x, w, b) if plain_tensors(x, w, b) else implementation(x, w, b)
+        record.bare = recorded  # type: ignore[attr-defined]
+        return record
+
+    def written_here(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         xt = (x if flat else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
-        return _into_new(torch.bmm(xt, w.transpose(1, 2)), b, shape)
-    return infer
-
-
-def prepare_bmm_strided_out(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Callable[..., Tensor] | None:
-    """As :func:`prepare_bmm`, for ``bmm_strided_out``: :func:`written_per_group` without
-    gradients, bmm's prepared function where autograd records the calls (there it is bmm)."""
-    grad = m[-1]
-    if grad and any(grad):
-        return prepare_bmm(m, implementation)
+        result = x.new_empty_strided(shape, strides)
+        into = result.transpose(0, 1) if flat else result.movedim(-2, 0).view(n, rows, out)
+        if b is None:
+            torch.bmm(xt, w.transpose(1, 2), out=into)
+        else:
+            torch.baddbmm(b.unsqueeze(1), xt, w.transpose(1, 2), out=into)
+        return result
 
     def infer(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        return written_per_group(x, w, b) if plain_tensors(x, w, b) else implementation(x, w, b)
+        return written_here(x, w, b) if plain_tensors(x, w, b) else implementation(x, w, b)
+    infer.bare = written_here  # type: ignore[attr-defined]
     return infer
 
 
-def _into_new(y: Tensor, b: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-    """A grouped product ``y [n, rows, out]`` (+ ``b [n, out]``) as a fresh contiguous ``shape``
-    (``[..., n, out]``), outside autograd: the bias add (or a copy) is the reordering pass, which
-    saves baddbmm's bias fill (2-3 us on launch-bound shapes). bmm and grouped_mm both end here."""
-    yt = y.transpose(0, 1)  # [rows, n, out], a view
-    result = y.new_empty(shape)
-    into = result if len(shape) == 3 else result.view(yt.shape)  # a view costs ~1 us: only where needed
+def written(xt: Tensor, wt: Tensor, b: Tensor | None, lead: tuple[int, ...]) -> Tensor:
+    """``xt [n, rows, in] @ wt [n, in, out]`` (+ ``b [n, out]``) written by one batched gemm into a
+    fresh ``[*lead, n, out]`` laid out group-major (the output contract), outside autograd (the
+    caller checks that ``out=`` is allowed). Its ``[n, rows, out]`` view is contiguous, so the gemm
+    writes it with no reordering pass and no temporary; baddbmm fills the bias in first (beta 1)."""
+    n, rows, out = xt.shape[0], xt.shape[1], wt.shape[2]
+    shape = (*lead, n, out)
+    result = xt.new_empty_strided(shape, group_major_strides(shape))
+    into = result.transpose(0, 1) if len(lead) == 1 else result.movedim(-2, 0).view(n, rows, out)
     if b is None:
-        into.copy_(yt)
+        torch.bmm(xt, wt, out=into)
     else:
-        torch.add(yt, b, out=into)
+        torch.baddbmm(b.unsqueeze(1), xt, wt, out=into)
     return result
 
 
-def written_per_group(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``x [..., n, in] @ w[g]^T (+ b)`` written straight into a fresh contiguous ``[..., n, out]``,
-    outside autograd (the caller checks that ``out=`` is allowed).
-
-    bmm's product is ``[n, rows, out]`` and needs a reordering pass; here its output is the
-    result's ``[n, rows, out]`` view (strides ``(out, n * out, 1)``), for which ATen runs one gemm
-    per group writing rows ``n * out`` apart (BLAS's leading dimension): no pass, no temporary.
-    The bias is filled in first and added by the gemm (``baddbmm_``, beta 1). Where the view is
-    contiguous (one row or one group) it is one batched gemm. Measured against bmm (CPU, no grad,
-    interleaved rounds): 1.1-1.7x faster with 2-4 groups and 512-4096 rows (1000x3 24->24: 84 ->
-    50 us on 2 threads), but 0.6-0.8x with 8-64 groups on 2 threads, whose gemms run one after
-    another: so it is a tuner candidate (``bmm_strided_out``), not bmm's path."""
-    lead, rows, n, out, inn = _split(x, w)
-    xt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
-    wt = w.transpose(1, 2)
-    if b is None:
-        result = x.new_empty((*lead, n, out))
-        torch.bmm(xt, wt, out=result.view(rows, n, out).transpose(0, 1))
-    else:
-        result = b.expand(*lead, n, out).clone(memory_format=torch.contiguous_format)
-        result.view(rows, n, out).transpose(0, 1).baddbmm_(xt, wt)
-    return result
+def own_group_major(y: Tensor, b: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """A fresh grouped product ``y [n, rows, out]`` (+ ``b [n, out]``, added in place: ``y`` is
+    the caller's own, outside autograd) as the group-major result ``shape`` (``[..., n, out]``), a
+    tensor of its own: no copy (grouped_mm's product, which takes no bias)."""
+    if b is not None:
+        y.add_(b.unsqueeze(1))
+    return group_major(y.view(shape[-2], *shape[:-2], shape[-1]).movedim(0, -2))
 
 
 class _BmmLinear(torch.autograd.Function):
     """bmm's training path for nn.Linear's weight layout, as one autograd node: ``input [...,
     n, in]``, ``weight [n, out, in]`` (rows of ``in`` contiguous), ``bias [n, out]`` or None -> a
-    fresh contiguous ``[..., n, out]``.
+    fresh ``[..., n, out]``, group-major (the output contract).
 
     Autograd's own graph (transpose, baddbmm, transpose, clone) computes the weight's gradient as
     ``x^T @ grad``, ``[n, in, out]``, which AccumulateGrad then copies element by element into the
     weight's ``[n, out, in]`` layout. This computes ``grad^T @ x``, already in that layout
     (measured 294 -> 172 us a training step at batch 1, 32 groups of 64->64, one thread: the TabM
-    layer's time). The forward writes the result with the bias in one pass (``out=``).
+    layer's time). The forward's gemm writes the result with the bias (``out=``).
     Its backward is made of differentiable ops on the saved inputs, so second derivatives work.
     :func:`~.grouped_linear.bmm` uses it in plain eager autograd (:func:`~._common.plain_eager`: it
     has no forward-AD, vmap or jit-tracing rules) where the copy it saves outweighs its Python
@@ -154,10 +150,10 @@ class _BmmLinear(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
         xt, wt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1), w.transpose(1, 2)
-        if torch.compiler.is_compiling():  # no out= in a graph: inductor fuses the add into the copy
+        if torch.compiler.is_compiling():  # no out= in a graph: inductor fuses the add
             y = torch.bmm(xt, wt) if b is None else torch.bmm(xt, wt) + b.unsqueeze(1)
-            return y.transpose(0, 1).reshape(*lead, n, out).clone(memory_format=torch.contiguous_format)
-        return _into_new(torch.bmm(xt, wt), b, (*lead, n, out))
+            return group_major(y.view(n, *lead, out).movedim(0, -2))
+        return written(xt, wt, b, lead)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:

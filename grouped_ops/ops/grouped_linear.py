@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..registry import Implementation, Registry
+from ..registry import Implementation, Registry, group_major, group_major_strides
 from ..signature import Signature, bucket
 from . import _bmm_linear
 from ._block_diagonal_linear import (
@@ -22,7 +22,7 @@ from ._block_diagonal_linear import (
     _BlockDiagonalLinear,
     _BlockDiagonalLinearWithJvp,
 )
-from ._bmm_linear import _BmmLinear, _into_new, _split, takes_bmm_linear, written_per_group
+from ._bmm_linear import _BmmLinear, _split, own_group_major, takes_bmm_linear, written
 from ._common import (
     apply_function,
     check_dtypes_devices,
@@ -43,11 +43,10 @@ Tensor = torch.Tensor
 
 def einsum(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # torch.einsum hands contraction-order planning to opt_einsum when it is installed. Its result
-    # is a permuted view of a [n, rows, out] product: without bias one copy makes it the
-    # contract's fresh contiguous [..., n, out]; with bias the add writes a fresh tensor in the
-    # layout of its contiguous operand.
+    # is a permuted view of a [n, rows, out] product: the contract's group-major layout already
+    # (re-labelled as a tensor of its own, no copy); the bias add writes a fresh tensor in it too.
     y = torch.einsum("...ni,noi->...no", x, w)
-    return y.clone(memory_format=torch.contiguous_format) if b is None else y.contiguous() + b
+    return y if b is None else y + b
 
 
 def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -60,23 +59,19 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return _BmmLinear.apply(x, w, b)
     xt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
     wt = w.transpose(1, 2)  # [n, in, out]: a view, no copy
-    if plain and not recording:  # write the result with out=
-        return _into_new(torch.bmm(xt, wt), b, (*lead, n, out))
-    # The product is [n, rows, out]; one pass reorders it into the contract's fresh contiguous
-    # [..., n, out] (bmm_strided_out writes it there directly: faster for some shapes only).
+    if plain and not recording:  # the gemms write the result's group-major layout with out=
+        return written(xt, wt, b, lead)
+    # The product [n, rows, out] is the result's group-major memory: a view of it in the result's
+    # shape, which the contract re-labels as a tensor of its own (no copy).
     if b is not None and torch.compiler.is_compiling():
-        # traced: inductor fuses this add into the reordering copy below (baddbmm would fill the
-        # bias in a pass of its own; measured 230 -> 209 us, the TabM model's time, on a compiled
-        # two-layer model at batch 256, n=32, 16->16)
-        y = (torch.bmm(xt, wt) + b.unsqueeze(1)).transpose(0, 1)
+        # traced: inductor fuses this add into the gemm's epilogue or one pass (baddbmm would fill
+        # the bias in a pass of its own)
+        y = torch.bmm(xt, wt) + b.unsqueeze(1)
     elif b is not None:
-        y = torch.baddbmm(b.unsqueeze(1), xt, wt).transpose(0, 1)
+        y = torch.baddbmm(b.unsqueeze(1), xt, wt)
     else:
-        y = torch.bmm(xt, wt).transpose(0, 1)
-    y = y if len(lead) == 1 else y.reshape(*lead, n, out)  # a view: rows splits into lead
-    # a copy even where rows or n is 1 (then y is contiguous already, but a view, which would
-    # cost the dispatcher an aten._unsafe_view: slower than copying that small result)
-    return y.clone(memory_format=torch.contiguous_format)
+        y = torch.bmm(xt, wt)
+    return y.transpose(0, 1) if len(lead) == 1 else y.view(n, *lead, out).movedim(0, -2)
 
 
 def bmm_weight_left(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -88,14 +83,8 @@ def bmm_weight_left(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     lead, rows, n, out, inn = _split(x, w)
     xt = x.reshape(rows, n, inn).permute(1, 2, 0)  # [n, in, rows]
     yt = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)  # [n, out, rows]
-    return yt.permute(2, 0, 1).reshape(*lead, n, out)  # the output contract makes it contiguous
-
-
-def bmm_strided_out(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    # bmm's gemms writing the result's layout directly (one per group, see written_per_group): no
-    # reordering pass; faster with few groups and many rows, slower with many (measured in its doc).
-    # Where out= is not allowed (autograd records the call, transforms, tracing) it is bmm.
-    return written_per_group(x, w, b) if may_write_into(x, w, b) else bmm(x, w, b)
+    # one copy into [n, rows, out], the result's group-major memory (the tuner times it)
+    return yt.transpose(1, 2).reshape(n, *lead, out).movedim(0, -2)
 
 
 def masked_dense(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -113,17 +102,15 @@ def loop(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # unbind, not x[..., i, :] / w[i]: indexing's backward builds a full-size gradient per group
     # (measured 14x slower backward at batch 1, n=32, 1024 per group).
     biases = b.unbind(0) if b is not None else (None,) * n
+    # stacked on a new first dim: [n, ..., out], the result's group-major memory (no reordering)
     return torch.stack(
         [F.linear(xi, wi, bi) for xi, wi, bi in zip(x.unbind(-2), w.unbind(0), biases, strict=True)],
-        dim=-2,
-    )
+    ).movedim(0, -2)
 
 
 class _GroupedLinearMM(torch.autograd.Function):
-    """grouped_mm's training path in one Function: ``xt [n, rows, in] @ wt [n, in, out]``, then the
-    product (+ ``bias [n, out]``) written as a fresh contiguous ``[..., n, out]`` in one pass (the bias
-    add writes the final layout; ``y.transpose(0, 1) + b`` would follow y's layout and need a
-    second pass).
+    """grouped_mm's training path in one Function: ``xt [n, rows, in] @ wt [n, in, out]`` (+ ``bias
+    [n, out]``), the product being the result's group-major ``[..., n, out]`` (no reordering pass).
 
     Backward hands grouped_mm gradients it accepts: torch checks each operand's strides (last dim
     unit-stride, rows 16-byte aligned) and rejects the stride-0 gradients that ``.sum()`` and
@@ -141,9 +128,10 @@ class _GroupedLinearMM(torch.autograd.Function):
     def forward(xt: Tensor, wt: Tensor, b: Tensor | None, shape: tuple[int, ...]) -> Tensor:
         y = _grouped_mm_op()(xt, wt)  # [n, rows, out]
         if may_write_into(xt, wt, b):  # grad mode is off in here: false only under transforms/tracing
-            return _into_new(y, b, shape)
-        yt = y.transpose(0, 1) if b is None else y.transpose(0, 1) + b  # [rows, n, out]
-        return yt.reshape(shape).clone(memory_format=torch.contiguous_format)
+            return own_group_major(y, b, shape)
+        y = y if b is None else y + b.unsqueeze(1)
+        # a Function's output may not be a view (in-place ops on it would fail): a copy in the layout
+        return y.view(shape[-2], *shape[:-2], shape[-1]).movedim(0, -2).clone(memory_format=torch.preserve_format)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -251,8 +239,8 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return bmm(x, w, b)
     if not may_write_into(x, w, b):  # a backward may run (the Function costs ~5 us a call: only then)
         return apply_function(_GroupedLinearMM, xt, wt, b, (*lead, n, out))
-    # torch's grouped_mm takes no bias yet ("Bias not supported yet"): the add is the reordering pass
-    return _into_new(_grouped_mm_op()(xt, wt), b, (*lead, n, out))
+    # torch's grouped_mm takes no bias yet ("Bias not supported yet"): added in place, one pass
+    return own_group_major(_grouped_mm_op()(xt, wt), b, (*lead, n, out))
 
 
 # ---- what each implementation supports -----------------------------------------------------------
@@ -324,20 +312,23 @@ def _block_bytes(sig: Signature) -> int:
     return n * n * sig.dim("out") * sig.dim("in") * sig.dtype.itemsize * (2 if sig.needs_grad else 1)
 
 
+# Implementations that existed: a name in GROUPED_OPS_IMPL, GROUPED_OPS_EXCLUDE, exclude_impls or a
+# cache entry gets one warning and is ignored (dispatch.overrides, dispatch.resolve).
+REMOVED = {"bmm_strided_out": "removed in grouped_linear v6: it wrote the contiguous result with one gemm per "
+                              "group; bmm now writes the group-major result directly"}
+
 REGISTRY = Registry(OP, [
     Implementation("bmm", bmm, prepare=_bmm_linear.prepare_bmm),
     Implementation("bmm_weight_left", bmm_weight_left),
-    Implementation("bmm_strided_out", bmm_strided_out, devices=frozenset({"cpu"}),
-                   prepare=_bmm_linear.prepare_bmm_strided_out,
-                   runs_as=lambda sig: "bmm" if sig.needs_grad else None),
     Implementation("einsum", einsum),
     Implementation("grouped_mm", grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
                    check=_grouped_mm_reasons, forward_ad=False),  # torch has no forward AD formula for it
     Implementation("loop", loop),
     Implementation("masked_dense", masked_dense, extra_memory=_block_bytes,
                    work_factor=lambda sig: float(sig.dim("n"))),
-], version=5)  # v2: training timed with AccumulateGrad's layout copies; v3: bmm_weight_left;
-# v4: bmm trains through _BmmLinear; v5: bmm_strided_out
+], version=6, output=group_major, removed=REMOVED)  # v2: training timed with AccumulateGrad's layout copies;
+# v3: bmm_weight_left; v4: bmm trains through _BmmLinear; v5: bmm_strided_out; v6: the group-major
+# result (bmm writes it with no reordering pass), bmm_strided_out removed
 
 
 # ---- validation, signature, private inputs -------------------------------------------------------
@@ -459,7 +450,9 @@ def reference(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tens
 
 
 def fake(input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return input.new_empty(*input.shape[:-1], weight.shape[1])
+    # the strides eager gives (the output contract, group_major): compiled code and export agree
+    shape = (*input.shape[:-1], weight.shape[1])
+    return input.new_empty_strided(shape, group_major_strides(shape))
 
 
 def backward(args: tuple[Any, ...], needs: tuple[bool, ...], grad: Tensor, again: Any) -> tuple[Any, ...]:
