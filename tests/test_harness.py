@@ -10,7 +10,7 @@ from helpers import FakeTimer, gl_args
 import grouped_ops
 from grouped_ops import dispatch, grouped_linear
 from grouped_ops.ops import SPECS
-from grouped_ops.tuning import harness, store
+from grouped_ops.tuning import harness, memory, store
 from grouped_ops.tuning.settings import settings
 
 GL = SPECS["grouped_linear"]
@@ -35,15 +35,16 @@ def stored() -> list[str]:
     return sorted(e["impl"] for e in store.DiskStore().entries())
 
 
-def test_oom_making_the_private_inputs_gives_the_default_and_stores_nothing(monkeypatch):
-    def make_inputs(sig, generator):  # sizing them on the meta device allocates nothing, so works
-        return GL.make_inputs(sig, generator) if sig.device.type == "meta" else oom()
+def test_oom_making_the_private_inputs_gives_the_leanest_and_stores_nothing(monkeypatch):
+    def make_inputs(sig, generator):
+        return oom()
 
     spec = dataclass_replace(GL, make_inputs=make_inputs)
     with dispatch.use_timer(timer):
         decision, persist = harness.measure(spec, sig_of(), settings())
-    assert (decision.impl, decision.source, persist) == ("bmm", "default", False)
-    assert "out of memory" in decision.skipped["(inputs)"]
+    lean = memory.leanest(GL, sig_of(), [n for n, i in GL.registry.items() if i.supports(sig_of())])
+    assert (decision.impl, decision.source, persist) == (lean, "default", False)
+    assert "out of memory" in decision.skipped["(inputs)"] and decision.partial == "out of memory: (inputs)"
 
 
 @pytest.mark.parametrize("step", ["forward", "backward"])

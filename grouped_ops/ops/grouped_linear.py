@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
 from . import _bmm_linear
+from . import _grouped_linear_memory as _memory
 from ._block_diagonal_linear import (
     _block_diagonal_linear,
     _BlockDiagonalLinear,
@@ -318,23 +319,18 @@ def _cuda_reasons(sig: Signature) -> list[str]:
     return reasons
 
 
-def _block_bytes(sig: Signature) -> int:
-    # the [n*out, n*in] block-diagonal weight, and its gradient when training
-    n = sig.dim("n")
-    return n * n * sig.dim("out") * sig.dim("in") * sig.dtype.itemsize * (2 if sig.needs_grad else 1)
-
-
 REGISTRY = Registry(OP, [
-    Implementation("bmm", bmm, prepare=_bmm_linear.prepare_bmm),
-    Implementation("bmm_weight_left", bmm_weight_left),
+    Implementation("bmm", bmm, prepare=_bmm_linear.prepare_bmm, extra_memory=_memory.bmm),
+    Implementation("bmm_weight_left", bmm_weight_left, extra_memory=_memory.bmm_weight_left),
     Implementation("bmm_strided_out", bmm_strided_out, devices=frozenset({"cpu"}),
-                   prepare=_bmm_linear.prepare_bmm_strided_out,
+                   prepare=_bmm_linear.prepare_bmm_strided_out, extra_memory=_memory.bmm_strided_out,
                    runs_as=lambda sig: "bmm" if sig.needs_grad else None),
-    Implementation("einsum", einsum),
+    Implementation("einsum", einsum, extra_memory=_memory.einsum),
     Implementation("grouped_mm", grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                   check=_grouped_mm_reasons, forward_ad=False),  # torch has no forward AD formula for it
-    Implementation("loop", loop),
-    Implementation("masked_dense", masked_dense, extra_memory=_block_bytes,
+                   check=_grouped_mm_reasons, forward_ad=False,  # torch has no forward AD formula for it
+                   extra_memory=_memory.grouped_mm),
+    Implementation("loop", loop, extra_memory=_memory.loop),
+    Implementation("masked_dense", masked_dense, extra_memory=_memory.masked_dense,
                    work_factor=lambda sig: float(sig.dim("n"))),
 ], version=5)  # v2: training timed with AccumulateGrad's layout copies; v3: bmm_weight_left;
 # v4: bmm trains through _BmmLinear; v5: bmm_strided_out
@@ -494,4 +490,5 @@ CLI = Cli("input [batch, groups, in] -> [batch, groups, out]", (
     Flag(("--grad-input",), "training: the input needs a gradient too", grad=("input",)),
 ))
 SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, arguments=ARGUMENTS,
-              fake=fake, backward=backward, reference=reference, reduction_lengths=reduction_lengths, cli=CLI)
+              fake=fake, backward=backward, reference=reference, reduction_lengths=reduction_lengths, cli=CLI,
+              call_bytes=_memory.call_bytes)
