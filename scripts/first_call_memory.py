@@ -192,17 +192,22 @@ HEADER = ("| batch | groups | in->out | pass | leanest, peak MB | auto first cal
 BEFORE = " before: peak MB | before: pick | before: first call s | after's pick / before's pick, time |"
 
 
-def near_limit() -> int:
+def near_limit(baseline: str | None) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cell = (393216, 16, 64, 64)
     working = cell[0] * cell[1] * cell[3] * 4  # one plain baddbmm: its result
     env = {"limit": str(2 * working)}
-    cache = tempfile.mkdtemp()
-    first = probe(cell, False, "auto", here, env, cache)
-    second = probe(cell, False, "auto", here, env, cache)
+    runs = []
+    for label, path in (("before", baseline), ("", here)):
+        if path is None:
+            continue
+        cache = tempfile.mkdtemp()
+        runs += [(f"{label} first process".strip(), probe(cell, False, "auto", path, env, cache)),
+                 (f"{label} second process".strip(), probe(cell, False, "auto", path, env, cache))]
+    first, second = runs[-2][1], runs[-1][1]
     print(f"near-limit: batch {cell[0]}, {cell[1]} groups, {cell[2]}->{cell[3]}, forward; RLIMIT_AS = size before "
-          f"the call + {2 * working / 2**30:.2f} GiB (2x the plain working set)")
-    for name, r in (("first process", first), ("second process", second)):
+          f"the call + {2 * working / 2**30:.2f} GiB (2x the plain working set); load {_load()}")
+    for name, r in runs:
         print(f"  {name}: pick {r['pick']} ({r['source']}), partial {r['partial']!r}, failed candidates "
               f"{r['failed'] or 'none'}, error {r['error'] or 'none'}, {r['seconds']:.2f} s, peak +{r['peak'] / MB:.0f} MB")
     ok = not first["error"] and not first["failed"] and not second["error"] and second["source"] == "cache"
@@ -224,7 +229,7 @@ def main() -> int:
     p.add_argument("--near-limit", action="store_true")
     args = p.parse_args()
     if args.near_limit:
-        return near_limit()
+        return near_limit(args.baseline)
     load = _load()
     print(HEADER + (BEFORE if args.baseline else ""))
     started = time.time()

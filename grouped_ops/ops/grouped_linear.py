@@ -421,15 +421,15 @@ def make_inputs(sig: Signature, generator: torch.Generator) -> tuple[Any, ...]:
     layout = sig.layout_of("weight")
     scale = 1.0 / max(inn, 1) ** 0.5
     if layout == "contiguous":
-        w = random_like((n, out, inn), dt, dev, generator) * scale
+        w = random_like((n, out, inn), dt, dev, generator).mul_(scale)
     elif layout == "transposed":  # TabM / rtdl store [n, in, out]
-        w = (random_like((n, inn, out), dt, dev, generator) * scale).transpose(1, 2)
+        w = (random_like((n, inn, out), dt, dev, generator).mul_(scale)).transpose(1, 2)
     elif layout == "shared":  # one [out, in] matrix broadcast over the groups (stride 0)
-        w = (random_like((1, out, inn), dt, dev, generator) * scale).expand(n, out, inn)
+        w = (random_like((1, out, inn), dt, dev, generator).mul_(scale)).expand(n, out, inn)
     elif layout == "chunked":  # the first of two chunks of a fused [n, 2*out, in] weight
-        w = (random_like((n, 2 * out, inn), dt, dev, generator) * scale)[:, :out]
+        w = (random_like((n, 2 * out, inn), dt, dev, generator).mul_(scale))[:, :out]
     else:
-        w = (random_like((n, out, 2 * inn), dt, dev, generator) * scale)[..., ::2]
+        w = (random_like((n, out, 2 * inn), dt, dev, generator).mul_(scale))[..., ::2]
     b = random_like((n, out), dt, dev, generator) if sig.layout_of("bias") == "yes" else None
     for name, t in (("input", x), ("weight", w), ("bias", b)):
         if t is not None and name in sig.grad:

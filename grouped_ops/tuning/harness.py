@@ -138,7 +138,7 @@ def compare(dtype: torch.dtype) -> Callable[[Any, Any], str | None]:
     return check
 
 
-COMPARE_PIECE = 1 << 22  # elements of each result compared at a time
+COMPARE_PIECE = 1 << 18  # elements of each result compared at a time (1 MiB in float32)
 
 
 def _flat(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +161,10 @@ def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
             timer: Timer | None = None, final: bool = False) -> tuple[Decision, bool]:
     # under the signature's math settings: one read from a recording may have been made under others
     with isolated(f"grouped_ops.tune {sig}"), applied_numerics(sig), releasing_cache(sig.device):
-        return _measure(spec, sig, s, at, only, excluded, timer, final)
+        try:
+            return _measure(spec, sig, s, at, only, excluded, timer, final)
+        finally:  # the private tensors are dead: their pages go back before the caller's call runs
+            memory.release_freed(sig.device)
 
 
 @contextlib.contextmanager
@@ -257,6 +260,7 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
         generator = torch.Generator(device=sig.device).manual_seed(0)
         args = spec.make_inputs(timed, generator)
         targets = spec.grad_args(timed, args)
+        memory.release_freed(sig.device)
     except Exception as e:
         if not memory.is_oom(e):
             raise
@@ -266,7 +270,8 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
         return Decision(impl, "default", {}, skipped, sig, partial=memory.oom_partial([*no_room, *ooms])), False
     grad_out: list[torch.Tensor] = []
 
-    def make_run(name: str) -> Callable[[], Any]:
+    def make_run(name: str) -> Callable[[], Any]:  # called just before the candidate's first run
+        memory.release_freed(sig.device)  # what the previous candidate freed (see there)
         run = _make_run(name)
 
         def noting_oom() -> Any:

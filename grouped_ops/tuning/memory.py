@@ -21,7 +21,10 @@ Knows no op by name: it receives the op's spec.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import logging
 from collections.abc import Collection, Iterable
 from typing import Any
@@ -114,6 +117,29 @@ def nothing_fits(spec: Any, sig: Signature, names: Collection[str], budget: floa
                     "budget of %s; running the leanest, %s (%s for the call)", spec.name, sig, _size(budget),
                     lean, _size(footprint(spec, sig, lean)))
     return lean
+
+
+def release_freed(device: torch.device) -> None:
+    """On CPU with glibc: hand the heap's free pages back to the kernel (``malloc_trim(0)``).
+
+    glibc serves a large block with a fresh mapping only until the first such block is freed;
+    from then on blocks up to 32 MiB come from the heap, and freed ones stay resident. A tuning
+    allocates and frees each candidate's buffers in turn, so without this its peak resident set
+    grew by the retained blocks (measured: 185 MiB against 80 MiB of live tensors, grouped_linear
+    batch 512, 8 groups of 1024->1024). Called between candidates, never inside a timed sample."""
+    if device.type != "cpu":
+        return
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def is_oom(e: BaseException) -> bool:
