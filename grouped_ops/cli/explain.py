@@ -90,8 +90,8 @@ def explain_table(spec: OpSpec, sig: Signature, decision: Decision | None, budge
                 notes.append(f"workspace {_bytes(need)} over the tuning memory budget {_bytes(budget)}")
             else:
                 notes.append("not timed")
-        if need and not any("workspace" in note for note in notes):
-            notes.append(f"workspace {_bytes(need)}")
+        if not any("workspace" in note for note in notes):
+            notes.append(f"workspace {_bytes(need)}" if need else "no workspace")
         if name in timings:
             t = timings[name]
             ratio = f"x{t / best:.2f}" if best else ""

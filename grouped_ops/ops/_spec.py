@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -72,6 +72,16 @@ class Cli:
     flags: tuple[Flag, ...]
 
 
+class Bytes(NamedTuple):
+    """Bytes a call holds besides workspace. ``operands``: the arguments as ``make_inputs`` lays them
+    out (whole storages: a chunked weight's other half included); ``result``: the output;
+    ``grads``: the gradients of the arguments that need them (their own sizes; 0 for inference)."""
+
+    operands: int
+    result: int
+    grads: int
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """An op as the dispatcher, the tuner, torch.compile, the CLI and the testing helpers see it.
@@ -101,6 +111,9 @@ class OpSpec:
     reduction_lengths(args) -> how many products each result sums, by ``"forward"`` or argument
         name (default 1): it scales the testing tolerance.
     cli: the op's command-line sub-command, or None for none.
+    call_bytes(sig) -> :class:`Bytes`: what a call of ``sig`` holds besides an implementation's workspace,
+        by arithmetic on the signature (the tuner's memory bounds; nothing is allocated). None: the
+        tuner sizes ``make_inputs`` on the meta device instead (slower: that loads torch._dynamo).
     """
 
     name: str
@@ -118,6 +131,7 @@ class OpSpec:
     reference: Callable[..., torch.Tensor] | None = None
     reduction_lengths: Callable[[tuple[Any, ...]], dict[str, int]] | None = None
     cli: Cli | None = None
+    call_bytes: Callable[[Signature], Bytes] | None = None
 
     def __post_init__(self) -> None:
         # Defaults made from ``arguments``, made again by dataclasses.replace (a renamed copy must

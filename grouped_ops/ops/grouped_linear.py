@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..registry import Implementation, Registry, group_major, group_major_strides
 from ..signature import Signature, bucket
 from . import _bmm_linear
+from . import _grouped_linear_memory as _memory
 from ._block_diagonal_linear import (
     _block_diagonal_linear,
     _BlockDiagonalLinear,
@@ -306,25 +307,20 @@ def _cuda_reasons(sig: Signature) -> list[str]:
     return reasons
 
 
-def _block_bytes(sig: Signature) -> int:
-    # the [n*out, n*in] block-diagonal weight, and its gradient when training
-    n = sig.dim("n")
-    return n * n * sig.dim("out") * sig.dim("in") * sig.dtype.itemsize * (2 if sig.needs_grad else 1)
-
-
 # Implementations that existed: a name in GROUPED_OPS_IMPL, GROUPED_OPS_EXCLUDE, exclude_impls or a
 # cache entry gets one warning and is ignored (dispatch.overrides, dispatch.resolve).
 REMOVED = {"bmm_strided_out": "removed in grouped_linear v6: it wrote the contiguous result with one gemm per "
                               "group; bmm now writes the group-major result directly"}
 
 REGISTRY = Registry(OP, [
-    Implementation("bmm", bmm, prepare=_bmm_linear.prepare_bmm),
-    Implementation("bmm_weight_left", bmm_weight_left),
-    Implementation("einsum", einsum),
+    Implementation("bmm", bmm, prepare=_bmm_linear.prepare_bmm, extra_memory=_memory.bmm),
+    Implementation("bmm_weight_left", bmm_weight_left, extra_memory=_memory.bmm_weight_left),
+    Implementation("einsum", einsum, extra_memory=_memory.einsum),
     Implementation("grouped_mm", grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                   check=_grouped_mm_reasons, forward_ad=False),  # torch has no forward AD formula for it
-    Implementation("loop", loop),
-    Implementation("masked_dense", masked_dense, extra_memory=_block_bytes,
+                   check=_grouped_mm_reasons, forward_ad=False,  # torch has no forward AD formula for it
+                   extra_memory=_memory.grouped_mm),
+    Implementation("loop", loop, extra_memory=_memory.loop),
+    Implementation("masked_dense", masked_dense, extra_memory=_memory.masked_dense,
                    work_factor=lambda sig: float(sig.dim("n"))),
 ], version=6, output=group_major, removed=REMOVED)  # v2: training timed with AccumulateGrad's layout copies;
 # v3: bmm_weight_left; v4: bmm trains through _BmmLinear; v5: bmm_strided_out; v6: the group-major
@@ -416,15 +412,15 @@ def make_inputs(sig: Signature, generator: torch.Generator) -> tuple[Any, ...]:
     layout = sig.layout_of("weight")
     scale = 1.0 / max(inn, 1) ** 0.5
     if layout == "contiguous":
-        w = random_like((n, out, inn), dt, dev, generator) * scale
+        w = random_like((n, out, inn), dt, dev, generator).mul_(scale)
     elif layout == "transposed":  # TabM / rtdl store [n, in, out]
-        w = (random_like((n, inn, out), dt, dev, generator) * scale).transpose(1, 2)
+        w = (random_like((n, inn, out), dt, dev, generator).mul_(scale)).transpose(1, 2)
     elif layout == "shared":  # one [out, in] matrix broadcast over the groups (stride 0)
-        w = (random_like((1, out, inn), dt, dev, generator) * scale).expand(n, out, inn)
+        w = (random_like((1, out, inn), dt, dev, generator).mul_(scale)).expand(n, out, inn)
     elif layout == "chunked":  # the first of two chunks of a fused [n, 2*out, in] weight
-        w = (random_like((n, 2 * out, inn), dt, dev, generator) * scale)[:, :out]
+        w = (random_like((n, 2 * out, inn), dt, dev, generator).mul_(scale))[:, :out]
     else:
-        w = (random_like((n, out, 2 * inn), dt, dev, generator) * scale)[..., ::2]
+        w = (random_like((n, out, 2 * inn), dt, dev, generator).mul_(scale))[..., ::2]
     b = random_like((n, out), dt, dev, generator) if sig.layout_of("bias") == "yes" else None
     for name, t in (("input", x), ("weight", w), ("bias", b)):
         if t is not None and name in sig.grad:
@@ -487,4 +483,5 @@ CLI = Cli("input [batch, groups, in] -> [batch, groups, out]", (
     Flag(("--grad-input",), "training: the input needs a gradient too", grad=("input",)),
 ))
 SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, arguments=ARGUMENTS,
-              fake=fake, backward=backward, reference=reference, reduction_lengths=reduction_lengths, cli=CLI)
+              fake=fake, backward=backward, reference=reference, reduction_lengths=reduction_lengths, cli=CLI,
+              call_bytes=_memory.call_bytes)

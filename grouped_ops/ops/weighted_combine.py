@@ -24,7 +24,7 @@ from ._common import (
     random_like,
     tensor_meta,
 )
-from ._spec import Arg, Cli, Flag, OpSpec
+from ._spec import Arg, Bytes, Cli, Flag, OpSpec
 
 OP = "weighted_combine"
 Tensor = torch.Tensor
@@ -159,26 +159,61 @@ def broadcast(inputs: Inputs, weights: Tensor) -> Tensor:
     return (_stacked(inputs) * weights.reshape(b, k, *(1,) * len(f))).sum(1)
 
 
-def _block_bytes(sig: Signature) -> int:
-    b = sig.dim("batch")
-    return b * b * sig.dim("k") * sig.dtype.itemsize * (2 if sig.needs_grad else 1)
+def call_bytes(sig: Signature) -> Bytes:
+    """The operands as ``make_inputs`` lays them out, the result, and the gradients."""
+    b, k, f, s = sig.dim("batch"), sig.dim("k"), sig.dim("features"), sig.dtype.itemsize
+    sizes = {"inputs": b * k * f * s, "weights": b * k * s}
+    return Bytes(sum(sizes.values()), b * f * s, sum(sizes[name] for name in sig.grad))
 
 
-def _stack_bytes(sig: Signature) -> int:
-    # list inputs are stacked into one [b, k, F] tensor first
-    if sig.layout_of("inputs") != "list":
-        return 0
+# Workspace (Implementation.extra_memory): what each allocates besides its result and gradients, at
+# the call's peak (the forward's, freed before any gradient exists, or the backward's beside the
+# gradients); checked against measured peaks by scripts/workspace_check.py and tests/test_memory.py.
+
+def _peak(sig: Signature, forward: int, backward: int = 0) -> int:
+    return forward if not sig.needs_grad else max(forward - call_bytes(sig).grads, backward, 0)
+
+
+def _all(sig: Signature) -> int:  # the inputs' size, [b, k, F]
     return sig.dim("batch") * sig.dim("k") * sig.dim("features") * sig.dtype.itemsize
 
 
+def _stack_bytes(sig: Signature) -> int:
+    # a list, or a stacked tensor in another layout, is copied into one contiguous [b, k, F] first
+    # (saved for the backward where the weights' gradient needs it)
+    stacked = sig.layout_of("inputs") == "stacked" and sig.layout_of("contiguous") == "yes"
+    return 0 if stacked else _all(sig)
+
+
+def _bmm_bytes(sig: Signature) -> int:
+    return _peak(sig, _stack_bytes(sig), _stack_bytes(sig))
+
+
+def _broadcast_bytes(sig: Signature) -> int:
+    # the full [b, k, F] product; in the backward, a gradient of that size
+    return _peak(sig, _stack_bytes(sig) + _all(sig), _stack_bytes(sig) + _all(sig))
+
+
+def _loop_bytes(sig: Signature) -> int:
+    # the running sum beside the next one; training, a stacked input's per-branch gradients beside
+    # their stack
+    result = call_bytes(sig).result
+    per_branch = sig.layout_of("inputs") == "stacked" and "inputs" in sig.grad
+    return _peak(sig, result, _all(sig) if per_branch else result)
+
+
+def _masked_dense_bytes(sig: Signature) -> int:
+    # the [b, b*k] block-diagonal weight (and the stack); its gradients go sample by sample
+    b = sig.dim("batch")
+    return _peak(sig, b * b * sig.dim("k") * sig.dtype.itemsize + _stack_bytes(sig))
+
+
 REGISTRY = Registry(OP, [
-    Implementation("bmm", bmm, extra_memory=_stack_bytes),
-    Implementation("broadcast", broadcast, extra_memory=lambda sig: _stack_bytes(sig) + sig.dim("batch")
-                   * sig.dim("k") * sig.dim("features") * sig.dtype.itemsize),
-    Implementation("einsum", einsum, extra_memory=_stack_bytes),
-    Implementation("loop", loop),
-    Implementation("masked_dense", masked_dense,
-                   extra_memory=lambda sig: _block_bytes(sig) + _stack_bytes(sig),
+    Implementation("bmm", bmm, extra_memory=_bmm_bytes),
+    Implementation("broadcast", broadcast, extra_memory=_broadcast_bytes),
+    Implementation("einsum", einsum, extra_memory=_bmm_bytes),
+    Implementation("loop", loop, extra_memory=_loop_bytes),
+    Implementation("masked_dense", masked_dense, extra_memory=_masked_dense_bytes,
                    work_factor=lambda sig: float(sig.dim("batch"))),
 ], version=2)  # v2: training timed with AccumulateGrad's layout copies
 
@@ -362,4 +397,5 @@ CLI = Cli("k inputs [batch, *features] and weights [batch, k]", (
     Flag(("--grad",), "training: inputs and weights need gradients", grad=("inputs", "weights")),
 ))
 SPEC = OpSpec(OP, REGISTRY, meta, validate, signature, make_inputs, default_impl, arguments=ARGUMENTS,
-              fake=fake, backward=backward, reference=reference, reduction_lengths=reduction_lengths, cli=CLI)
+              fake=fake, backward=backward, reference=reference, reduction_lengths=reduction_lengths, cli=CLI,
+              call_bytes=call_bytes)

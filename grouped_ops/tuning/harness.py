@@ -13,7 +13,6 @@ Knows no op by name: it receives the op's spec (registry, private inputs, gradie
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Collection, Iterator
@@ -25,6 +24,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..decision import Decision
 from ..registry import tolerance
 from ..signature import Signature, applied_numerics
+from . import memory
 from .settings import Settings, memory_budget
 from .timer import Timer, timer_for
 from .tuner import tune
@@ -113,8 +113,8 @@ def _identity(t: Any) -> Any:
 
 def compare(dtype: torch.dtype) -> Callable[[Any, Any], str | None]:
     """The agreement check between candidates: relative error in each result under the tolerance
-    for ``dtype``. Computed in float32 at most (float64 only for float64), so it needs at most 2x
-    a half-precision result's memory."""
+    for ``dtype``. Computed in float32 at most (float64 only for float64), a piece of at most
+    :data:`COMPARE_PIECE` elements at a time, so it needs little memory beside the two results."""
     tol = tolerance(dtype).agree
 
     def check(ref: Any, got: Any) -> str | None:
@@ -124,17 +124,36 @@ def compare(dtype: torch.dtype) -> Callable[[Any, Any], str | None]:
             if a.numel() == 0:
                 continue
             wide = torch.float64 if a.dtype == torch.float64 else torch.float32
-            a_, b_ = a.detach().to(wide), b.detach().to(wide)
-            err = torch.linalg.vector_norm(a_ - b_) / torch.linalg.vector_norm(a_).clamp_min(1e-30)
-            if not bool(err <= tol):  # also false for nan
-                return f"relative error {float(err):.2e} in result {i} (tolerance {tol:g})"
+            diff2 = norm2 = 0.0
+            pa, pb = _flat(a.detach(), b.detach())
+            for ca, cb in zip(pa.split(COMPARE_PIECE), pb.split(COMPARE_PIECE), strict=True):
+                ca_ = ca.to(wide)
+                diff2 += float(torch.linalg.vector_norm(ca_ - cb.to(wide))) ** 2
+                norm2 += float(torch.linalg.vector_norm(ca_)) ** 2
+            err = diff2 ** 0.5 / max(norm2 ** 0.5, 1e-30)
+            if not err <= tol:  # also false for nan
+                return f"relative error {err:.2e} in result {i} (tolerance {tol:g})"
         return None
 
     return check
 
 
+COMPARE_PIECE = 1 << 18  # elements of each result compared at a time (1 MiB in float32)
+
+
+def _flat(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` (one shape) as 1-D tensors whose elements correspond: views where both are
+    one dense layout (a permutation of contiguous, as results and gradients are), else copies."""
+    if a.stride() == b.stride():
+        order = sorted(range(a.dim()), key=lambda d: -a.stride(d))
+        pa, pb = a.permute(order), b.permute(order)
+        if pa.is_contiguous() and pb.is_contiguous():
+            return pa.reshape(-1), pb.reshape(-1)
+    return a.reshape(-1), b.reshape(-1)
+
+
 def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+    return memory.is_oom(e)
 
 
 def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
@@ -142,7 +161,10 @@ def measure(spec: Any, sig: Signature, s: Settings, at: Signature | None = None,
             timer: Timer | None = None) -> tuple[Decision, bool]:
     # under the signature's math settings: one read from a recording may have been made under others
     with isolated(f"grouped_ops.tune {sig}"), applied_numerics(sig), releasing_cache(sig.device):
-        return _measure(spec, sig, s, at, only, excluded, timer)
+        try:
+            return _measure(spec, sig, s, at, only, excluded, timer)
+        finally:  # the private tensors are dead: their pages go back before the caller's call runs
+            memory.release_freed(sig.device)
 
 
 @contextlib.contextmanager
@@ -187,44 +209,51 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
     context: (decision, whether it may be persisted; where not, ``Decision.not_stored`` says why).
 
     ``at`` is the exact signature of the call that asked (a bucket is timed at its real batch size).
-    A tuning whose timings stayed unstable to the end of its budget is partial, ``"noise"``: stored,
-    and re-tuned once by a later process. Not persisted: a tuning where no candidate ran, one that
-    ran out of memory anywhere, or one timed under a profiler (provisional: used until one more
-    tuning after the profiler).
+    Candidates over the memory bounds are not timed (:func:`.memory.admit`); where the memory free
+    now left some out, or one ran out of memory, the decision is partial (``Decision.partial``,
+    ``"out of memory: ..."``), and where none could be timed for memory, the call runs the leanest.
+    A tuning whose timings stayed unstable to the end of its budget is partial too, ``"noise"``.
+    A partial decision is stored, and re-tuned once by a later process. Not persisted: a tuning where
+    no candidate ran, or one timed under a profiler (provisional: used until one more tuning after
+    the profiler).
     """
     timed = at if at is not None and at.dim("batch") > 0 else sig  # what the candidates run on
     skipped: dict[str, str] = {}
-    # The tuning's own private operands, output and gradients come out of the same budget.
-    private = private_bytes(spec, timed)
-    budget = memory_budget(sig.device, s)
-    candidates = []
+    supported = []
     for name, implementation in spec.registry.items():
         if (only is not None and name not in only) or name in excluded:
             continue
         reasons = implementation.not_supported_reasons(sig)
         if reasons:
             skipped[name] = "unsupported: " + "; ".join(reasons)
-        elif (need := implementation.extra_memory(timed)) + private > budget:
-            skipped[name] = (f"needs {need / 2**30:.2g} GiB of workspace and {private / 2**30:.2g} GiB for the "
-                             f"tuning's private operands, over the tuning memory budget of "
-                             f"{budget / 2**30:.2g} GiB (GROUPED_OPS_TUNE_MEMORY_FRACTION/_BYTES)")
         else:
-            candidates.append(name)
+            supported.append(name)
+    # A candidate's footprint is bounded by the leanest's, and with the tuning's own private
+    # operands by the memory free now (tuning/memory.py)
+    budget = memory_budget(sig.device, s)
+    candidates, over, no_room = memory.admit(spec, timed, supported, s, budget)
+    skipped.update(over)
     for name in list(candidates):  # one timing for code that two names run (see Implementation.runs_as)
         other = spec.registry[name].runs_as(sig)
         if other in candidates and other != name:
             candidates.remove(name)
             skipped[name] = f"runs {other}'s code for this signature (timed as {other})"
+    partial = memory.oom_partial(no_room) if no_room else ""
+    if not candidates and no_room:  # nothing fits: the leanest, not the default (which may need more)
+        impl = memory.nothing_fits(spec, timed, supported, budget)
+        return Decision(impl, "default", {}, skipped, sig, partial=partial), True
     if len(candidates) <= 1:
         impl = candidates[0] if candidates else default_allowed(spec, sig, excluded)
-        return Decision(impl, "tuned" if candidates else "default", {}, skipped, sig), True
+        return Decision(impl, "tuned" if candidates else "default", {}, skipped, sig, partial=partial), True
 
     provisional = profiling()
-    ooms: list[BaseException] = []
+    ooms: list[str] = []  # the candidates that ran out of memory ("(...)" for the tuning's own steps)
+    noted: set[int] = set()  # the errors a candidate's run raised (named there)
 
-    def after_error(e: BaseException) -> None:
-        if _is_oom(e):
-            ooms.append(e)
+    def after_error(e: BaseException, where: str = "(agreement check)") -> None:
+        if memory.is_oom(e):
+            if id(e) not in noted:
+                ooms.append(where)
             if sig.device_type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -232,16 +261,32 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
         generator = torch.Generator(device=sig.device).manual_seed(0)
         args = spec.make_inputs(timed, generator)
         targets = spec.grad_args(timed, args)
+        memory.release_freed(sig.device)
     except Exception as e:
-        if not _is_oom(e):
+        if not memory.is_oom(e):
             raise
-        after_error(e)
+        after_error(e, "(inputs)")
         skipped["(inputs)"] = f"out of memory making the private inputs: {str(e).splitlines()[0][:120]}"
-        return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig,
+        impl = memory.nothing_fits(spec, timed, supported, budget)
+        return Decision(impl, "default", {}, skipped, sig, partial=memory.oom_partial([*no_room, *ooms]),
                         not_stored="out of memory making the private inputs"), False
     grad_out: list[torch.Tensor] = []
 
-    def make_run(name: str) -> Callable[[], Any]:
+    def make_run(name: str) -> Callable[[], Any]:  # called just before the candidate's first run
+        memory.release_freed(sig.device)  # what the previous candidate freed (see there)
+        run = _make_run(name)
+
+        def noting_oom() -> Any:
+            try:
+                return run()
+            except Exception as e:
+                if memory.is_oom(e):
+                    ooms.append(name)
+                    noted.add(id(e))
+                raise
+        return noting_oom
+
+    def _make_run(name: str) -> Callable[[], Any]:
         implementation = spec.registry[name]
         if not sig.needs_grad:
             def run() -> Any:
@@ -280,29 +325,26 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
     for name, why in result.skipped.items():
         if why.startswith(("disagrees", "raised")):
             log.warning("grouped_ops: %s: excluded %s while tuning %s: %s", spec.name, name, sig, why)
+    if ooms or no_room:
+        partial = memory.oom_partial([*no_room, *ooms])
     if result.winner is None:
-        return Decision(default_allowed(spec, sig, excluded), "default", {}, skipped, sig,
-                        not_stored="no candidate ran"), False
-    partial = "noise" if result.noisy else ""
+        impl = memory.nothing_fits(spec, timed, supported, budget) if ooms else default_allowed(spec, sig, excluded)
+        return Decision(impl, "default", {}, skipped, sig, partial=partial, not_stored="no candidate ran"), False
     if result.noisy:
         log.info("grouped_ops: %s: the timings of close candidates stayed unstable to the end of the "
                  "tuning budget while tuning %s; marked as measured under noise", spec.name, sig)
-    not_stored = ("timed under a profiler (provisional): tuned again after it" if provisional else
-                  "a candidate ran out of memory (a partial result)" if ooms else "")
+    # A candidate that ran out of memory leaves a partial decision (among the ones that fitted), and
+    # so does noise: stored as partial, never as a full one; out of memory names the cause first.
+    partial = partial or ("noise" if result.noisy else "")
+    not_stored = "timed under a profiler (provisional): tuned again after it" if provisional else ""
     decision = Decision(result.winner, "tuned", result.timings, skipped, sig, provisional=provisional,
                         partial=partial, not_stored=not_stored)
     return decision, not not_stored
 
 
 def private_bytes(spec: Any, sig: Signature) -> int:
-    """Bytes a tuning of ``sig`` allocates besides workspace: its private arguments, and as much
-    again for the output and the gradients (measured on meta tensors: nothing is allocated)."""
-    meta_sig = dataclasses.replace(sig, device=torch.device("meta"))
-    with torch.autocast("cpu", enabled=False):
-        args = spec.make_inputs(meta_sig, torch.Generator().manual_seed(0))
-    flat = [t for a in args for t in (a if isinstance(a, tuple) else (a,)) if isinstance(t, torch.Tensor)]
-    operands = sum(t.untyped_storage().nbytes() for t in flat)
-    return operands * (3 if sig.needs_grad else 2)
+    """Bytes a tuning of ``sig`` holds besides the candidate it runs (see :mod:`.memory`)."""
+    return memory.private_bytes(spec, sig)
 
 
 def default_allowed(spec: Any, sig: Signature, excluded: Collection[str] = ()) -> str:

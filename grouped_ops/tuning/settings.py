@@ -28,6 +28,12 @@ def _flag(name: str, default: bool) -> bool:
     return raw not in ("0", "false", "no", "off")
 
 
+# How many times the leanest implementation's footprint (result, gradients, workspace) a candidate
+# may need to be timed: chosen from the CPU sweep and the first-call peaks measured in
+# docs/benchmarks/first-call-memory.md (scripts/memory_multiple.py, scripts/first_call_memory.py).
+MEMORY_MULTIPLE = 2.0
+
+
 @dataclass(frozen=True)
 class Settings:
     autotune: bool  # GROUPED_OPS_AUTOTUNE=0 switches tuning (and every disk write) off
@@ -35,6 +41,7 @@ class Settings:
     max_reps: int  # GROUPED_OPS_TUNE_REPS: timed samples per candidate at most
     memory_fraction: float  # GROUPED_OPS_TUNE_MEMORY_FRACTION of free memory a candidate's workspace may take
     memory_bytes: float  # GROUPED_OPS_TUNE_MEMORY_BYTES: an absolute workspace budget (overrides the fraction)
+    memory_multiple: float  # GROUPED_OPS_TUNE_MEMORY_MULTIPLE: a candidate's footprint over the leanest's, at most
     verbose: bool  # GROUPED_OPS_VERBOSE=1 prints every decision to stderr
     distributed: bool  # GROUPED_OPS_DISTRIBUTED=0: no cross-rank agreement even under torch.distributed
     wait_s: float  # GROUPED_OPS_TUNE_WAIT_S: how long to wait for another process's tuning on the device
@@ -48,6 +55,7 @@ def settings() -> Settings:
         max_reps=int(_float("GROUPED_OPS_TUNE_REPS", 25)),
         memory_fraction=_float("GROUPED_OPS_TUNE_MEMORY_FRACTION", 0.25),
         memory_bytes=_float("GROUPED_OPS_TUNE_MEMORY_BYTES", 0.0),
+        memory_multiple=max(1.0, _float("GROUPED_OPS_TUNE_MEMORY_MULTIPLE", MEMORY_MULTIPLE)),
         verbose=_flag("GROUPED_OPS_VERBOSE", False),
         distributed=_flag("GROUPED_OPS_DISTRIBUTED", True),
         wait_s=_float("GROUPED_OPS_TUNE_WAIT_S", 60.0),
@@ -67,8 +75,10 @@ def free_memory(device: torch.device, *, cgroup_root: str | os.PathLike[str] | N
     """Bytes that a new allocation on ``device`` can take.
 
     CUDA: the driver's free memory plus what torch's caching allocator holds reserved but unused
-    (it hands that out before asking the driver). CPU: the host's available pages, capped by a
-    container's cgroup limit (``GROUPED_OPS_CGROUP_ROOT`` or ``cgroup_root`` override the folder,
+    (it hands that out before asking the driver). CPU: the kernel's estimate of memory available
+    without swapping (``MemAvailable``: free pages plus the page cache it can drop), capped by the
+    address space left under ``RLIMIT_AS`` (``ulimit -v``: past it every allocation fails) and by
+    a container's cgroup limit (``GROUPED_OPS_CGROUP_ROOT`` or ``cgroup_root`` override the folder,
     for tests); a cgroup-limited job is killed at its limit whatever the host has free.
     """
     if device.type == "cuda":
@@ -76,12 +86,42 @@ def free_memory(device: torch.device, *, cgroup_root: str | os.PathLike[str] | N
         free, _ = torch.cuda.mem_get_info(index)
         cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
         return float(free + max(cached, 0))
+    left = [available_memory(), address_space_left(),
+            cgroup_free(cgroup_root or os.environ.get("GROUPED_OPS_CGROUP_ROOT") or "/sys/fs/cgroup")]
+    return float(min(x for x in left if x is not None))
+
+
+def available_memory(meminfo: str | os.PathLike[str] = "/proc/meminfo") -> float:
+    """``MemAvailable`` (bytes), else the free pages (``MemFree``; no /proc), else 4 GiB."""
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
-        free = 4 << 30
-    limit = cgroup_free(cgroup_root or os.environ.get("GROUPED_OPS_CGROUP_ROOT") or "/sys/fs/cgroup")
-    return float(free if limit is None else min(free, limit))
+        return float(4 << 30)
+
+
+def address_space_left(status: str | os.PathLike[str] = "/proc/self/status") -> float | None:
+    """Bytes of address space left under this process's ``RLIMIT_AS`` (its soft limit less the
+    current ``VmSize``), or None without a limit."""
+    try:
+        import resource  # POSIX only
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    try:
+        for line in Path(status).read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return float(max(soft - int(line.split()[1]) * 1024, 0))
+    except (OSError, ValueError, IndexError):
+        pass
+    return float(soft)
 
 
 _NO_LIMIT = 1 << 60  # v1 reports "no limit" as a huge number (PAGE_COUNTER_MAX pages)

@@ -101,6 +101,7 @@ def tune(
                     continue
             else:
                 reference, reference_name = out, name
+            out = None  # held while the next candidate runs, it would add to the tuning's peak
             first = timer(name, run, 1)
         except Exception as e:  # CUDA OOM included: skip the candidate, keep tuning
             on_error(e)
@@ -108,6 +109,7 @@ def tune(
             continue
         runs[name], samples[name] = run, [first]
         number[name] = max(1, min(1000, math.ceil(MIN_SAMPLE_S / max(first, 1e-9))))
+    reference = out = None  # every candidate is checked: the timing rounds need no reference result
 
     shuffler = random.Random(0)  # private and seeded: repeated tunings run the same orders
     gc_was_enabled = gc.isenabled()
