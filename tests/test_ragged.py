@@ -318,3 +318,30 @@ def test_private_offsets_are_a_fixed_seed_balanced_split():
     x, w, b, offsets = SPECS[OP].make_inputs(sig, torch.Generator().manual_seed(0))
     assert x.shape == (8, 16) and offsets.shape == (3,) and int(offsets[-1]) == 8
     assert dispatch.decide_signature(SPECS[OP], sig).impl in IMPLS
+
+
+# ---- the ragged sweep (python -m grouped_ops bench --ragged) ---------------------------------------------------
+
+def test_the_ragged_sweep_runs_and_writes_its_report(tmp_path):
+    from grouped_ops.cli import main
+
+    md, js = tmp_path / "ragged.md", tmp_path / "ragged.json"
+    assert main(["bench", "--ragged", "--quick", "--passes", "fwd", "--cell-time", "0.02", "--reps", "2",
+                 "--threads", "1", "--markdown", str(md), "--json", str(js), "--no-progress"]) == 0
+    text = md.read_text()
+    for column in (*IMPLS, "auto", "python loop", "F.grouped_mm", "auto picks", "% floor"):
+        assert f"| {column} |" in text or f" {column} |" in text, column
+    import json
+
+    data = json.loads(js.read_text())
+    assert len(data["cells"]) == 6 and all(c["results"]["auto"]["status"] == "ok" for c in data["cells"])
+    assert {"auto_over_fastest_geomean", "auto_vs_baseline_geomean", "below_1"} <= set(data["stats"])
+
+
+def test_skewed_offsets_have_the_largest_group_share_they_name():
+    from grouped_ops.bench.ragged import skewed_offsets
+
+    for skew, share in (("balanced", 0.2), ("half", 0.5), ("all", 1.0)):
+        o = skewed_offsets(1000, 8, skew)
+        sizes = torch.diff(o, prepend=o.new_zeros(1))
+        assert int(o[-1]) == 1000 and abs(int(sizes.max()) / 1000 - share) < 0.1, skew
