@@ -50,7 +50,7 @@ class RaggedGrid:
 
 GRIDS = {
     "quick": RaggedGrid((32, 256), (4,), ((16, 16),), ("float32",), 0.1),
-    "default": RaggedGrid((64, 512, 4096), (8, 64), ((128, 128), (512, 256)), ("float32", "bfloat16"), 0.4),
+    "default": RaggedGrid((16, 256, 4096), (8, 64), ((64, 64), (512, 256)), ("float32", "bfloat16"), 0.4),
 }
 GRIDS["full"] = GRIDS["default"]
 

@@ -189,6 +189,10 @@ def weight_grads(gy: Tensor, x: Tensor, w: Tensor, offsets: Tensor, need_w: bool
 
 # ---- padded_bmm: scatter into [E, max_rows, in], one baddbmm ------------------------------------------
 
+#: padded_bmm runs the loop where its slab would hold more than this many times the grouped rows.
+PAD_LIMIT = 2
+
+
 def padded_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
     # The ragged twin of the dense op's bmm: each group's rows copied into a zero-padded slab of the
     # largest group's size. Autograd differentiates the copies and the bmm: the padding's zero rows
@@ -201,6 +205,10 @@ def padded_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
     if longest == 0:
         return _empty_groups(x, w, b)
     end = values[-1]
+    if groups * longest > PAD_LIMIT * end:
+        # A skewed split: the slab would multiply the arithmetic (E times with every row in one
+        # group). The tuner times balanced splits, so this keeps the pick sound on skewed ones.
+        return loop(x, w, b, offsets)
     device = x.device
     counts = torch.tensor(sizes, device=device)
     gid = torch.repeat_interleave(torch.arange(groups, device=device), counts, output_size=end)
@@ -229,6 +237,19 @@ def gather_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
     xc = x.unsqueeze(2)
     y = torch.bmm(wg, xc) if b is None else torch.baddbmm(b.index_select(0, g).unsqueeze(2), wg, xc)
     return y.squeeze(2).masked_fill((gid == groups).unsqueeze(1), 0)  # rows past the last offset
+
+
+def gather_reasons(sig: Any) -> list[str]:
+    """gather_bmm is batched matrix-vector work: on CPU it only pays for a few small rows."""
+    size = sig.dim("batch") * sig.dim("out") * sig.dim("in")
+    if sig.device_type == "cpu" and size > GATHER_CPU_LIMIT:
+        return [f"T*out*in={size} > {GATHER_CPU_LIMIT} on CPU: one matrix-vector product per row, measured "
+                "10-500x slower than the loop there (docs/benchmarks/ragged.md)"]
+    return []
+
+
+#: Above this T*out*in, gather_bmm is not a candidate on CPU.
+GATHER_CPU_LIMIT = 1 << 18
 
 
 def gather_bytes(sig: Any) -> int:
@@ -308,7 +329,7 @@ class _RaggedGroupedMM(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
-        from .grouped_linear import _fit, _grouped_mm_op
+        from .grouped_linear import _fit, _grouped_mm_op, _mat_ok
 
         x, w, offs = ctx.saved_tensors
         values = ctx.values
@@ -318,8 +339,10 @@ class _RaggedGroupedMM(torch.autograd.Function):
         gx = _tail_zeroed(mm(gy, _fit(w), offs=offs), offs, values, None) if need_x else None
         gw = gb = None
         if need_w:
-            if w.stride(1) == 1 and w.stride(2) != 1:  # stored [E, in, out]: its gradient in that layout
-                gw = mm(_fit(x.t()), gy, offs=offs).transpose(1, 2)
+            if w.stride(1) == 1 and w.stride(2) != 1 and _mat_ok(x.t()):
+                # stored [E, in, out]: its gradient in that layout (x.t() is an operand torch takes
+                # as it is, which a copy would not make of a one-row x)
+                gw = mm(x.t(), gy, offs=offs).transpose(1, 2)
             else:
                 gw = mm(_fit(gy.t()), _fit(x), offs=offs)
             sizes = torch.diff(offs, prepend=offs.new_zeros(1))

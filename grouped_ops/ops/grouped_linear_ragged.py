@@ -61,7 +61,7 @@ REGISTRY = Registry(OP, [
                    check=_grouped_mm_reasons, forward_ad=False),
     Implementation("padded_bmm", impls.padded_bmm, syncs=_syncs),
     Implementation("loop", impls.loop, syncs=_syncs, forward_ad=False),
-    Implementation("gather_bmm", impls.gather_bmm, extra_memory=impls.gather_bytes),
+    Implementation("gather_bmm", impls.gather_bmm, extra_memory=impls.gather_bytes, check=impls.gather_reasons),
     Implementation("dense_select", impls.dense_select, check=_few_groups, work_factor=lambda sig: float(sig.dim("n")),
                    extra_memory=lambda sig: sig.dim("batch") * sig.dim("n") * sig.dim("out") * sig.dtype.itemsize),
 ], version=1)
@@ -254,7 +254,8 @@ def reference(input: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tenso
         pieces.append(torch.nn.functional.linear(input[start:end], weight[g], None if bias is None else bias[g]))
         start = end
     # rows of no group: zero (a sum over none of the weight's elements keeps E = 0 in the graph)
-    pieces.append(input[start:] @ input.new_zeros(input.shape[1], weight.shape[1]) + weight[:0].sum())
+    tail = input[start:] @ input.new_zeros(input.shape[1], weight.shape[1]) + weight[:0].sum()
+    pieces.append(tail if bias is None else tail + bias[:0].sum())
     return torch.cat(pieces)
 
 
