@@ -335,6 +335,8 @@ def test_the_ragged_sweep_runs_and_writes_its_report(tmp_path):
 
     data = json.loads(js.read_text())
     assert len(data["cells"]) == 6 and all(c["results"]["auto"]["status"] == "ok" for c in data["cells"])
+    auto = data["cells"][0]["results"]["auto"]
+    assert 0 < auto["min_s"] <= auto["median_s"]
     assert {"auto_over_fastest_geomean", "auto_vs_baseline_geomean", "below_1"} <= set(data["stats"])
 
 

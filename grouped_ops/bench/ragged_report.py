@@ -90,7 +90,8 @@ def markdown(cells: list[Any], machine: dict[str, Any], plot_dir: Path | None, b
              f"- date {machine.get('date')} | load average at start {machine.get('loadavg_start')}, at end "
              f"{machine.get('loadavg_end')} | elapsed {machine.get('elapsed_s')} s",
              f"- measured here: copy {machine.get('copy_GBps')} GB/s; matmul GFLOP/s {machine.get('matmul_GFLOPs')}", "",
-             "Times are medians per call. `auto` was prewarmed on the library's own balanced offsets and is then "
+             "Times are per call, the minimum of interleaved samples (the machine was shared with other jobs, "
+             "whose load only adds time; the medians are in the JSON). `auto` was prewarmed on the library's own balanced offsets and is then "
              "called on the cell's. `python loop` (F.linear per expert) and `F.grouped_mm` are the user's code "
              "today; `vs baseline` is the faster of the two over auto. `floor` as docs/benchmarks/README.md "
              "defines it; `% floor` = floor / auto.", ""]
@@ -137,7 +138,9 @@ def to_json(cells: list[Any], machine: dict[str, Any]) -> dict[str, Any]:
             "cells": [{"dtype": _dname(c.dtype), "pass": c.pass_, "T": c.tokens, "E": c.experts, "in": c.inn,
                        "out": c.out, "skew": c.skew, "skipped": c.skipped, "auto_impl": c.auto_impl,
                        "floor_s": c.floor_s, **c.ratios(),
-                       "results": {n: {"kind": c.kinds.get(n), **r.__dict__} for n, r in c.results.items()}}
+                       "results": {n: {"kind": c.kinds.get(n), "status": r.status, "min_s": r.median_s,
+                                       "median_s": c.medians.get(n), "samples": r.reps, "calls_per_sample": r.number}
+                                   for n, r in c.results.items()}}
                       for c in cells]}
 
 

@@ -20,6 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from ._common import apply_function, fail
+from .grouped_linear import (  # torch's grouped_mm rules, written once there
+    _fit,
+    _grouped_mm_op,
+    _mat_ok,
+)
 
 OP = "grouped_linear_ragged"
 Tensor = torch.Tensor
@@ -38,6 +43,8 @@ def debug_mode() -> bool:
 def check_values(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor, values: list[int]) -> None:
     """Refuse offsets whose values do not describe groups of ``x``'s rows, naming the first bad one."""
     rows = x.shape[0]
+    if not values or (values[0] >= 0 and values[-1] <= rows and values == sorted(values)):
+        return  # the common case, in C: ~0.3 us for 64 groups
     shapes = {"input": x, "weight": w, "bias": b, "offsets": offsets}
     previous = 0
     for g, end in enumerate(values):
@@ -47,20 +54,20 @@ def check_values(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor, values
             raise fail(OP, f"offsets must be non-decreasing cumulative ends (group g's rows are "
                            f"offsets[g-1] <= t < offsets[g]); {what}", **shapes)
         previous = end
-    if previous > rows:
-        raise fail(OP, f"the last offset, offsets[{len(values) - 1}]={previous}, is past the input's "
-                       f"{rows} rows", **shapes)
+    raise fail(OP, f"the last offset, offsets[{len(values) - 1}]={previous}, is past the input's "
+                   f"{rows} rows", **shapes)
 
 
 def ends(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor, need: bool) -> list[int] | None:
     """The offsets as a checked host list where they are on the host, ``need`` asks for them (a
     sync on a GPU) or the debug mode is on; else None (nothing read, nothing checked)."""
-    if offsets.device.type == "meta" or x.device.type == "meta":
+    on_host = offsets.device.type == "cpu"
+    if x.is_meta or offsets.is_meta:
         # Also what keeps torch.compile from inlining an implementation (its trace-time probe runs
         # them on meta tensors): the op stays opaque there, its custom op runs it on real tensors.
         raise fail(OP, "runs on real tensors only: its implementations read or index with the offsets' "
                        "values", input=x, offsets=offsets)
-    if offsets.device.type == "cpu" or need or debug_mode():
+    if on_host or need or debug_mode():
         values = offsets.tolist()
         check_values(x, w, b, offsets, values)
         return values
@@ -294,14 +301,15 @@ def _recording(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
 
 
 def _gmm_forward(x: Tensor, w: Tensor, b: Tensor | None, offs: Tensor, values: list[int] | None) -> Tensor:
-    from .grouped_linear import _fit, _grouped_mm_op  # torch's stride rules, written once there
-
-    y = _grouped_mm_op()(_fit(x), _fit(w.transpose(1, 2)), offs=offs)
+    y = _GROUPED_MM(_fit(x), _fit(w.transpose(1, 2)), offs=offs)
     gid = None
     if b is not None:  # rows past the last offset pick a zero row of the extended bias
         gid = _group_ids(offs, x.shape[0])
         y.add_(torch.cat([b, b.new_zeros(1, b.shape[1])]).index_select(0, gid))
     return _tail_zeroed(y, offs, values, gid)
+
+
+_GROUPED_MM = _grouped_mm_op()  # F.grouped_mm, or torch._grouped_mm before 2.10, or None (not a candidate)
 
 
 def _tail_zeroed(y: Tensor, offs: Tensor, values: list[int] | None, gid: Tensor | None) -> Tensor:
@@ -329,11 +337,9 @@ class _RaggedGroupedMM(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
-        from .grouped_linear import _fit, _grouped_mm_op, _mat_ok
-
         x, w, offs = ctx.saved_tensors
         values = ctx.values
-        mm = _grouped_mm_op()
+        mm = _GROUPED_MM
         gy = _fit(gy)  # .sum()'s stride-0 gradient is not an operand grouped_mm takes
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = _tail_zeroed(mm(gy, _fit(w), offs=offs), offs, values, None) if need_x else None
