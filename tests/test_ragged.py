@@ -347,3 +347,31 @@ def test_skewed_offsets_have_the_largest_group_share_they_name():
         o = skewed_offsets(1000, 8, skew)
         sizes = torch.diff(o, prepend=o.new_zeros(1))
         assert int(o[-1]) == 1000 and abs(int(sizes.max()) / 1000 - share) < 0.1, skew
+
+
+# ---- the command line, record and prewarm ------------------------------------------------------------------
+
+def test_cli_explain_and_prewarm_key_as_a_real_call(capsys):
+    from grouped_ops.cli import main
+
+    def fast(name, fn, number):
+        return 1e-6 if name == "padded_bmm" else 1e-3
+
+    with dispatch.use_timer(fast):
+        assert main(["explain", OP, "--batch", "7", "--groups", "3", "--in", "16", "--out", "8", "--grad"]) == 0
+        out = capsys.readouterr().out
+        assert f"{OP}(batch=8, n=3, in=16, out=8" in out and "offsets=host" in out and "decision:  padded_bmm" in out
+    x, w, b, offsets = args()
+    found = grouped_ops.lookup(OP, x, w.requires_grad_(), b.requires_grad_(), offsets)
+    assert found is not None and found.impl == "padded_bmm"  # the key the CLI tuned is a real call's
+
+
+def test_record_then_prewarm_signatures():
+    x, w, b, offsets = args()
+    with grouped_ops.record() as rec:
+        grouped_ops.grouped_linear(x, w, b, offsets=offsets)
+    assert [s.op for s in rec.signatures] == [OP]
+    with dispatch.use_timer(lambda name, fn, number: 1e-6 if name == "loop" else 1e-3):
+        decisions = rec.prewarm()
+    assert [d.impl for d in decisions] == ["loop"]
+    assert grouped_ops.lookup(OP, x, w, b, offsets).impl == "loop"

@@ -229,7 +229,7 @@ def make_inputs(sig: Signature, generator: torch.Generator) -> tuple[Any, ...]:
         w = (random_like((groups, out, 2 * inn), dt, dev, generator) * scale)[..., ::2]
     b = random_like((groups, out), dt, dev, generator) if sig.layout_of("bias") == "yes" else None
     offsets = balanced_offsets(rows, groups)
-    offsets = offsets.to("cpu" if sig.layout_of("offsets") == "host" and dev.type != "meta" else dev)
+    offsets = offsets.to("cpu" if sig.layout_of("offsets") == "host" else dev)  # (also beside meta stand-ins)
     for name, t in (("input", x), ("weight", w), ("bias", b)):
         if t is not None and name in sig.grad:
             t.requires_grad_(True)
@@ -302,8 +302,8 @@ CLI = Cli("input [T, in] sorted by group, offsets [E] -> [T, out] (--batch is T)
          choices=("contiguous", "transposed", "chunked", "shared", "strided")),
     Flag(("--input-layout",), "contiguous [T, in]; strided: a transposed view", layout="input",
          choices=("contiguous", "strided")),
-    Flag(("--offsets",), "where the offsets live: device (the input's), or host (CPU; a CPU call's always)",
-         layout="offsets", choices=("device", "host")),
+    Flag(("--offsets",), "where the offsets live: host (a CPU call's always), or on a GPU device (the input's; "
+         "give this for a GPU signature whose offsets are on the GPU)", layout="offsets", choices=("host", "device")),
     Flag(("--grad",), "training: weight and bias need gradients", grad=("weight", "bias")),
     Flag(("--grad-input",), "training: the input needs a gradient too", grad=("input",)),
 ))
