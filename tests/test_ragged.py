@@ -375,3 +375,25 @@ def test_record_then_prewarm_signatures():
         decisions = rec.prewarm()
     assert [d.impl for d in decisions] == ["loop"]
     assert grouped_ops.lookup(OP, x, w, b, offsets).impl == "loop"
+
+
+# ---- the split's class: part of the key where the offsets are on the host -------------------------------------
+
+@pytest.mark.parametrize(("sizes", "split"), [
+    ((), "balanced"), ((5,), "balanced"), ((0, 0, 0), "balanced"), ((4, 4, 4, 4), "balanced"),
+    ((8, 1, 1, 1, 1), "skewed"), ((0, 19, 1, 0), "one"), ((0, 10, 0), "one"), ((6, 2, 2, 2), "balanced"),
+])
+def test_split_class(sizes, split):
+    assert ragged.split_class(torch.tensor(sizes, dtype=torch.int64).cumsum(0).tolist()) == split
+
+
+def test_the_split_class_is_in_the_key_and_the_tuner_times_a_split_of_that_class():
+    spec = SPECS[OP]
+    keys = {}
+    for sizes in ((4, 4, 4, 4), (13, 1, 1, 1), (0, 16, 0, 0)):
+        x, w, b, offsets = args(sizes=sizes)
+        sig = spec.signature(spec.meta(x, w, b, offsets), True)
+        keys[sig.layout_of("split")] = sig.key()
+        private = spec.make_inputs(sig, torch.Generator().manual_seed(0))[3]
+        assert ragged.split_class(private.tolist()) == sig.layout_of("split")
+    assert set(keys) == {"balanced", "skewed", "one"} and len(set(keys.values())) == 3
