@@ -29,8 +29,32 @@ def stats(cells: list[Any]) -> dict[str, Any]:
     vs = [(r, c) for c in done if (r := c.ratios()["auto_vs_baseline"])]
     return {"cells": len(done), "auto_over_fastest_geomean": _geomean(over), "auto_over_fastest_worst": max(over, default=None),
             "auto_vs_baseline_geomean": _geomean([r for r, _ in vs]), "auto_vs_baseline_lowest": min((r for r, _ in vs), default=None),
-            "below_1": [(c.label, _dname(c.dtype), c.pass_, round(r, 3), c.auto_impl, c.fastest())
+            "below_1": [(c.label, _dname(c.dtype), c.pass_, round(r, 3), c.auto_impl, c.fastest(), why_below(c))
                         for r, c in sorted(vs, key=lambda rc: rc[0]) if r < 1.0]}
+
+
+def why_below(c: Any) -> str:
+    """Why auto is slower than the baseline in cell ``c``, from the cell's own columns."""
+    auto, pick = c.time("auto"), c.auto_impl
+    impls = {n: t for n, k in c.kinds.items() if k == "impl" and (t := c.time(n)) is not None}
+    best = min(impls, key=impls.__getitem__) if impls else None
+    peer = min((n for n in PEERS if c.time(n)), key=lambda n: c.time(n), default=None)
+    forced = c.time(pick) if pick else None
+    if forced and auto and auto > 1.3 * forced:
+        return (f"auto ran {pick} but took {auto / forced:.2f}x its forced time in this cell: timing noise of the "
+                "shared machine (the same code)")
+    if best and pick != best and impls[best] * 1.1 < (forced or math.inf):
+        return (f"auto ran {pick}, {forced / impls[best]:.2f}x this cell's fastest implementation {best}: the "
+                "pick was tuned on private offsets of the cell's class, and timed on the shared machine")
+    if peer and best:
+        same = (peer == "F.grouped_mm" and pick == "grouped_mm") or (peer == "python loop" and pick in ("loop", "padded_bmm"))
+        if same:
+            return (f"auto ran the same kernels as {peer} ({pick}); the difference, {c.time(peer) * 1e6:.0f} vs "
+                    f"{auto * 1e6:.0f} us, is our per-call cost (dispatch, the offsets' check, zeroing the rows "
+                    "past the end)")
+        return (f"{peer} ({c.time(peer) * 1e6:.0f} us) beats every implementation here (fastest {best}, "
+                f"{impls[best] * 1e6:.0f} us)")
+    return "no implementation timed"
 
 
 def skew_changes(cells: list[Any]) -> list[str]:
@@ -102,7 +126,8 @@ def markdown(cells: list[Any], machine: dict[str, Any], plot_dir: Path | None, b
         lines += [f"![auto vs the baseline, per cell]({rel.as_posix()})", ""]
     lines += ["## Summary", "", summary(cells).replace("\n  ", "\n- ").replace("\n", "\n- ", 1), ""]
     if s["below_1"]:
-        lines += ["Cells where auto is slower than the baseline (label, dtype, pass, ratio, auto's pick, fastest):", ""]
+        lines += ["Cells where auto is slower than the baseline (label, dtype, pass, ratio, auto's pick, fastest, "
+                  "why, read off the cell's own columns):", ""]
         lines += [f"- {row}" for row in s["below_1"]] + [""]
     for dtype, pass_ in dict.fromkeys((c.dtype, c.pass_) for c in cells):
         rows = [c for c in cells if (c.dtype, c.pass_) == (dtype, pass_)]

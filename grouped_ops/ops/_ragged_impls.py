@@ -115,26 +115,30 @@ def _loop_forward(x: Tensor, w: Tensor, b: Tensor | None, values: list[int]) -> 
 
 def _loop_weight_grads(gy: Tensor, x: Tensor, w: Tensor, values: list[int], need_w: bool,
                        need_b: bool) -> tuple[Tensor | None, Tensor | None]:
-    """Per-group ``gy_g^T @ x_g`` and ``sum(gy_g)``; the groups with no rows get one zero-fill."""
-    gw = _like_weight(w) if need_w else None
-    gb = gy.new_empty(w.shape[0], w.shape[1]) if need_b else None
-    empty = []
-    start = 0
-    for g, end in enumerate(values):
+    """Per-group ``gy_g^T @ x_g`` and ``sum(gy_g)``; the groups with no rows cost one fill at most."""
+    starts = [0, *values[:-1]]
+    empty = [g for g, (start, end) in enumerate(zip(starts, values, strict=True)) if end <= start]
+    gw = _zeroed(_like_weight(w), empty) if need_w else None
+    gb = _zeroed(gy.new_empty(w.shape[0], w.shape[1]), empty) if need_b else None
+    for g, (start, end) in enumerate(zip(starts, values, strict=True)):
         if end > start:
             if gw is not None:
                 torch.mm(gy[start:end].t(), x[start:end], out=gw[g])
             if gb is not None:
                 torch.sum(gy[start:end], 0, out=gb[g])
-        else:
-            empty.append(g)
-        start = end
-    if empty:
-        index = torch.tensor(empty, device=gy.device)
-        for t in (gw, gb):
-            if t is not None:
-                t.index_fill_(0, index, 0)
     return gw, gb
+
+
+def _zeroed(t: Tensor, empty: list[int]) -> Tensor:
+    """``t`` (fresh) with the slices ``t[g]`` of the groups in ``empty`` zeroed, the others left for
+    the caller to write: at most one fill of ``t``. The whole tensor at once where many are empty,
+    else slice by slice (a memset each); never ``index_fill_``, whose CPU kernel was measured at
+    18 ms for what a memset does in 0.3 ms ([64, 256, 512] bfloat16)."""
+    if len(empty) * 4 > t.shape[0]:
+        return t.zero_()
+    for g in empty:
+        t[g].zero_()
+    return t
 
 
 class _LoopLinear(torch.autograd.Function):
@@ -354,10 +358,9 @@ class _RaggedGroupedMM(torch.autograd.Function):
             sizes = torch.diff(offs, prepend=offs.new_zeros(1))
             if values is None:
                 gw.masked_fill_((sizes == 0).view(-1, 1, 1), 0)
-            else:
-                empty = [g for g, n in enumerate(_sizes(values)) if n == 0]
-                if empty:
-                    gw.index_fill_(0, torch.tensor(empty, device=gw.device), 0)
+            else:  # gw is written already: its empty groups' slices only (a memset each)
+                for g in (g for g, n in enumerate(_sizes(values)) if n == 0):
+                    gw[g].zero_()
         if need_b and ctx.has_bias:
             sizes = torch.diff(offs, prepend=offs.new_zeros(1))
             rest = (gy.shape[0] - offs[-1:]).to(sizes.dtype)  # the rows past the last offset: a segment too
