@@ -48,10 +48,13 @@ def why_below(c: Any) -> str:
                 "pick was tuned on private offsets of the cell's class, and timed on the shared machine")
     if peer and best:
         same = (peer == "F.grouped_mm" and pick == "grouped_mm") or (peer == "python loop" and pick in ("loop", "padded_bmm"))
-        if same:
+        if same and auto - c.time(peer) < 60e-6:
             return (f"auto ran the same kernels as {peer} ({pick}); the difference, {c.time(peer) * 1e6:.0f} vs "
                     f"{auto * 1e6:.0f} us, is our per-call cost (dispatch, the offsets' check, zeroing the rows "
-                    "past the end)")
+                    "past the end: F.grouped_mm 19 us vs auto 32 us measured at T=16, E=8, 64->64)")
+        if same:
+            return (f"auto ran the same kernels as {peer} ({pick}) but took {auto / c.time(peer):.2f}x: more than "
+                    "our per-call cost; not explained by this sweep (the shared machine's noise is the likeliest)")
         return (f"{peer} ({c.time(peer) * 1e6:.0f} us) beats every implementation here (fastest {best}, "
                 f"{impls[best] * 1e6:.0f} us)")
     return "no implementation timed"
