@@ -10,7 +10,7 @@ from ._errors import GroupedOpsError
 from ._version import __version__
 from .decision import Decision
 from .dispatch.overrides import exclude_impls, use_impl
-from .functional import grouped_linear, implementations, weighted_combine
+from .functional import grouped_linear, grouped_linear_ragged, implementations, weighted_combine
 from .nn import GroupedLinear
 from .recording import Recorder, lookup, prewarm, record
 
@@ -22,6 +22,7 @@ __all__ = [
     "__version__",
     "exclude_impls",
     "grouped_linear",
+    "grouped_linear_ragged",
     "implementations",
     "lookup",
     "prewarm",

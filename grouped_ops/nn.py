@@ -17,6 +17,7 @@ from .dispatch import lean_call as _lean_call
 from .dispatch import lean_key as _lean_key
 from .functional import _PLAIN, _any_autocast, _is_compiling, grouped_linear
 from .ops.grouped_linear import SPEC as _GL
+from .ops.grouped_linear_ragged import SPEC as _GLR
 
 
 class GroupedLinear(nn.Module):
@@ -49,7 +50,9 @@ class GroupedLinear(nn.Module):
         in_features: input features per group.
         out_features: output features per group.
         bias: whether each group has a bias.
-        impl: ``"auto"`` (the tuned choice) or one of ``grouped_ops.implementations("grouped_linear")``.
+        impl: ``"auto"`` (the tuned choice) or one of ``grouped_ops.implementations("grouped_linear")``
+            (or, for calls with ``offsets``, of ``"grouped_linear_ragged"``; a call refuses a name of the
+            other op).
         weight_layout: how the weight is stored: ``"out_in"`` (default), nn.Linear's contiguous
             layout, which every wrapper takes (FSDP2 refuses non-contiguous parameters); or
             ``"in_out"``, ``[groups, in, out]`` storage behind the same ``[groups, out, in]`` weight:
@@ -91,12 +94,17 @@ class GroupedLinear(nn.Module):
         with torch.no_grad():
             self.weight.copy_(drawn)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, offsets: Tensor | None = None, group_sizes: Tensor | None = None) -> Tensor:
+        """``input [..., groups, in]`` -> ``[..., groups, out]``; or with ``offsets`` (cumulative ends)
+        or ``group_sizes`` (counts), ragged groups: ``input [T, in]`` sorted by group -> ``[T, out]``
+        (see :func:`grouped_ops.grouped_linear`)."""
         try:  # the parameters from their dict: nn.Module.__getattr__ costs ~0.5 us each per call
             weight, bias = self._parameters["weight"], self._parameters["bias"]
         except KeyError:  # moved elsewhere (torch.nn.utils.parametrize): ask the module
             weight, bias = self.weight, self.bias
         impl = self.impl
+        if offsets is not None or group_sizes is not None:
+            return grouped_linear(input, weight, bias, offsets=offsets, group_sizes=group_sizes, impl=impl)
         if type(input) is Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN) and \
                 not _any_autocast() and not _is_compiling() and not _RECORDING.get():
             # grouped_linear's lean road to the dispatcher's memo, inline (see functional.grouped_linear)
@@ -321,8 +329,9 @@ def _laid_out(weight: Tensor, layout: str) -> Tensor:
 
 
 def _check_impl(who: str, impl: str) -> None:
-    if impl != "auto" and impl not in _GL.registry:
-        raise GroupedOpsError(f"{who}: unknown impl {impl!r}; valid options are {['auto', *_GL.registry]}")
+    if impl != "auto" and impl not in _GL.registry and impl not in _GLR.registry:
+        raise GroupedOpsError(f"{who}: unknown impl {impl!r}; valid options are {['auto', *_GL.registry]}, or for "
+                              f"calls with offsets {list(_GLR.registry)}")
 
 
 def _describe(layer: nn.Linear) -> str:

@@ -147,6 +147,9 @@ class Implementation:
             or None. The tuner does not time it where that one is timed; forcing it still works.
         output: the op's output contract, applied to every result (see :class:`Registry`, which
             sets it; :func:`fresh_contiguous` by default).
+        syncs: whether, for a signature, it reads tensor values on the host (a device sync, and
+            values a CUDA graph would bake in): while a CUDA graph is being captured, ``auto``
+            does not consider it and forcing it is refused.
     """
 
     name: str
@@ -160,6 +163,7 @@ class Implementation:
     prepare: Callable[[Any, Implementation], Callable[..., torch.Tensor] | None] | None = None
     runs_as: Callable[[Any], str | None] = field(default=lambda sig: None)
     output: Callable[[torch.Tensor], torch.Tensor] = fresh_contiguous
+    syncs: Callable[[Any], bool] = field(default=lambda sig: False)
 
     def __call__(self, *args: Any) -> torch.Tensor:
         """Run the implementation; the result keeps the op's output contract (``output``)."""

@@ -13,6 +13,7 @@ import torch
 
 import grouped_ops
 from grouped_ops import dispatch, grouped_linear, weighted_combine
+from grouped_ops.functional import public
 from grouped_ops.ops import SPECS
 from grouped_ops.registry import group_major_strides
 
@@ -25,13 +26,17 @@ def _args(op: str, dtype: torch.dtype = torch.float32, grad: bool = False, list_
     if op == "grouped_linear":  # in/out multiples of 8: every implementation runs
         x, w, b = torch.randn(6, 4, 16, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, generator=g)
         return (x.to(dtype), w.to(dtype).requires_grad_(grad), b.to(dtype)), (6, 4, 8)
+    if op == "grouped_linear_ragged":  # an empty group and a row past the last offset
+        x, w, b = torch.randn(9, 16, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, generator=g)
+        offsets = torch.tensor([3, 3, 5, 8], dtype=torch.int32)
+        return (x.to(dtype), w.to(dtype).requires_grad_(grad), b.to(dtype), offsets), (9, 8)
     xs, w = torch.randn(6, 3, 2, 5, generator=g).to(dtype), torch.softmax(torch.randn(6, 3, generator=g), -1).to(dtype)
     inputs = list(xs.unbind(1)) if list_inputs else xs
     return (inputs, w.requires_grad_(grad)), (6, 2, 5)
 
 
 def _run(op: str, impl: str, path: str, args: tuple, tmp_path=None) -> torch.Tensor:
-    fn = getattr(grouped_ops, op)
+    fn = getattr(grouped_ops, op, None) or public(SPECS[op])  # an op without a public name of its own
     if path == "forced":
         return fn(*args, impl=impl)
     if path == "auto":
