@@ -30,8 +30,9 @@ class Decision:
         timings stayed unstable to the end of the tuning budget) or ``"out of memory: a, b"``
         (those candidates ran out of memory, so it picks among the ones that fitted). A partial
         decision is stored and used like a full one, and re-tuned once where tuning is allowed: by
-        the first later process that may tune (one per host: the tuning lock), or by batch
-        prewarm's later pass; the process that measured it does not repeat it on its next calls.
+        the first process started after it was stored that may tune (one per host: the tuning
+        lock), or by batch prewarm's later pass; the process that measured it and its peers
+        running alongside do not repeat it.
     tunings: how many tunings this decision comes from (a partial decision re-tuned once has 2;
         after that it is kept as it is).
     stored: whether this call wrote the decision to the user's disk cache (under torch.distributed,

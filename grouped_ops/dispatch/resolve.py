@@ -25,6 +25,7 @@ import logging
 import math
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from typing import Any
@@ -51,6 +52,11 @@ FAMILY_LIMIT = 64  # tuned batch sizes kept per family for nearest-batch answers
 
 # (persistent key, exclusions) -> decision; family key -> {batch: decision}
 _DECISIONS: OrderedDict[tuple[str, frozenset[str]], Decision] = OrderedDict()
+# Keys of partial entries that another process wrote while this one ran: a peer starting at the
+# same moment (a job's ranks, a server's workers) re-tuning them would measure the same moment
+# again, so they are left to a process that starts later (bounded like the table above).
+_PEERS_PARTIAL: OrderedDict[str, None] = OrderedDict()
+STARTED = time.time()  # this process's start, as far as the tuner is concerned (tests move it)
 _FAMILIES: OrderedDict[str, OrderedDict[int, Decision]] = OrderedDict()
 _LOCK = threading.Lock()  # guards the tables above
 _TIMER: list[Timer] = []  # a test's injected timer, innermost last
@@ -204,6 +210,7 @@ def clear_memory() -> None:
     with _LOCK:
         _DECISIONS.clear()
         _FAMILIES.clear()
+        _PEERS_PARTIAL.clear()
     for clear in on_clear:
         clear()
     _store.shipped_entries.cache_clear()
@@ -241,10 +248,11 @@ def _remembered(spec: OpSpec, sig: Signature, excluded: frozenset[str], disk_fir
 
 def _due(d: Decision) -> bool:
     """Whether a remembered decision is to be tuned once more where tuning is allowed: a provisional
-    one (timed under a profiler), or a partial one that another process stored after one tuning
-    (this process's own partial tunings are not repeated here: a later process, or batch prewarm's
-    later pass, re-tunes them)."""
-    return d.provisional or (bool(d.partial) and d.tunings < 2 and d.source == "cache")
+    one (timed under a profiler), or a partial one that an earlier process stored after one tuning
+    (this process's own partial tunings, and those of peers running alongside it, are not
+    repeated here: a process that starts later, or batch prewarm's later pass, re-tunes them)."""
+    return d.provisional or (bool(d.partial) and d.tunings < 2 and d.source == "cache"
+                             and d.signature is not None and d.signature.key() not in _PEERS_PARTIAL)
 
 
 def from_disk(spec: OpSpec, sig: Signature, allow_stale: bool = False) -> Decision | None:
@@ -262,6 +270,11 @@ def from_disk(spec: OpSpec, sig: Signature, allow_stale: bool = False) -> Decisi
         fresh = entry.get("fingerprint") == current
         decision = _store.decision_of(entry, where if fresh else "stale", sig)
         if fresh:
+            if decision.partial and (_store.created_at(entry) or 0.0) >= math.floor(STARTED):
+                with _LOCK:
+                    _PEERS_PARTIAL[key] = None
+                    while len(_PEERS_PARTIAL) > DECISIONS_LIMIT:
+                        _PEERS_PARTIAL.popitem(last=False)
             remember(decision)
             return decision
         stale = stale or decision

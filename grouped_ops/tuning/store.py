@@ -19,6 +19,7 @@ Format 2 named the math settings, ``math[...]``, the live CPU thread count, and 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import hashlib
 import json
@@ -85,6 +86,14 @@ def decision_of(entry: dict[str, Any], source: str, sig: Signature | None = None
     return Decision(entry["impl"], source, {k: float(v) for k, v in entry.get("timings", {}).items()},
                     dict(entry.get("skipped", {})), sig, tuple(map(str, entry.get("opinions", ()))),
                     partial=str(entry.get("partial", "")), tunings=int(entry.get("tunings", 1)))
+
+
+def created_at(entry: dict[str, Any]) -> float | None:
+    """When ``entry`` was written (seconds since the epoch), or None where it does not say."""
+    try:
+        return datetime.datetime.strptime(str(entry["created"]), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (KeyError, ValueError):
+        return None
 
 
 def fingerprint(op_version: str) -> dict[str, str]:
