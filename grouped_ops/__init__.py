@@ -10,7 +10,13 @@ from ._errors import GroupedOpsError
 from ._version import __version__
 from .decision import Decision
 from .dispatch.overrides import exclude_impls, use_impl
-from .functional import grouped_linear, implementations, unpermute_combine, weighted_combine
+from .functional import (
+    grouped_linear,
+    grouped_linear_ragged,
+    implementations,
+    unpermute_combine,
+    weighted_combine,
+)
 from .nn import GroupedLinear
 from .recording import Recorder, lookup, prewarm, record
 from .routing import MoeRouting, moe_routing
@@ -24,6 +30,7 @@ __all__ = [
     "__version__",
     "exclude_impls",
     "grouped_linear",
+    "grouped_linear_ragged",
     "implementations",
     "lookup",
     "moe_routing",

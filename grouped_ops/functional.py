@@ -17,19 +17,30 @@ from .ops import SPECS
 from .ops._common import autocast_on as _autocast_on
 from .ops._spec import OpSpec
 from .ops.grouped_linear import SPEC as _GL
+from .ops.grouped_linear_ragged import SPEC as _GLR
+from .ops.grouped_linear_ragged import offsets_from as _offsets_from
 from .ops.unpermute_combine import SPEC as _UC
 from .ops.unpermute_combine import check_rows
 from .ops.weighted_combine import SPEC as _WC
 from .ops.weighted_combine import promote
 
 
-def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, impl: str = "auto") -> Tensor:
+def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, offsets: Tensor | None = None,
+                   group_sizes: Tensor | Sequence[int] | None = None, impl: str = "auto") -> Tensor:
     """n independent linear layers in one call.
 
     ``input [..., n, in]`` (any number of leading dims, or none), ``weight [n, out, in]``
     (nn.Linear's layout per group), ``bias [n, out]`` or None -> ``[..., n, out]``. The same result
     as ``torch.stack([F.linear(input[..., i, :], weight[i], bias[i]) for i in range(n)], -2)``.
     Any strides work, e.g. ``W.transpose(1, 2)`` of a ``[n, in, out]`` tensor.
+
+    Ragged groups (mixture-of-experts experts, docs/ragged.md): with ``offsets`` or
+    ``group_sizes``, ``input [T, in]`` holds rows sorted by group, ``weight [E, out, in]``,
+    ``bias [E, out]`` -> ``[T, out]``: group ``g``'s rows ``offsets[g-1] <= t < offsets[g]`` get
+    ``F.linear(input[t], weight[g], bias[g])``; rows past ``offsets[E-1]`` are zero. ``offsets`` are
+    the cumulative ends as ``F.grouped_mm`` takes them (int32 or int64), ``group_sizes`` the
+    counts; give at most one. This is the op ``grouped_linear_ragged``, with implementations of its
+    own (``impl`` is one of ``implementations("grouped_linear_ragged")``).
 
     Example:
         >>> x = torch.randn(8, 4, 16)                  # batch 8, 4 groups, 16 features each
@@ -49,14 +60,36 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
 
     Raises:
         GroupedOpsError: wrong ranks or sizes, mixed dtypes or devices, an unknown ``impl`` or one
-            that does not support these inputs (the message lists why).
+            that does not support these inputs (the message lists why); with ragged groups also
+            offsets that are not int32/int64, of the wrong length, decreasing or past ``T`` (values
+            are checked where that costs no host sync), or both ``offsets`` and ``group_sizes``.
     """
+    if offsets is not None or group_sizes is not None:
+        offsets = _offsets_from(input, weight, bias, offsets, group_sizes)
+        return _with_autocast(_GLR, (input, weight, bias, offsets), _impl_of(_GLR, _GL, impl))
+    if impl != "auto":
+        impl = _impl_of(_GL, _GLR, impl)
     if _any_autocast() and isinstance(input, Tensor) and _autocast_on(input.device.type):
         device_type = input.device.type
         input, weight, bias = _autocast(device_type, input, weight, bias)
         with torch.autocast(device_type, enabled=False):  # see _dispatch
             return _dispatch(_GL, (input, weight, bias), impl)
     return _dispatch(_GL, (input, weight, bias), impl)
+
+
+def grouped_linear_ragged(input: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tensor, *,
+                          impl: str = "auto") -> Tensor:
+    """The ragged-groups op itself: ``grouped_linear(input, weight, bias, offsets=offsets)`` with
+    every argument positional, as ``prewarm``, ``lookup`` and the testing helpers take it.
+
+    ``input [T, in]`` (rows sorted by group), ``weight [E, out, in]``, ``bias [E, out]`` or None,
+    ``offsets [E]`` (int32/int64 cumulative ends) -> ``[T, out]``, fresh and contiguous; rows past
+    ``offsets[E-1]`` are zero. See :func:`grouped_linear` and docs/ragged.md.
+
+    Raises:
+        GroupedOpsError: as :func:`grouped_linear` with offsets.
+    """
+    return _with_autocast(_GLR, (input, weight, bias, offsets), _impl_of(_GLR, _GL, impl))
 
 
 def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, out_dtype: torch.dtype | None = None,
@@ -158,6 +191,26 @@ def _out_dtype(spec: OpSpec, dtype: object) -> torch.dtype | None:
     return dtype
 
 
+def _impl_of(spec: OpSpec, other: OpSpec, impl: str) -> str:
+    # a name of the other form's op (GroupedLinear(impl=...) serves both): say which call reaches which op
+    if impl != "auto" and impl not in spec.registry and impl in other.registry:
+        form = "with offsets or group_sizes" if spec is _GLR else "without offsets or group_sizes"
+        raise GroupedOpsError(f"{spec.name}: impl {impl!r} is an implementation of {other.name}, but a call "
+                              f"{form} runs {spec.name}, whose options are {['auto', *spec.registry]}")
+    return impl
+
+
+def _with_autocast(spec: OpSpec, args: tuple, impl: str) -> Tensor:
+    # nn.Linear's autocast rule for an op whose floating-point arguments are cast (see grouped_linear)
+    first = args[0]
+    if _any_autocast() and isinstance(first, Tensor) and _autocast_on(first.device.type):
+        device_type = first.device.type
+        args = _autocast(device_type, *args)
+        with torch.autocast(device_type, enabled=False):
+            return _dispatch(spec, args, impl)
+    return _dispatch(spec, args, impl)
+
+
 def _dispatch(spec: OpSpec, args: tuple, impl: str) -> Tensor:
     # Under autocast the arguments arrive cast to the autocast dtype, and the implementation runs
     # with autocast off: otherwise its own ops would follow autocast's per-op lists (CUDA's puts
@@ -253,4 +306,4 @@ def _autocast_combine(device_type: str, inputs: object, weights: Tensor) -> tupl
 
 
 _PUBLIC: dict[str, Callable[..., Tensor]] = {_GL.name: grouped_linear, _WC.name: weighted_combine,
-                                            _UC.name: unpermute_combine}
+                                             _GLR.name: grouped_linear_ragged, _UC.name: unpermute_combine}

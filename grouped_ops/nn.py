@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ._errors import GroupedOpsError
 from .functional import grouped_linear
 from .ops.grouped_linear import SPEC as _GL
+from .ops.grouped_linear_ragged import SPEC as _GLR
 
 
 class GroupedLinear(nn.Module):
@@ -43,7 +44,9 @@ class GroupedLinear(nn.Module):
         in_features: input features per group.
         out_features: output features per group.
         bias: whether each group has a bias.
-        impl: ``"auto"`` (the tuned choice) or one of ``grouped_ops.implementations("grouped_linear")``.
+        impl: ``"auto"`` (the tuned choice) or one of ``grouped_ops.implementations("grouped_linear")``
+            (or, for calls with ``offsets``, of ``"grouped_linear_ragged"``; a call refuses a name of the
+            other op).
         weight_layout: how the weight is stored: ``"out_in"`` (default), nn.Linear's contiguous
             layout, which every wrapper takes (FSDP2 refuses non-contiguous parameters); or
             ``"in_out"``, ``[groups, in, out]`` storage behind the same ``[groups, out, in]`` weight:
@@ -85,8 +88,13 @@ class GroupedLinear(nn.Module):
         with torch.no_grad():
             self.weight.copy_(drawn)
 
-    def forward(self, input: Tensor) -> Tensor:
-        return grouped_linear(input, self.weight, self.bias, impl=self.impl)
+    def forward(self, input: Tensor, offsets: Tensor | None = None, group_sizes: Tensor | None = None) -> Tensor:
+        """``input [..., groups, in]`` -> ``[..., groups, out]``; or with ``offsets`` (cumulative ends)
+        or ``group_sizes`` (counts), ragged groups: ``input [T, in]`` sorted by group -> ``[T, out]``
+        (see :func:`grouped_ops.grouped_linear`)."""
+        if offsets is None and group_sizes is None:
+            return grouped_linear(input, self.weight, self.bias, impl=self.impl)
+        return grouped_linear(input, self.weight, self.bias, offsets=offsets, group_sizes=group_sizes, impl=self.impl)
 
     def __prepare_scriptable__(self) -> GroupedLinear:
         # torch.jit.script calls this first: fail with a way forward, not a TorchScript parse error.
@@ -302,8 +310,9 @@ def _laid_out(weight: Tensor, layout: str) -> Tensor:
 
 
 def _check_impl(who: str, impl: str) -> None:
-    if impl != "auto" and impl not in _GL.registry:
-        raise GroupedOpsError(f"{who}: unknown impl {impl!r}; valid options are {['auto', *_GL.registry]}")
+    if impl != "auto" and impl not in _GL.registry and impl not in _GLR.registry:
+        raise GroupedOpsError(f"{who}: unknown impl {impl!r}; valid options are {['auto', *_GL.registry]}, or for "
+                              f"calls with offsets {list(_GLR.registry)}")
 
 
 def _describe(layer: nn.Linear) -> str:

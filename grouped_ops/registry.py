@@ -93,6 +93,9 @@ class Implementation:
         runs_as: for a signature, the name of the implementation whose code this one runs there
             (``bmm_strided_out`` is ``bmm`` in training), or None. The tuner does not time it
             where that one is timed; forcing it still works.
+        syncs: whether, for a signature, it reads tensor values on the host (a device sync, and
+            values a CUDA graph would bake in): while a CUDA graph is being captured, ``auto``
+            does not consider it and forcing it is refused.
     """
 
     name: str
@@ -105,6 +108,7 @@ class Implementation:
     forward_ad: bool = True
     prepare: Callable[[Any, Implementation], Callable[..., torch.Tensor] | None] | None = None
     runs_as: Callable[[Any], str | None] = field(default=lambda sig: None)
+    syncs: Callable[[Any], bool] = field(default=lambda sig: False)
 
     def __call__(self, *args: Any) -> torch.Tensor:
         """Run the implementation; the result keeps the output contract (see :func:`fresh_contiguous`)."""

@@ -12,6 +12,7 @@ import torch
 
 import grouped_ops
 from grouped_ops import dispatch, grouped_linear, weighted_combine
+from grouped_ops.functional import public
 from grouped_ops.ops import SPECS
 
 CASES = [(op, impl) for op, spec in SPECS.items() for impl in spec.registry]
@@ -27,13 +28,17 @@ def _args(op: str, dtype: torch.dtype = torch.float32, grad: bool = False, list_
         rows, inverse = torch.randn(18, 5, generator=g).to(dtype), torch.randperm(18, generator=g).view(6, 3)
         w = torch.softmax(torch.randn(6, 3, generator=g), -1).to(dtype)
         return (rows.requires_grad_(grad), inverse, w), (6, 5)
+    if op == "grouped_linear_ragged":  # an empty group and a row past the last offset
+        x, w, b = torch.randn(9, 16, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, generator=g)
+        offsets = torch.tensor([3, 3, 5, 8], dtype=torch.int32)
+        return (x.to(dtype), w.to(dtype).requires_grad_(grad), b.to(dtype), offsets), (9, 8)
     xs, w = torch.randn(6, 3, 2, 5, generator=g).to(dtype), torch.softmax(torch.randn(6, 3, generator=g), -1).to(dtype)
     inputs = list(xs.unbind(1)) if list_inputs else xs
     return (inputs, w.requires_grad_(grad)), (6, 2, 5)
 
 
 def _run(op: str, impl: str, path: str, args: tuple, tmp_path=None) -> torch.Tensor:
-    fn = getattr(grouped_ops, op)
+    fn = getattr(grouped_ops, op, None) or public(SPECS[op])  # an op without a public name of its own
     if path == "forced":
         return fn(*args, impl=impl)
     if path == "auto":

@@ -68,15 +68,18 @@ def forward_ad_active() -> bool:
     return any(i.key() == jvp for i in retrieve_all_functorch_interpreters())
 
 
-def _context_reasons(implementation: Implementation) -> list[str]:
-    return [] if implementation.forward_ad or not forward_ad_active() else \
+def _context_reasons(implementation: Implementation, sig: Signature) -> list[str]:
+    reasons = [] if implementation.forward_ad or not forward_ad_active() else \
         ["no forward-mode AD (torch.func.jvp, dual tensors) in torch for it"]
+    if _capturing(sig) and implementation.syncs(sig):
+        reasons.append("reads values on the host (a sync), which capturing a CUDA graph does not allow")
+    return reasons
 
 
 def checked_impl(spec: OpSpec, sig: Signature, impl: str) -> Implementation:
     """A forced implementation, or an error listing why it cannot run ``sig`` here."""
     implementation = spec.registry[impl]  # unknown names raise, listing the valid ones
-    reasons = implementation.not_supported_reasons(sig) + _context_reasons(implementation)
+    reasons = implementation.not_supported_reasons(sig) + _context_reasons(implementation, sig)
     if reasons:
         raise GroupedOpsError(f"{spec.name}: impl {impl!r} does not support {sig}: " + "; ".join(reasons))
     return implementation
@@ -97,7 +100,7 @@ def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
     if forced is not None:
         checked_impl(spec, sig, forced[0])
         return Decision(forced[0], forced[1], signature=sig), True
-    excluded = overrides.excluded(spec.name) | {n for n, i in spec.registry.items() if _context_reasons(i)}
+    excluded = overrides.excluded(spec.name) | {n for n, i in spec.registry.items() if _context_reasons(i, sig)}
     if torch.are_deterministic_algorithms_enabled():
         why = "deterministic algorithms: auto uses the op's default rule, the same in every process"
         return Decision(harness.default_allowed(spec, sig, excluded), "default", {}, {"(tuning)": why}, sig), True

@@ -64,7 +64,7 @@ def _describe(name: str, t: Any) -> str:
 
 def _upcast(args: tuple[Any, ...], fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Any, ...]:
     def one(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():  # integer offsets stay as they are
             return t
         return fn(t.detach().to(torch.float64)).requires_grad_(t.requires_grad)
     return tuple(type(a)(one(t) for t in a) if isinstance(a, (tuple, list)) else one(a) for a in args)

@@ -1,0 +1,323 @@
+"""grouped_linear_ragged's implementations (its own module only for the size limit).
+
+Each is a plain function ``fn(input [T, in], weight [E, out, in], bias [E, out] | None, offsets [E])
+-> [T, out]`` over structurally validated arguments. Each first calls :func:`ends`, which checks
+the offsets' values on every call where that costs no host sync (see the op module), and returns
+them as a host list where they are on the host or the implementation needs them there.
+
+The contract they share: row ``t`` of group ``g`` (``offsets[g-1] <= t < offsets[g]``, with
+``offsets[-1]`` read as 0) is ``F.linear(input[t], weight[g], bias[g])``; rows at or past
+``offsets[E-1]`` belong to no group and are zero, with zero gradient; a group with no rows gets
+exactly zero weight and bias gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._common import apply_function, fail
+
+OP = "grouped_linear_ragged"
+Tensor = torch.Tensor
+
+#: Reads device-resident offsets on the host to check them (a sync) when set to 1.
+DEBUG_ENV = "GROUPED_OPS_DEBUG"
+
+
+# ---- the offsets' values ---------------------------------------------------------------------------
+
+def debug_mode() -> bool:
+    """``GROUPED_OPS_DEBUG=1``: check device-resident offsets too (each call then syncs)."""
+    return os.environ.get(DEBUG_ENV, "") == "1"
+
+
+def check_values(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor, values: list[int]) -> None:
+    """Refuse offsets whose values do not describe groups of ``x``'s rows, naming the first bad one."""
+    rows = x.shape[0]
+    shapes = {"input": x, "weight": w, "bias": b, "offsets": offsets}
+    previous = 0
+    for g, end in enumerate(values):
+        if end < previous:
+            what = f"offsets[{g}]={end} is negative" if g == 0 else \
+                f"offsets[{g}]={end} < offsets[{g - 1}]={previous}"
+            raise fail(OP, f"offsets must be non-decreasing cumulative ends (group g's rows are "
+                           f"offsets[g-1] <= t < offsets[g]); {what}", **shapes)
+        previous = end
+    if previous > rows:
+        raise fail(OP, f"the last offset, offsets[{len(values) - 1}]={previous}, is past the input's "
+                       f"{rows} rows", **shapes)
+
+
+def ends(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor, need: bool) -> list[int] | None:
+    """The offsets as a checked host list where they are on the host, ``need`` asks for them (a
+    sync on a GPU) or the debug mode is on; else None (nothing read, nothing checked)."""
+    if offsets.device.type == "meta" or x.device.type == "meta":
+        # Also what keeps torch.compile from inlining an implementation (its trace-time probe runs
+        # them on meta tensors): the op stays opaque there, its custom op runs it on real tensors.
+        raise fail(OP, "runs on real tensors only: its implementations read or index with the offsets' "
+                       "values", input=x, offsets=offsets)
+    if offsets.device.type == "cpu" or need or debug_mode():
+        values = offsets.tolist()
+        check_values(x, w, b, offsets, values)
+        return values
+    return None
+
+
+def _sizes(values: list[int]) -> list[int]:
+    return [end - start for start, end in zip([0, *values], values, strict=False)]
+
+
+def _group_ids(offsets: Tensor, rows: int) -> Tensor:
+    """``[T]``: each row's group, ``E`` for rows past the last offset; no host sync."""
+    return torch.searchsorted(offsets, torch.arange(rows, device=offsets.device, dtype=offsets.dtype), right=True)
+
+
+def _on(offsets: Tensor, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The offsets on ``x``'s device (host offsets of a GPU input are copied there)."""
+    return offsets.to(device=x.device, dtype=dtype or offsets.dtype, non_blocking=True)
+
+
+def _like_weight(w: Tensor) -> Tensor:
+    """An empty tensor shaped and strided as ``w`` where ``w`` is dense (its contiguous or
+    transposed storage), else contiguous: AccumulateGrad then keeps a gradient written there."""
+    if w.is_contiguous() or w.transpose(1, 2).is_contiguous():
+        return torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device)
+    return w.new_empty(w.shape)
+
+
+# ---- loop ------------------------------------------------------------------------------------------
+
+def _loop_forward(x: Tensor, w: Tensor, b: Tensor | None, values: list[int]) -> Tensor:
+    y = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for g, end in enumerate(values):
+        if end > start:  # each group's product written into its rows of the result (out=)
+            if b is None:
+                torch.mm(x[start:end], w[g].t(), out=y[start:end])
+            else:
+                torch.addmm(b[g], x[start:end], w[g].t(), out=y[start:end])
+        start = end
+    if start < x.shape[0]:
+        y[start:].zero_()
+    return y
+
+
+def _loop_weight_grads(gy: Tensor, x: Tensor, w: Tensor, values: list[int], need_w: bool,
+                       need_b: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Per-group ``gy_g^T @ x_g`` and ``sum(gy_g)``; the groups with no rows get one zero-fill."""
+    gw = _like_weight(w) if need_w else None
+    gb = gy.new_empty(w.shape[0], w.shape[1]) if need_b else None
+    empty = []
+    start = 0
+    for g, end in enumerate(values):
+        if end > start:
+            if gw is not None:
+                torch.mm(gy[start:end].t(), x[start:end], out=gw[g])
+            if gb is not None:
+                torch.sum(gy[start:end], 0, out=gb[g])
+        else:
+            empty.append(g)
+        start = end
+    if empty:
+        index = torch.tensor(empty, device=gy.device)
+        for t in (gw, gb):
+            if t is not None:
+                t.index_fill_(0, index, 0)
+    return gw, gb
+
+
+class _LoopLinear(torch.autograd.Function):
+    """loop's forward and backward: one matmul per group with rows, written into the result."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, values: list[int]) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.values, ctx.has_bias = values, b is not None
+        return _loop_forward(x, w, b, values)
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        values = ctx.values
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: differentiable gradients (a second backward)
+            return (*_differentiable_grads(gy, x, w, values, need_x, need_w, need_b and ctx.has_bias), None)
+        gx = _loop_forward(gy, w.transpose(1, 2), None, values) if need_x else None
+        gw, gb = _loop_weight_grads(gy, x, w, values, need_w, need_b and ctx.has_bias)
+        return gx, gw, gb, None
+
+
+def _differentiable_grads(gy: Tensor, x: Tensor, w: Tensor, values: list[int], need_x: bool, need_w: bool,
+                          need_b: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    gx = apply_function(_LoopLinear, gy, w.transpose(1, 2), None, values) if need_x else None
+    starts = [0, *values[:-1]]
+    gw = torch.stack([gy[s:e].t() @ x[s:e] for s, e in zip(starts, values, strict=True)]) if need_w else None
+    gb = torch.stack([gy[s:e].sum(0) for s, e in zip(starts, values, strict=True)]) if need_b else None
+    return gx, gw, gb
+
+
+def loop(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
+    values = ends(x, w, b, offsets, need=True)
+    assert values is not None
+    if w.shape[0] == 0:  # no groups: every row is past the last offset
+        return _empty_groups(x, w, b)
+    return apply_function(_LoopLinear, x, w, b, values)
+
+
+def _empty_groups(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """Zero rows for a call where no group has a row: still in the autograd graph, so that every
+    argument gets an exactly zero gradient (a sum over none of the weight's elements: one zero-fill)."""
+    y = x @ x.new_zeros(x.shape[1], w.shape[1]) + w[:0].sum()
+    return y if b is None else y + b[:0].sum()
+
+
+# ---- the weight gradient as a custom op (what the compiled backward calls) --------------------------
+
+def weight_grads(gy: Tensor, x: Tensor, w: Tensor, offsets: Tensor, need_w: bool,
+                 need_b: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The weight and bias gradients for ``gy [T, out]`` (eager; reads the offsets on the host)."""
+    values = ends(x, w, None, offsets, need=True)
+    assert values is not None
+    return _loop_weight_grads(gy.contiguous(), x, w, values, need_w, need_b)
+
+
+# ---- padded_bmm: scatter into [E, max_rows, in], one baddbmm ------------------------------------------
+
+def padded_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
+    # The ragged twin of the dense op's bmm: each group's rows copied into a zero-padded slab of the
+    # largest group's size. Autograd differentiates the copies and the bmm: the padding's zero rows
+    # make the gradients of empty groups exactly zero with no fill of their own.
+    values = ends(x, w, b, offsets, need=True)
+    assert values is not None
+    groups, rows = w.shape[0], x.shape[0]
+    sizes = _sizes(values)
+    longest = max(sizes, default=0)
+    if longest == 0:
+        return _empty_groups(x, w, b)
+    end = values[-1]
+    device = x.device
+    counts = torch.tensor(sizes, device=device)
+    gid = torch.repeat_interleave(torch.arange(groups, device=device), counts, output_size=end)
+    starts = torch.tensor([0, *values[:-1]], device=device)
+    slot = gid * longest + torch.arange(end, device=device) - starts[gid]  # each row's place in the slab
+    xp = x.new_zeros(groups * longest, x.shape[1]).index_copy(0, slot, x[:end])
+    xp = xp.view(groups, longest, x.shape[1])
+    wt = w.transpose(1, 2)
+    yp = torch.bmm(xp, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xp, wt)
+    y = yp.reshape(groups * longest, -1).index_select(0, slot)
+    return y if end == rows else torch.cat([y, y.new_zeros(rows - end, y.shape[1])])
+
+
+# ---- gather_bmm: each row's weight gathered, one bmm ---------------------------------------------------
+
+def gather_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
+    # No host sync: rows find their group with searchsorted on the device. Costs T*out*in extra
+    # memory (the gathered weights; their gradient too in training), so it is memory-gated.
+    ends(x, w, b, offsets, need=False)
+    groups, rows = w.shape[0], x.shape[0]
+    if groups == 0 or rows == 0:
+        return _empty_groups(x, w, b)
+    gid = _group_ids(_on(offsets, x), rows)
+    g = gid.clamp(max=groups - 1)
+    wg = w.index_select(0, g)  # [T, out, in]
+    xc = x.unsqueeze(2)
+    y = torch.bmm(wg, xc) if b is None else torch.baddbmm(b.index_select(0, g).unsqueeze(2), wg, xc)
+    return y.squeeze(2).masked_fill((gid == groups).unsqueeze(1), 0)  # rows past the last offset
+
+
+def gather_bytes(sig: Any) -> int:
+    """gather_bmm's workspace: the gathered ``[T, out, in]`` weights, and their gradient in training."""
+    per = sig.dim("batch") * sig.dim("out") * sig.dim("in") * sig.dtype.itemsize
+    return per * (2 if "weight" in sig.grad else 1)
+
+
+# ---- dense_select: every expert on every row, then each row picks its own ---------------------------
+
+def dense_select(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
+    # E times the arithmetic, in one matmul: pays only with a few experts and few rows.
+    ends(x, w, b, offsets, need=False)
+    groups, rows, out = w.shape[0], x.shape[0], w.shape[1]
+    if groups == 0 or rows == 0:
+        return _empty_groups(x, w, b)
+    gid = _group_ids(_on(offsets, x), rows)
+    every = F.linear(x, w.reshape(groups * out, -1), None if b is None else b.reshape(-1))  # [T, E*out]
+    index = gid.clamp(max=groups - 1).view(rows, 1, 1).expand(rows, 1, out)
+    y = every.view(rows, groups, out).gather(1, index).squeeze(1)
+    return y.masked_fill((gid == groups).unsqueeze(1), 0)
+
+
+# ---- grouped_mm: torch's grouped GEMM with offsets --------------------------------------------------
+
+def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
+    # F.grouped_mm leaves the rows past the last offset uninitialised (values like 1.6 and 2e-36
+    # were seen), takes no bias, and on some GPUs returns non-zero weight gradients for empty groups
+    # (pytorch#152668, #172439): _RaggedGroupedMM zeroes those rows and groups and adds the bias.
+    values = ends(x, w, b, offsets, need=False)
+    if w.shape[0] == 0 or x.shape[0] == 0 or 0 in w.shape:
+        return _empty_groups(x, w, b) if w.shape[0] == 0 or x.shape[0] == 0 else loop(x, w, b, offsets)
+    return _RaggedGroupedMM.apply(x, w, b, _on(offsets, x, torch.int32), values)
+
+
+def _tail_zeroed(y: Tensor, offs: Tensor, values: list[int] | None, gid: Tensor | None) -> Tensor:
+    """``y [T, k]`` with the rows past the last offset set to zero (in place; ``y`` is fresh)."""
+    if values is not None:
+        end = values[-1]
+        if end < y.shape[0]:
+            y[end:].zero_()
+        return y
+    gid = _group_ids(offs, y.shape[0]) if gid is None else gid
+    return y.masked_fill_((gid == offs.shape[0]).unsqueeze(1), 0)
+
+
+class _RaggedGroupedMM(torch.autograd.Function):
+    """``F.grouped_mm(x, w^T, offs)`` with the bias, zero rows past the last offset, and a backward
+    of grouped_mm products whose empty groups are zeroed (one masked fill at most)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, offs: Tensor,
+                values: list[int] | None) -> Tensor:
+        from .grouped_linear import _fit, _grouped_mm_op  # torch's stride rules, written once there
+
+        mm = _grouped_mm_op()
+        y = mm(_fit(x), _fit(w.transpose(1, 2)), offs=offs)
+        gid = None
+        if b is not None:  # rows past the last offset pick a zero row of the extended bias
+            gid = _group_ids(offs, x.shape[0])
+            y.add_(torch.cat([b, b.new_zeros(1, b.shape[1])]).index_select(0, gid))
+        ctx.save_for_backward(x, w, offs)
+        ctx.values, ctx.has_bias = values, b is not None
+        return _tail_zeroed(y, offs, values, gid)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
+        from .grouped_linear import _fit, _grouped_mm_op
+
+        x, w, offs = ctx.saved_tensors
+        values = ctx.values
+        mm = _grouped_mm_op()
+        gy = _fit(gy)  # .sum()'s stride-0 gradient is not an operand grouped_mm takes
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = _tail_zeroed(mm(gy, _fit(w), offs=offs), offs, values, None) if need_x else None
+        gw = gb = None
+        if need_w:
+            if w.stride(1) == 1 and w.stride(2) != 1:  # stored [E, in, out]: its gradient in that layout
+                gw = mm(_fit(x.t()), gy, offs=offs).transpose(1, 2)
+            else:
+                gw = mm(_fit(gy.t()), _fit(x), offs=offs)
+            sizes = torch.diff(offs, prepend=offs.new_zeros(1))
+            if values is None:
+                gw.masked_fill_((sizes == 0).view(-1, 1, 1), 0)
+            else:
+                empty = [g for g, n in enumerate(_sizes(values)) if n == 0]
+                if empty:
+                    gw.index_fill_(0, torch.tensor(empty, device=gw.device), 0)
+        if need_b and ctx.has_bias:
+            sizes = torch.diff(offs, prepend=offs.new_zeros(1))
+            rest = (gy.shape[0] - offs[-1:]).to(sizes.dtype)  # the rows past the last offset: a segment too
+            gb = torch.segment_reduce(gy, "sum", lengths=torch.cat([sizes, rest]), unsafe=True)[:-1]
+        return gx, gw, gb, None, None

@@ -1,0 +1,320 @@
+"""grouped_linear with ragged groups (the op grouped_linear_ragged): the public call, what it decides
+(empty groups, T=0, E=0 and 1, rows past the last offset), what it refuses and when, and its
+names everywhere an op is named. Property tests against the float64 reference are in
+test_ragged_property.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import grouped_ops
+from grouped_ops import GroupedLinear, GroupedOpsError, dispatch
+from grouped_ops.ops import SPECS
+from grouped_ops.ops import grouped_linear_ragged as ragged
+
+OP = ragged.OP
+IMPLS = list(ragged.REGISTRY)
+
+
+def args(sizes=(3, 0, 4), rows=None, inn=16, out=8, *, bias=True, grad=False, dtype=torch.float32,
+         offsets_dtype=torch.int64):
+    g = torch.Generator().manual_seed(sum(sizes) + len(sizes))
+    total = sum(sizes) if rows is None else rows
+    x = torch.randn(total, inn, generator=g, dtype=dtype, requires_grad=grad)
+    w = torch.randn(len(sizes), out, inn, generator=g, dtype=dtype, requires_grad=grad)
+    b = torch.randn(len(sizes), out, generator=g, dtype=dtype, requires_grad=grad) if bias else None
+    offsets = torch.tensor(sizes, dtype=offsets_dtype).cumsum(0, dtype=offsets_dtype)
+    return x, w, b, offsets
+
+
+def expected(x, w, b, offsets):
+    """The definition, written out independently of the op module."""
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float64)
+    start = 0
+    for g, end in enumerate(offsets.tolist()):
+        for t in range(start, end):
+            out[t] = w[g].double() @ x[t].double() + (0 if b is None else b[g].double())
+        start = end
+    return out
+
+
+def supported(impl, x, w, b, offsets):
+    sig = SPECS[OP].signature(SPECS[OP].meta(x, w, b, offsets), False)
+    return SPECS[OP].registry[impl].supports(sig)
+
+
+# ---- the public call ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64])
+def test_offsets_and_group_sizes_give_the_definition(offsets_dtype):
+    x, w, b, offsets = args(offsets_dtype=offsets_dtype)
+    y = grouped_ops.grouped_linear(x, w, b, offsets=offsets)
+    assert y.shape == (7, 8) and y.is_contiguous() and y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), expected(x, w, b, offsets), rtol=1e-5, atol=1e-5)
+    sizes = torch.tensor([3, 0, 4], dtype=offsets_dtype)
+    torch.testing.assert_close(grouped_ops.grouped_linear(x, w, b, group_sizes=sizes), y)
+    torch.testing.assert_close(grouped_ops.grouped_linear(x, w, b, group_sizes=[3, 0, 4]), y)
+    layer = GroupedLinear(3, 16, 8)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    torch.testing.assert_close(layer(x, offsets=offsets), y)
+    torch.testing.assert_close(layer(x, group_sizes=sizes), y)
+
+
+def test_the_weight_may_have_any_strides():
+    x, w, b, offsets = args()
+    stored = w.detach().transpose(1, 2).contiguous()  # [E, in, out], as PyG and GPT-OSS keep it
+    for view in (stored.transpose(1, 2), torch.cat([w, w], 1)[:, :8], w.detach()[..., :].clone()[:, :, :]):
+        torch.testing.assert_close(grouped_ops.grouped_linear(x, view, b, offsets=offsets).double(),
+                                   expected(x, view, b, offsets), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_groups_get_exactly_zero_weight_and_bias_gradients(impl):
+    x, w, b, offsets = args(sizes=(0, 3, 0, 0, 4, 0), grad=True)
+    if not supported(impl, x, w, b, offsets):
+        pytest.skip(f"{impl} does not run this signature")
+    y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl=impl)
+    y.square().sum().backward()
+    for g in (0, 2, 3, 5):
+        assert torch.equal(w.grad[g], torch.zeros_like(w.grad[g])), g
+        assert torch.equal(b.grad[g], torch.zeros_like(b.grad[g])), g
+    assert w.grad[1].abs().sum() > 0 and b.grad[4].abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_past_the_last_offset_are_zero_with_zero_gradient_never_uninitialised(impl):
+    x, w, b, offsets = args(sizes=(2, 0, 3), rows=9, grad=True)
+    if not supported(impl, x, w, b, offsets):
+        pytest.skip(f"{impl} does not run this signature")
+    with torch.utils.deterministic.fill_uninitialized_memory_context() if hasattr(
+            torch.utils.deterministic, "fill_uninitialized_memory_context") else _filling():
+        y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl=impl)
+        y.sum().backward()
+    assert torch.equal(y[5:], torch.zeros(4, 8))
+    assert torch.equal(x.grad[5:], torch.zeros(4, 16))
+    torch.testing.assert_close(y.detach().double(), expected(x, w, b, offsets), rtol=1e-5, atol=1e-5)
+
+
+class _filling:
+    """Deterministic mode with fill_uninitialized_memory: torch.empty gives NaN (floats), so an
+    implementation that leaves rows unwritten shows NaN there instead of a zero."""
+
+    def __enter__(self):
+        self.before = (torch.are_deterministic_algorithms_enabled(),
+                       torch.utils.deterministic.fill_uninitialized_memory)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.before[0])
+        torch.utils.deterministic.fill_uninitialized_memory = self.before[1]
+
+
+def test_fill_uninitialized_memory_would_expose_unwritten_rows():
+    # the check above can fail: under the filling mode torch.empty holds NaN
+    with _filling():
+        assert torch.empty(4, dtype=torch.float32).isnan().all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("sizes", "rows"), [((), 0), ((), 3), ((0, 0), 0), ((5,), 5), ((0,), 2), ((2, 3), 5)])
+def test_no_rows_no_groups_and_one_group(impl, sizes, rows):
+    x, w, b, offsets = args(sizes=sizes, rows=rows, grad=True)
+    if not supported(impl, x, w, b, offsets):
+        pytest.skip(f"{impl} does not run this signature")
+    y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl=impl)
+    assert y.shape == (rows, 8)
+    torch.testing.assert_close(y.detach().double(), expected(x, w, b, offsets), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    if rows:
+        assert x.grad is not None and x.grad.shape == x.shape
+    if len(sizes) and w.grad is not None:
+        for g, size in enumerate(sizes):
+            if size == 0:
+                assert torch.equal(w.grad[g], torch.zeros_like(w.grad[g]))
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    x, w, b, offsets = args()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_ops.grouped_linear(x, w, b, offsets=offsets)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), expected(x, w, b, offsets), rtol=3e-2, atol=3e-2)
+
+
+# ---- what is refused, and when -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("offsets", "message"), [
+    (torch.tensor([3, 2, 7]), r"non-decreasing .* offsets\[1\]=2 < offsets\[0\]=3"),
+    (torch.tensor([-1, 2, 7]), r"offsets\[0\]=-1 is negative"),
+    (torch.tensor([3, 3, 8]), r"the last offset, offsets\[2\]=8, is past the input's 7 rows"),
+    (torch.tensor([3, 7]), r"one entry per group: 3 \(weight's E\), got 2"),
+    (torch.tensor([3.0, 3.0, 7.0]), r"must be int32 or int64, got float32"),
+    (torch.tensor([[3, 3, 7]]), r"must be 1-D \[E\], got 2-D"),
+    ([3, 3, 7], r"offsets must be a torch.Tensor, got list"),
+])
+def test_bad_offsets_are_refused_naming_the_op_the_argument_and_the_shapes(offsets, message):
+    x, w, b, _ = args()
+    with pytest.raises(GroupedOpsError, match=message) as e:
+        grouped_ops.grouped_linear(x, w, b, offsets=offsets)
+    assert str(e.value).startswith(f"{OP}: ")
+    if isinstance(offsets, torch.Tensor):
+        assert "input.shape=(7, 16), weight.shape=(3, 8, 16)" in str(e.value) and "offsets.shape=" in str(e.value)
+
+
+def test_a_second_bad_call_with_the_same_shapes_is_refused_on_the_memo_hit():
+    x, w, b, offsets = args()
+    grouped_ops.grouped_linear(x, w, b, offsets=offsets)  # decided and memoised
+    grouped_ops.grouped_linear(x, w, b, offsets=offsets)
+    for impl in ("auto", *IMPLS):
+        for bad in (torch.tensor([3, 2, 7]), torch.tensor([3, 3, 9])):
+            if impl != "auto" and not supported(impl, x, w, b, bad):
+                continue
+            for _ in range(2):  # the second time surely from the memo
+                with pytest.raises(GroupedOpsError, match=OP):
+                    grouped_ops.grouped_linear(x, w, b, offsets=bad, impl=impl)
+
+
+def test_group_sizes_and_both_given():
+    x, w, b, offsets = args()
+    with pytest.raises(GroupedOpsError, match=r"give offsets .* or group_sizes .*, not both .*group_sizes.shape=\(3,\)"):
+        grouped_ops.grouped_linear(x, w, b, offsets=offsets, group_sizes=torch.tensor([3, 0, 4]))
+    with pytest.raises(GroupedOpsError, match=r"group_sizes must be >= 0; group_sizes\[1\]=-1"):
+        grouped_ops.grouped_linear(x, w, b, group_sizes=torch.tensor([3, -1, 5]))
+    with pytest.raises(GroupedOpsError, match="the last offset"):
+        grouped_ops.grouped_linear(x, w, b, group_sizes=[3, 1, 4])
+    with pytest.raises(GroupedOpsError, match="group_sizes must be int32 or int64, got float32"):
+        grouped_ops.grouped_linear(x, w, b, group_sizes=torch.tensor([3.0, 0.0, 4.0]))
+    with pytest.raises(GroupedOpsError, match="group_sizes must be ints"):
+        grouped_ops.grouped_linear(x, w, b, group_sizes=[3.0, 0, 4])
+
+
+def test_shapes_are_refused_as_for_the_dense_op():
+    x, w, b, offsets = args()
+    with pytest.raises(GroupedOpsError, match=r"input must be 2-D \[T, in\]"):
+        grouped_ops.grouped_linear(x[None], w, b, offsets=offsets)
+    with pytest.raises(GroupedOpsError, match=r"passed as W.transpose\(1, 2\)"):
+        grouped_ops.grouped_linear(x[:, :8], w, b, offsets=offsets)
+    with pytest.raises(GroupedOpsError, match=r"bias must have shape \(3, 8\)"):
+        grouped_ops.grouped_linear(x, w, b[:2], offsets=offsets)
+    with pytest.raises(GroupedOpsError, match="one dtype"):
+        grouped_ops.grouped_linear(x, w.double(), b, offsets=offsets)
+
+
+def test_quantized_and_fp8_weights_are_refused_clearly():
+    x, w, b, offsets = args()
+    quantized = torch.quantize_per_tensor(w, 0.1, 0, torch.qint8)
+    with pytest.raises(GroupedOpsError, match=r"weight is quantized or FP8 \(qint8\).*dequantize"):
+        grouped_ops.grouped_linear(x, quantized, b, offsets=offsets)
+    if hasattr(torch, "float8_e4m3fn"):
+        with pytest.raises(GroupedOpsError, match=r"quantized or FP8 \(float8_e4m3fn\)"):
+            grouped_ops.grouped_linear(x, w.to(torch.float8_e4m3fn), b, offsets=offsets)
+
+
+# ---- names: implementations(), use_impl, GROUPED_OPS_IMPL, GroupedLinear(impl=) ---------------------------
+
+def test_the_op_is_known_by_its_name():
+    assert grouped_ops.implementations(OP) == tuple(IMPLS)
+    assert hasattr(torch.ops.grouped_ops, f"{OP}_auto")
+    x, w, b, offsets = args()
+    grouped_ops.grouped_linear(x, w, b, offsets=offsets)
+    found = grouped_ops.lookup(OP, x, w, b, offsets)
+    assert found is not None and found.signature.op == OP and "offsets=host" in str(found.signature)
+
+
+def test_use_impl_without_an_op_applies_to_each_op_that_has_the_name(monkeypatch):
+    x, w, b, offsets = args()
+    with grouped_ops.use_impl("loop"):
+        assert grouped_ops.lookup(OP, x, w, b, offsets).source == "forced"
+        assert grouped_ops.lookup("grouped_linear", torch.randn(2, 3, 4), torch.randn(3, 5, 4)).impl == "loop"
+    with grouped_ops.use_impl("padded_bmm") if "padded_bmm" in IMPLS else grouped_ops.use_impl(**{OP: "loop"}):
+        assert grouped_ops.lookup(OP, x, w, b, offsets).source == "forced"
+        dense = grouped_ops.lookup("grouped_linear", torch.randn(2, 3, 4), torch.randn(3, 5, 4))
+        assert dense is None or dense.source != "forced"  # the dense op has no such name: left on auto
+    monkeypatch.setenv("GROUPED_OPS_IMPL", f"{OP}=loop")
+    found = grouped_ops.lookup(OP, x, w, b, offsets)
+    assert (found.impl, found.source) == ("loop", "env")
+
+
+def test_grouped_linear_impl_is_checked_against_the_op_its_call_reaches():
+    x, w, b, offsets = args()
+    layer = GroupedLinear(3, 16, 8, impl="bmm")
+    assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 8)
+    with pytest.raises(GroupedOpsError, match=rf"{OP}: impl 'bmm' is an implementation of grouped_linear, but a "
+                                              rf"call with offsets or group_sizes runs {OP}"):
+        layer(x, offsets=offsets)
+    ragged_only = next(n for n in IMPLS if n not in SPECS["grouped_linear"].registry) if any(
+        n not in SPECS["grouped_linear"].registry for n in IMPLS) else None
+    if ragged_only:
+        layer = GroupedLinear(3, 16, 8, impl=ragged_only)
+        assert layer(x, offsets=offsets).shape == (7, 8)
+        with pytest.raises(GroupedOpsError, match=rf"grouped_linear: impl '{ragged_only}' is an implementation of {OP}"):
+            layer(torch.randn(2, 3, 16))
+    with pytest.raises(GroupedOpsError, match="GroupedLinear: unknown impl 'nope'"):
+        GroupedLinear(3, 16, 8, impl="nope")
+
+
+# ---- torch.compile and export: the op's custom op ----------------------------------------------------------
+
+@pytest.fixture
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_fullgraph_with_tensor_offsets_and_a_dynamic_T_goes_through_the_custom_op(_fresh_dynamo):
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+
+    layer = GroupedLinear(3, 16, 8)
+    compiled = torch.compile(lambda x, o: F.relu(layer(x, offsets=o)), backend=backend, fullgraph=True, dynamic=True)
+    for sizes in ((3, 0, 4), (5, 2, 6), (1, 1, 0)):
+        x, _, _, offsets = args(sizes=sizes, rows=sum(sizes) + 1)
+        x.requires_grad_(True)
+        y = compiled(x, offsets)
+        torch.testing.assert_close(y.detach().double(), expected(x, layer.weight, layer.bias, offsets).relu(),
+                                   rtol=1e-5, atol=1e-5)
+        y.sum().backward()
+        assert torch.equal(x.grad[-1], torch.zeros(16))
+    assert f"grouped_ops.{OP}_auto.default" in seen
+    assert not any("mm" in name and "grouped_ops" not in name for name in seen)  # nothing inlined
+
+
+def test_export_keeps_the_custom_op(_fresh_dynamo):
+    layer = GroupedLinear(3, 16, 8)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, offsets):
+            return self.layer(x, offsets=offsets)
+
+    x, _, _, offsets = args()
+    program = torch.export.export(Model(), (x, offsets))
+    assert f"grouped_ops.{OP}_auto" in str(program.graph)
+    torch.testing.assert_close(program.module()(x, offsets), layer(x, offsets=offsets))
+
+
+# ---- the tuner's private inputs ------------------------------------------------------------------------------
+
+def test_private_offsets_are_a_fixed_seed_balanced_split():
+    a, b = ragged.balanced_offsets(1000, 8), ragged.balanced_offsets(1000, 8)
+    assert torch.equal(a, b) and a.dtype == torch.int32 and int(a[-1]) == 1000
+    sizes = torch.diff(a, prepend=a.new_zeros(1))
+    assert int(sizes.min()) > 80 and int(sizes.max()) < 170
+    sig = SPECS[OP].signature(SPECS[OP].meta(*args()), True)
+    x, w, b, offsets = SPECS[OP].make_inputs(sig, torch.Generator().manual_seed(0))
+    assert x.shape == (8, 16) and offsets.shape == (3,) and int(offsets[-1]) == 8
+    assert dispatch.decide_signature(SPECS[OP], sig).impl in IMPLS
