@@ -165,7 +165,9 @@ def loop(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
     assert values is not None
     if w.shape[0] == 0:  # no groups: every row is past the last offset
         return _empty_groups(x, w, b)
-    return apply_function(_LoopLinear, x, w, b, values)
+    if _recording(x, w, b):
+        return apply_function(_LoopLinear, x, w, b, values)
+    return _loop_forward(x, w, b, values)
 
 
 def _empty_groups(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -259,7 +261,26 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
     values = ends(x, w, b, offsets, need=False)
     if w.shape[0] == 0 or x.shape[0] == 0 or 0 in w.shape:
         return _empty_groups(x, w, b) if w.shape[0] == 0 or x.shape[0] == 0 else loop(x, w, b, offsets)
-    return _RaggedGroupedMM.apply(x, w, b, _on(offsets, x, torch.int32), values)
+    offs = _on(offsets, x, torch.int32)
+    if _recording(x, w, b):
+        return apply_function(_RaggedGroupedMM, x, w, b, offs, values)
+    return _gmm_forward(x, w, b, offs, values)
+
+
+def _recording(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """Whether autograd records this call (else the forward runs without a Function's ~10 us)."""
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+
+
+def _gmm_forward(x: Tensor, w: Tensor, b: Tensor | None, offs: Tensor, values: list[int] | None) -> Tensor:
+    from .grouped_linear import _fit, _grouped_mm_op  # torch's stride rules, written once there
+
+    y = _grouped_mm_op()(_fit(x), _fit(w.transpose(1, 2)), offs=offs)
+    gid = None
+    if b is not None:  # rows past the last offset pick a zero row of the extended bias
+        gid = _group_ids(offs, x.shape[0])
+        y.add_(torch.cat([b, b.new_zeros(1, b.shape[1])]).index_select(0, gid))
+    return _tail_zeroed(y, offs, values, gid)
 
 
 def _tail_zeroed(y: Tensor, offs: Tensor, values: list[int] | None, gid: Tensor | None) -> Tensor:
@@ -280,17 +301,9 @@ class _RaggedGroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, offs: Tensor,
                 values: list[int] | None) -> Tensor:
-        from .grouped_linear import _fit, _grouped_mm_op  # torch's stride rules, written once there
-
-        mm = _grouped_mm_op()
-        y = mm(_fit(x), _fit(w.transpose(1, 2)), offs=offs)
-        gid = None
-        if b is not None:  # rows past the last offset pick a zero row of the extended bias
-            gid = _group_ids(offs, x.shape[0])
-            y.add_(torch.cat([b, b.new_zeros(1, b.shape[1])]).index_select(0, gid))
         ctx.save_for_backward(x, w, offs)
         ctx.values, ctx.has_bias = values, b is not None
-        return _tail_zeroed(y, offs, values, gid)
+        return _gmm_forward(x, w, b, offs, values)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -250,7 +250,8 @@ def reference(input: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tenso
     for g, end in enumerate(values):
         pieces.append(torch.nn.functional.linear(input[start:end], weight[g], None if bias is None else bias[g]))
         start = end
-    pieces.append(input[start:] @ input.new_zeros(input.shape[1], weight.shape[1]))  # no group: zero
+    # rows of no group: zero (a sum over none of the weight's elements keeps E = 0 in the graph)
+    pieces.append(input[start:] @ input.new_zeros(input.shape[1], weight.shape[1]) + weight[:0].sum())
     return torch.cat(pieces)
 
 
