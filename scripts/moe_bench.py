@@ -32,7 +32,6 @@ import time
 
 import torch
 
-from grouped_ops.bench.measurement import _measure_rates
 from grouped_ops.integrations import transformers as gt
 
 BACKENDS = ("eager", "batched_mm", "grouped_mm", "grouped_ops")
@@ -54,6 +53,27 @@ def _blocks() -> dict:
         "gpt-oss-like": (lambda: GptOssExperts(GptOssConfig(hidden_size=256, intermediate_size=256,
                                                             num_local_experts=32, num_experts_per_tok=4)), 4),
     }
+
+
+def _rates(dtypes: list) -> tuple[float, dict]:
+    """Copy bandwidth and matmul rate per dtype as docs/benchmarks/cpu.md measures them (a 128 MiB
+    copy, a 1536 square matmul, the best of a few), on this thread's CPU-time clock like the cells."""
+    def best(fn, reps):
+        fn()
+        out = []
+        for _ in range(reps):
+            start = time.thread_time()
+            fn()
+            out.append(time.thread_time() - start)
+        return min(out)
+    src = torch.ones(128 << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() / best(lambda: dst.copy_(src), 5)
+    rates = {}
+    for dtype in dict.fromkeys([torch.float32, *dtypes]):
+        a, b = torch.randn(1536, 1536).to(dtype), torch.randn(1536, 1536).to(dtype)
+        rates[dtype] = 2 * 1536 ** 3 / best(lambda a=a, b=b: a @ b, 3)
+    return bandwidth, rates
 
 
 def _cell_inputs(block, k: int, t: int, dtype: torch.dtype, seed: int):
@@ -142,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = _blocks()
     names = args.blocks or list(blocks)
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    bandwidth, rates = _measure_rates(torch.device("cpu"), dtypes, light=False)
+    bandwidth, rates = _rates(dtypes)
     import transformers
 
     meta = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "torch": torch.__version__,
@@ -180,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                     cell = {"block": bname, "dtype": str(dtype).removeprefix("torch."), "tokens": t, "pass": pass_,
                             "times_s": times, "wall_s": walls, "skipped": skipped, "fastest_builtin": best_builtin,
                             "speedup": times[best_builtin] / times["grouped_ops"],
-                            "floor_s": floor, "bound": "compute" if t_flop >= t_mem else "memory",
+                            "flops": flops, "bytes": nbytes, "floor_s": floor, "bound": "compute" if t_flop >= t_mem else "memory",
                             "floor_share": floor / times["grouped_ops"], "loadavg": os.getloadavg()[0]}
                     cells.append(cell)
                     print(f"{bname:15} {cell['dtype']:8} T={t:<5} {pass_:7} " +
