@@ -241,3 +241,11 @@ def test_the_whole_layer_with_the_ragged_op_inputs():
     dense = sum(w[:, j, None] * torch.einsum("tod,td->to", weight[idx[:, j]], x) for j in range(k))
     torch.testing.assert_close(out, dense)
     assert grouped_ops.MoeRouting._fields == ("sort_order", "token_index", "offsets", "inverse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_testing_helper_checks_every_implementation_of_the_op(dtype):
+    from grouped_ops.testing import assert_implementations_agree
+
+    rows, inverse, w = _case(8, 3, 5, dtype, 9)
+    assert_implementations_agree("unpermute_combine", rows, inverse, w)
