@@ -100,11 +100,16 @@ def _work(block, idx: torch.Tensor, dtype: torch.dtype, train: bool) -> tuple[fl
 
 
 def _step(block, name: str, x, idx, w, train: bool, grad):
-    block.config._experts_implementation = name
+    """One call with backend ``name`` (chosen inside the call: the blocks share their config)."""
+    config = block.config
     if not train:
-        return lambda: block(x, idx, w)
+        def forward():
+            config._experts_implementation = name
+            return block(x, idx, w)
+        return forward
 
     def run():
+        config._experts_implementation = name
         for p in block.parameters():
             p.grad = None
         xx, ww = x.detach().requires_grad_(), w.detach().requires_grad_()
