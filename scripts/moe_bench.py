@@ -129,8 +129,9 @@ def _no_grad(fn):
 def _time(fns: dict, rounds: int, min_s: float) -> tuple[dict, dict]:
     """Median CPU time and median wall time per call of each function, interleaved."""
     numbers = {}
-    for name, fn in fns.items():  # warm-up (grouped_ops tunes here); calls per sample from it
-        fn()
+    for name, fn in fns.items():  # warm-up (grouped_ops tunes in the first calls); calls per sample from it
+        for _ in range(3):
+            fn()
         start = time.thread_time()
         fn()
         once = time.thread_time() - start
