@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gpu_check_steps import Ctx, _err, _gl_inputs, _median_time
+from gpu_check_common import Ctx, _err, _gl_inputs, _median_time
 from torch import nn
 
 

@@ -318,3 +318,82 @@ def test_private_offsets_are_a_fixed_seed_balanced_split():
     x, w, b, offsets = SPECS[OP].make_inputs(sig, torch.Generator().manual_seed(0))
     assert x.shape == (8, 16) and offsets.shape == (3,) and int(offsets[-1]) == 8
     assert dispatch.decide_signature(SPECS[OP], sig).impl in IMPLS
+
+
+# ---- the ragged sweep (python -m grouped_ops bench --ragged) ---------------------------------------------------
+
+def test_the_ragged_sweep_runs_and_writes_its_report(tmp_path):
+    from grouped_ops.cli import main
+
+    md, js = tmp_path / "ragged.md", tmp_path / "ragged.json"
+    assert main(["bench", "--ragged", "--quick", "--passes", "fwd", "--cell-time", "0.02", "--reps", "2",
+                 "--threads", "1", "--markdown", str(md), "--json", str(js), "--no-progress"]) == 0
+    text = md.read_text()
+    for column in (*IMPLS, "auto", "python loop", "F.grouped_mm", "auto picks", "% floor"):
+        assert f"| {column} |" in text or f" {column} |" in text, column
+    import json
+
+    data = json.loads(js.read_text())
+    assert len(data["cells"]) == 6 and all(c["results"]["auto"]["status"] == "ok" for c in data["cells"])
+    auto = data["cells"][0]["results"]["auto"]
+    assert 0 < auto["min_s"] <= auto["median_s"]
+    assert {"auto_over_fastest_geomean", "auto_vs_baseline_geomean", "below_1"} <= set(data["stats"])
+
+
+def test_skewed_offsets_have_the_largest_group_share_they_name():
+    from grouped_ops.bench.ragged import skewed_offsets
+
+    for skew, share in (("balanced", 0.2), ("half", 0.5), ("all", 1.0)):
+        o = skewed_offsets(1000, 8, skew)
+        sizes = torch.diff(o, prepend=o.new_zeros(1))
+        assert int(o[-1]) == 1000 and abs(int(sizes.max()) / 1000 - share) < 0.1, skew
+
+
+# ---- the command line, record and prewarm ------------------------------------------------------------------
+
+def test_cli_explain_and_prewarm_key_as_a_real_call(capsys):
+    from grouped_ops.cli import main
+
+    def fast(name, fn, number):
+        return 1e-6 if name == "padded_bmm" else 1e-3
+
+    with dispatch.use_timer(fast):
+        assert main(["explain", OP, "--batch", "7", "--groups", "3", "--in", "16", "--out", "8", "--grad"]) == 0
+        out = capsys.readouterr().out
+        assert f"{OP}(batch=8, n=3, in=16, out=8" in out and "offsets=host" in out and "decision:  padded_bmm" in out
+    x, w, b, offsets = args()
+    found = grouped_ops.lookup(OP, x, w.requires_grad_(), b.requires_grad_(), offsets)
+    assert found is not None and found.impl == "padded_bmm"  # the key the CLI tuned is a real call's
+
+
+def test_record_then_prewarm_signatures():
+    x, w, b, offsets = args()
+    with grouped_ops.record() as rec:
+        grouped_ops.grouped_linear(x, w, b, offsets=offsets)
+    assert [s.op for s in rec.signatures] == [OP]
+    with dispatch.use_timer(lambda name, fn, number: 1e-6 if name == "loop" else 1e-3):
+        decisions = rec.prewarm()
+    assert [d.impl for d in decisions] == ["loop"]
+    assert grouped_ops.lookup(OP, x, w, b, offsets).impl == "loop"
+
+
+# ---- the split's class: part of the key where the offsets are on the host -------------------------------------
+
+@pytest.mark.parametrize(("sizes", "split"), [
+    ((), "balanced"), ((5,), "balanced"), ((0, 0, 0), "balanced"), ((4, 4, 4, 4), "balanced"),
+    ((8, 1, 1, 1, 1), "skewed"), ((0, 19, 1, 0), "one"), ((0, 10, 0), "one"), ((6, 2, 2, 2), "balanced"),
+])
+def test_split_class(sizes, split):
+    assert ragged.split_class(torch.tensor(sizes, dtype=torch.int64).cumsum(0).tolist()) == split
+
+
+def test_the_split_class_is_in_the_key_and_the_tuner_times_a_split_of_that_class():
+    spec = SPECS[OP]
+    keys = {}
+    for sizes in ((4, 4, 4, 4), (13, 1, 1, 1), (0, 16, 0, 0)):
+        x, w, b, offsets = args(sizes=sizes)
+        sig = spec.signature(spec.meta(x, w, b, offsets), True)
+        keys[sig.layout_of("split")] = sig.key()
+        private = spec.make_inputs(sig, torch.Generator().manual_seed(0))[3]
+        assert ragged.split_class(private.tolist()) == sig.layout_of("split")
+    assert set(keys) == {"balanced", "skewed", "one"} and len(set(keys.values())) == 3

@@ -68,6 +68,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         "loops, compiled), forward and training, CPU (with --quick: a few shapes; --threads N: "
                         "only N; --markdown FILE: also FILE, its .json and .png); the full options: "
                         "python scripts/peers_bench.py --help")
+    g.add_argument("--ragged", action="store_true",
+                   help="instead of the sweep: grouped_linear with ragged groups (offsets=), over tokens, experts, "
+                        "widths and the split's skew; every implementation, auto, a Python loop of F.linear and "
+                        "F.grouped_mm (docs/benchmarks/ragged.md; --quick: a few cells)")
     t = parser.add_argument_group("timing")
     t.add_argument("--cell-time", type=float, help="seconds of timing per cell (cap); default per grid")
     t.add_argument("--max-gflop", type=float,

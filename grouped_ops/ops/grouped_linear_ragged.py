@@ -61,7 +61,7 @@ REGISTRY = Registry(OP, [
                    check=_grouped_mm_reasons, forward_ad=False),
     Implementation("padded_bmm", impls.padded_bmm, syncs=_syncs),
     Implementation("loop", impls.loop, syncs=_syncs, forward_ad=False),
-    Implementation("gather_bmm", impls.gather_bmm, extra_memory=impls.gather_bytes),
+    Implementation("gather_bmm", impls.gather_bmm, extra_memory=impls.gather_bytes, check=impls.gather_reasons),
     Implementation("dense_select", impls.dense_select, check=_few_groups, work_factor=lambda sig: float(sig.dim("n")),
                    extra_memory=lambda sig: sig.dim("batch") * sig.dim("n") * sig.dim("out") * sig.dtype.itemsize),
 ], version=1)
@@ -127,10 +127,32 @@ def meta(input: Any, weight: Any, bias: Any, offsets: Any) -> tuple[Any, ...] | 
         return None
     # Capturing a CUDA graph is part of the description: auto then considers only the
     # implementations that need no host sync (dispatch excludes the others while capturing).
-    capturing = input.is_cuda and torch.cuda.is_current_stream_capturing()
+    # (Not while dynamo traces this: the compiled call's custom op describes it again when it runs.)
+    capturing = input.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
+    # The split's class, where its values are on the host (free to read): it changes the winner on
+    # CPU (docs/benchmarks/ragged.md). Device offsets are not read (a sync): "unread".
+    if offsets.device.type == "cpu" and type(offsets) is Tensor and not torch.compiler.is_compiling():
+        split = split_class(offsets.tolist())
+    else:
+        split = "unread"
     grad = torch.is_grad_enabled() and (input.requires_grad, weight.requires_grad, b_grad, False)
     return (tensor_meta(input), tensor_meta(weight), b_meta, (offsets.shape, offsets.dtype, offsets.device),
-            capturing, grad)
+            capturing, split, grad)
+
+
+def split_class(values: list[int]) -> str:
+    """The coarse class of a split, from its cumulative ends: ``one`` (one group has 90% of the
+    grouped rows or more), ``skewed`` (the largest group has over twice the mean), or ``balanced``."""
+    end = values[-1] if values else 0
+    if len(values) < 2 or end <= 0:
+        return "balanced"
+    start, largest = 0, 0
+    for v in values:
+        largest = max(largest, v - start)
+        start = v
+    if largest * 10 >= end * 9:
+        return "one"
+    return "skewed" if largest * len(values) > 2 * end else "balanced"
 
 
 def _refuse_quantized(weight: Tensor, shapes: dict[str, Any]) -> None:
@@ -173,13 +195,13 @@ def validate(input: Any, weight: Any, bias: Any, offsets: Any) -> None:
     named = {"input": input, "weight": weight} | ({} if bias is None else {"bias": bias})
     check_dtypes_devices(OP, named, shapes)
     # free on the host; traced and fake offsets have no values to read
-    if (offsets.device.type == "cpu" or impls.debug_mode()) and not torch.compiler.is_compiling() and \
+    if not torch.compiler.is_compiling() and (offsets.device.type == "cpu" or impls.debug_mode()) and \
             type(offsets) is Tensor and input.device.type != "meta":
         impls.check_values(input, weight, bias, offsets, offsets.tolist())
 
 
 def signature(m: tuple[Any, ...], bucketed: bool = True) -> Signature:
-    (x_shape, x_stride, dtype, device), (w_shape, w_stride, _, _), b_meta, (_, _, o_device), _, grad = m
+    (x_shape, x_stride, dtype, device), (w_shape, w_stride, _, _), b_meta, (_, _, o_device), _, split, grad = m
     groups, out, inn = (int(v) for v in w_shape)
     rows = int(x_shape[0])
     names = [name for name, g in zip(("input", "weight", "bias"), grad or (), strict=False) if g]
@@ -192,9 +214,23 @@ def signature(m: tuple[Any, ...], bucketed: bool = True) -> Signature:
         layout=(("input", "contiguous" if is_contiguous(x_shape, x_stride) else "strided"),
                 ("weight", _weight_layout(w_shape, w_stride)),
                 ("bias", "no" if b_meta is None else "yes"),
-                ("offsets", "host" if host else "device")),
+                ("offsets", "host" if host else "device"), ("split", split)),
         grad=tuple(names),
     )
+
+
+def split_offsets(rows: int, groups: int, split: str) -> Tensor:
+    """int32 offsets of the class ``split``: ``balanced`` (and ``unread``) :func:`balanced_offsets`;
+    ``skewed``: group 0 takes three quarters of the rows, the rest split as balanced; ``one``:
+    every row in the middle group."""
+    if split in ("balanced", "unread") or groups <= 1:
+        return balanced_offsets(rows, groups)
+    if split == "one":
+        sizes = torch.zeros(groups, dtype=torch.int64)
+        sizes[groups // 2] = rows
+        return sizes.cumsum(0).to(torch.int32)
+    big = rows * 3 // 4
+    return torch.cat([torch.tensor([big]), balanced_offsets(rows - big, groups - 1).long() + big]).to(torch.int32)
 
 
 def balanced_offsets(rows: int, groups: int, seed: int = 0) -> Tensor:
@@ -228,8 +264,8 @@ def make_inputs(sig: Signature, generator: torch.Generator) -> tuple[Any, ...]:
     else:
         w = (random_like((groups, out, 2 * inn), dt, dev, generator) * scale)[..., ::2]
     b = random_like((groups, out), dt, dev, generator) if sig.layout_of("bias") == "yes" else None
-    offsets = balanced_offsets(rows, groups)
-    offsets = offsets.to("cpu" if sig.layout_of("offsets") == "host" and dev.type != "meta" else dev)
+    offsets = split_offsets(rows, groups, sig.layout_of("split"))
+    offsets = offsets.to("cpu" if sig.layout_of("offsets") == "host" else dev)  # (also beside meta stand-ins)
     for name, t in (("input", x), ("weight", w), ("bias", b)):
         if t is not None and name in sig.grad:
             t.requires_grad_(True)
@@ -237,7 +273,10 @@ def make_inputs(sig: Signature, generator: torch.Generator) -> tuple[Any, ...]:
 
 
 def default_impl(sig: Signature) -> str:
-    return "loop"
+    # torch's grouped GEMM where it runs this signature (no host sync, one call); else the loop of
+    # one matmul per group, which runs everything. (Under CUDA-graph capture dispatch passes over
+    # the loop to the first sync-free implementation of REGISTRY that supports the signature.)
+    return "grouped_mm" if REGISTRY["grouped_mm"].supports(sig) else "loop"
 
 
 # ---- the definition, the custom op's fake and backward, what tests and the CLI need ----------------
@@ -251,7 +290,8 @@ def reference(input: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tenso
         pieces.append(torch.nn.functional.linear(input[start:end], weight[g], None if bias is None else bias[g]))
         start = end
     # rows of no group: zero (a sum over none of the weight's elements keeps E = 0 in the graph)
-    pieces.append(input[start:] @ input.new_zeros(input.shape[1], weight.shape[1]) + weight[:0].sum())
+    tail = input[start:] @ input.new_zeros(input.shape[1], weight.shape[1]) + weight[:0].sum()
+    pieces.append(tail if bias is None else tail + bias[:0].sum())
     return torch.cat(pieces)
 
 
@@ -298,8 +338,11 @@ CLI = Cli("input [T, in] sorted by group, offsets [E] -> [T, out] (--batch is T)
          choices=("contiguous", "transposed", "chunked", "shared", "strided")),
     Flag(("--input-layout",), "contiguous [T, in]; strided: a transposed view", layout="input",
          choices=("contiguous", "strided")),
-    Flag(("--offsets",), "where the offsets live: device (the input's), or host (CPU; a CPU call's always)",
-         layout="offsets", choices=("device", "host")),
+    Flag(("--offsets",), "where the offsets live: host (a CPU call's always), or on a GPU device (the input's; "
+         "give this for a GPU signature whose offsets are on the GPU)", layout="offsets", choices=("host", "device")),
+    Flag(("--split",), "the split's class: balanced; skewed (the largest group over twice the mean); one (one "
+         "group with 90%% of the rows); unread (offsets on a GPU: not read)", layout="split",
+         choices=("balanced", "skewed", "one", "unread")),
     Flag(("--grad",), "training: weight and bias need gradients", grad=("weight", "bias")),
     Flag(("--grad-input",), "training: the input needs a gradient too", grad=("input",)),
 ))
