@@ -10,12 +10,20 @@ from ._errors import GroupedOpsError
 from ._version import __version__
 from .decision import Decision
 from .dispatch.overrides import exclude_impls, use_impl
-from .functional import grouped_linear, grouped_linear_ragged, implementations, weighted_combine
+from .functional import (
+    grouped_linear,
+    grouped_linear_ragged,
+    implementations,
+    unpermute_combine,
+    weighted_combine,
+)
 from .nn import GroupedLinear
 from .recording import Recorder, lookup, prewarm, record
+from .routing import MoeRouting, moe_routing
 
 __all__ = [
     "Decision",
+    "MoeRouting",
     "GroupedLinear",
     "GroupedOpsError",
     "Recorder",
@@ -25,8 +33,10 @@ __all__ = [
     "grouped_linear_ragged",
     "implementations",
     "lookup",
+    "moe_routing",
     "prewarm",
     "record",
+    "unpermute_combine",
     "use_impl",
     "weighted_combine",
 ]

@@ -19,6 +19,8 @@ from .ops._spec import OpSpec
 from .ops.grouped_linear import SPEC as _GL
 from .ops.grouped_linear_ragged import SPEC as _GLR
 from .ops.grouped_linear_ragged import offsets_from as _offsets_from
+from .ops.unpermute_combine import SPEC as _UC
+from .ops.unpermute_combine import check_rows
 from .ops.weighted_combine import SPEC as _WC
 from .ops.weighted_combine import promote
 
@@ -100,7 +102,8 @@ def grouped_linear_ragged(input: Tensor, weight: Tensor, bias: Tensor | None, of
     return _with_autocast(_GLR, (input, weight, bias, offsets), _impl_of(_GLR, _GL, impl))
 
 
-def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, impl: str = "auto") -> Tensor:
+def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, out_dtype: torch.dtype | None = None,
+                     impl: str = "auto") -> Tensor:
     """Per-sample weighted sum of k branch outputs: ``out[b] = sum_k weights[b, k] * inputs[b, k]``.
 
     ``inputs`` is a stacked tensor ``[b, k, *f]`` or a list/tuple of k tensors ``[b, *f]`` (the
@@ -116,16 +119,21 @@ def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, impl
     Args:
         inputs: ``[b, k, *f]``, or a list/tuple of k tensors ``[b, *f]`` of one shape.
         weights: ``[b, k]``.
+        out_dtype: the dtype to compute in and return, e.g. the inputs' bfloat16 under float32
+            routing weights: only the small ``[b, k]`` weights are cast (rounded to it), never the
+            inputs, and no float32 ``[b, *f]`` result is made; the matmul implementations
+            accumulate the sum over k in float32. None: torch's type promotion.
         impl: ``"auto"`` or one of ``implementations("weighted_combine")``.
 
     Returns:
-        ``[b, *f]``, a fresh contiguous tensor in the promoted dtype of ``inputs`` and ``weights``
-        (torch's type promotion, as ``(inputs * weights[..., None]).sum(1)``: bfloat16 inputs with
-        float32 weights give float32), or the autocast dtype under ``torch.autocast``.
+        ``[b, *f]``, a fresh contiguous tensor in ``out_dtype``, else in the promoted dtype of
+        ``inputs`` and ``weights`` (torch's type promotion, as ``(inputs * weights[..., None]).sum(1)``:
+        bfloat16 inputs with float32 weights give float32), or the autocast dtype under
+        ``torch.autocast`` (``out_dtype`` wins over it).
 
     Raises:
         GroupedOpsError: wrong ranks or sizes, ragged or empty lists, mixed dtypes or devices, an
-            unknown or unsupported ``impl``.
+            unknown or unsupported ``impl``, an ``out_dtype`` that is not a floating-point dtype.
     """
     if isinstance(inputs, list):
         inputs = tuple(inputs)
@@ -134,8 +142,63 @@ def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, impl
         inputs, weights = _autocast_combine(device_type, inputs, weights)
         with torch.autocast(device_type, enabled=False):  # see _dispatch
             # float64 is left alone by autocast: promote as the multiply-and-sum would
-            return _dispatch(_WC, promote(inputs, weights), impl)
-    return _dispatch(_WC, promote(inputs, weights), impl)
+            return _dispatch(_WC, promote(inputs, weights, _out_dtype(_WC, out_dtype)), impl)
+    return _dispatch(_WC, promote(inputs, weights, _out_dtype(_WC, out_dtype)), impl)
+
+
+def unpermute_combine(rows: Tensor, inverse: Tensor, weights: Tensor, *, out_dtype: torch.dtype | None = None,
+                      impl: str = "auto") -> Tensor:
+    """Un-permute rows in expert order and take each token's weighted sum, in one call:
+    ``out[t] = sum_j weights[t, j] * rows[inverse[t, j]]``.
+
+    The last step of a mixture-of-experts layer: ``rows [N, d]`` are the experts' outputs in expert
+    order (``N = T*k``; rows that no token points at, such as expert-parallel sentinel rows, are
+    ignored), ``inverse [T, k]`` is where each (token, choice) went (:func:`grouped_ops.moe_routing`
+    returns it) and ``weights [T, k]`` the routing weights. Deterministic, forward and backward, on
+    every device when ``inverse`` holds distinct rows: a gather and a sum over k, never an
+    ``index_add_`` with repeated indices.
+
+    Example:
+        >>> idx = torch.tensor([[1, 0], [1, 2]])                    # T=2, top-2 of E=3
+        >>> r = grouped_ops.moe_routing(idx, 3)
+        >>> rows = torch.randn(4, 8)                               # the experts' outputs, sorted
+        >>> unpermute_combine(rows, r.inverse, torch.full((2, 2), 0.5)).shape
+        torch.Size([2, 8])
+
+    Args:
+        rows: ``[N, d]``.
+        inverse: ``[T, k]`` int64 or int32 indices into ``rows``.
+        weights: ``[T, k]``.
+        out_dtype: as :func:`weighted_combine`'s: bfloat16 rows with float32 routing weights give
+            bfloat16 (the weights are cast), accumulating the sum over k in float32 in the matmul
+            and fused implementations. None: torch's type promotion.
+        impl: ``"auto"`` or one of ``implementations("unpermute_combine")``.
+
+    Returns:
+        ``[T, d]``, a fresh contiguous tensor in ``out_dtype`` or the promoted dtype (the autocast
+        dtype under ``torch.autocast``). Gradients flow to ``rows`` and ``weights``.
+
+    Raises:
+        GroupedOpsError: wrong ranks, ``inverse`` and ``weights`` of different shapes, a
+            non-integer ``inverse``, mixed devices, an unknown or unsupported ``impl``, and, on the
+            CPU (where it costs no sync), an index outside ``rows``.
+    """
+    dtype = _out_dtype(_UC, out_dtype)
+    if _any_autocast() and isinstance(rows, Tensor) and _autocast_on(rows.device.type):
+        device_type = rows.device.type
+        rows, weights = _autocast_combine(device_type, rows, weights)
+        with torch.autocast(device_type, enabled=False):  # see _dispatch
+            return unpermute_combine(rows, inverse, weights, out_dtype=dtype, impl=impl)
+    rows, weights = promote(rows, weights, dtype)
+    if isinstance(rows, Tensor) and isinstance(inverse, Tensor):
+        check_rows(rows, inverse)
+    return _dispatch(_UC, (rows, inverse, weights), impl)
+
+
+def _out_dtype(spec: OpSpec, dtype: object) -> torch.dtype | None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise GroupedOpsError(f"{spec.name}: out_dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+    return dtype
 
 
 def _impl_of(spec: OpSpec, other: OpSpec, impl: str) -> str:
@@ -256,4 +319,4 @@ def _autocast_combine(device_type: str, inputs: object, weights: Tensor) -> tupl
 
 
 _PUBLIC: dict[str, Callable[..., Tensor]] = {_GL.name: grouped_linear, _WC.name: weighted_combine,
-                                             _GLR.name: grouped_linear_ragged}
+                                             _GLR.name: grouped_linear_ragged, _UC.name: unpermute_combine}

@@ -26,6 +26,10 @@ def _args(op: str, dtype: torch.dtype = torch.float32, grad: bool = False, list_
     if op == "grouped_linear":  # in/out multiples of 8: every implementation runs
         x, w, b = torch.randn(6, 4, 16, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, generator=g)
         return (x.to(dtype), w.to(dtype).requires_grad_(grad), b.to(dtype)), (6, 4, 8)
+    if op == "unpermute_combine":  # 6 tokens, top-3, rows in expert order
+        rows, inverse = torch.randn(18, 5, generator=g).to(dtype), torch.randperm(18, generator=g).view(6, 3)
+        w = torch.softmax(torch.randn(6, 3, generator=g), -1).to(dtype)
+        return (rows.requires_grad_(grad), inverse, w), (6, 5)
     if op == "grouped_linear_ragged":  # an empty group and a row past the last offset
         x, w, b = torch.randn(9, 16, generator=g), torch.randn(4, 8, 16, generator=g), torch.randn(4, 8, generator=g)
         offsets = torch.tensor([3, 3, 5, 8], dtype=torch.int32)

@@ -342,8 +342,9 @@ def test_declared_dependencies_are_what_the_code_imports():
             elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
                 imported.add(node.module.split(".")[0])
     third_party = {m for m in imported - set(sys.stdlib_module_names) if m != "grouped_ops"}
-    # optional: hypothesis (the testing extra), matplotlib (the bench extra, imported only for --plot)
-    optional = {"hypothesis", "matplotlib"}
+    # optional: hypothesis (the testing extra), matplotlib (the bench extra, imported only for --plot),
+    # the clients of grouped_ops.integrations (their extras, imported only there)
+    optional = {"hypothesis", "matplotlib", "transformers", "torch_geometric"}
     # needed by torch rather than imported: opt_einsum (torch.einsum's planner), numpy (torch's interop)
     indirect = {"opt_einsum", "numpy"}
     assert third_party - optional <= names, f"imported but not declared: {sorted(third_party - optional - names)}"
@@ -352,6 +353,8 @@ def test_declared_dependencies_are_what_the_code_imports():
     extras = project["optional-dependencies"]
     assert any(d.startswith("hypothesis") for d in extras["testing"])
     assert any(d.startswith("hypothesis") for d in extras["test"])  # `bash scripts/install.sh test`
+    assert any(d.startswith("transformers>=5") for d in extras["transformers"])
+    assert any(d.startswith("torch-geometric") for d in extras["torch-geometric"])
 
 
 def test_a_non_editable_install_imports_every_subpackage(tmp_path):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from .._errors import GroupedOpsError
 from ..registry import Registry
-from . import grouped_linear, grouped_linear_ragged, weighted_combine
+from . import grouped_linear, grouped_linear_ragged, unpermute_combine, weighted_combine
 from ._common import check_dtypes_devices, fail, is_contiguous, random_like, tensor_meta
 from ._spec import Arg, Cli, Flag, OpSpec
 
@@ -73,5 +73,5 @@ def unregister(name: str) -> None:
     REGISTRIES.pop(name, None)
 
 
-for _module in (grouped_linear, weighted_combine, grouped_linear_ragged):
+for _module in (grouped_linear, weighted_combine, grouped_linear_ragged, unpermute_combine):
     register(_module.SPEC)

@@ -241,16 +241,20 @@ def meta(inputs: Any, weights: Any) -> tuple[Any, ...] | None:
     return (False, (len(inputs), shape, contiguous, dtype, device), tensor_meta(weights), grad)
 
 
-def promote(inputs: Any, weights: Any) -> tuple[Any, Any]:
-    """``(inputs, weights)`` in one dtype, by torch's type promotion (as ``(x * w).sum(1)`` does):
-    bfloat16 branch outputs with float32 routing weights give a float32 result. Anything but
+def promote(inputs: Any, weights: Any, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """``(inputs, weights)`` in one dtype: ``dtype`` when given (``out_dtype``: bfloat16 rows with
+    float32 routing weights stay bfloat16, only the small weights are cast), else by torch's type
+    promotion (as ``(x * w).sum(1)`` does: bfloat16 with float32 gives float32). Anything but
     floating-point tensors is left for :func:`validate` to explain."""
     if not isinstance(weights, Tensor) or not weights.is_floating_point():
         return inputs, weights
     first = inputs if isinstance(inputs, Tensor) else (inputs[0] if isinstance(inputs, tuple) and inputs else None)
-    if not isinstance(first, Tensor) or not first.is_floating_point() or first.dtype == weights.dtype:
+    if not isinstance(first, Tensor) or not first.is_floating_point():
         return inputs, weights
-    dtype = torch.promote_types(first.dtype, weights.dtype)
+    if dtype is None:
+        if first.dtype == weights.dtype:
+            return inputs, weights
+        dtype = torch.promote_types(first.dtype, weights.dtype)
     if isinstance(inputs, tuple):
         inputs = tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in inputs)
     else:

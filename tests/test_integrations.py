@@ -1,0 +1,186 @@
+"""grouped_ops.integrations: the transformers experts backend against transformers' own ``eager``, on
+experts blocks built from config objects (nothing downloaded), and the PyG HeteroLinear re-route
+against HeteroLinear. CI installs both extras (``bash scripts/install.sh test``), so nothing here
+skips there."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # an extra: CI installs it (scripts/install.sh test)
+torch_geometric = pytest.importorskip("torch_geometric")
+
+from torch_geometric.nn import HeteroLinear  # noqa: E402
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssConfig, GptOssExperts  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import MixtralConfig, MixtralExperts  # noqa: E402
+from transformers.models.olmoe.modeling_olmoe import OlmoeConfig, OlmoeExperts  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeConfig, Qwen3MoeExperts  # noqa: E402
+
+from grouped_ops.integrations import pyg  # noqa: E402
+from grouped_ops.integrations import transformers as gt  # noqa: E402
+from grouped_ops.registry import tolerance  # noqa: E402
+
+H, F, E, K = 16, 24, 6, 2
+
+
+@pytest.fixture(autouse=True)
+def _no_tuning(monkeypatch):
+    # the numbers are the subject here, not the choice: every implementation of the ragged op is
+    # checked against float64 in tests/test_ragged_property.py
+    monkeypatch.setenv("GROUPED_OPS_AUTOTUNE", "0")
+BLOCKS = {
+    "mixtral": lambda: MixtralExperts(MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=E,
+                                                    num_experts_per_tok=K)),
+    "qwen3_moe": lambda: Qwen3MoeExperts(Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=F, num_experts=E,
+                                                        num_experts_per_tok=K)),
+    "olmoe": lambda: OlmoeExperts(OlmoeConfig(hidden_size=H, intermediate_size=F, num_experts=E,
+                                              num_experts_per_tok=K)),
+    "gpt_oss": lambda: GptOssExperts(GptOssConfig(hidden_size=H, intermediate_size=F, num_local_experts=E,
+                                                  num_experts_per_tok=K)),
+}
+
+
+def _block(name: str, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    block = BLOCKS[name]().to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    return block
+
+
+def _run(block, impl, x, idx, w):
+    block.config._experts_implementation = impl
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    for p in block.parameters():
+        p.grad = None
+    y = block(x, idx, w)
+    (y.double() * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view(y.shape)).sum().backward()
+    return y, [x.grad, w.grad, *(p.grad for p in block.parameters())]
+
+
+def test_register_returns_the_name_and_transformers_knows_it():
+    name = gt.register()
+    assert name == "grouped_ops"
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    assert ALL_EXPERTS_FUNCTIONS[name] is gt.experts_forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_outputs_and_gradients_match_eager(name, dtype, tokens):
+    gt.register()
+    block = _block(name, dtype)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, H, generator=g).to(dtype)
+    logits = torch.randn(tokens, E, generator=g)
+    w, idx = torch.topk(logits.softmax(-1), K)  # float32 routing weights, even for a bfloat16 model
+    w = w.to(torch.float64) if dtype == torch.float64 else w
+    y_ref, g_ref = _run(block, "eager", x, idx, w)
+    y, grads = _run(block, "grouped_ops", x, idx, w)
+    assert y.dtype == y_ref.dtype == dtype
+    tol = tolerance(dtype)
+    # eager rounds each expert's weighted output to the model dtype and adds in it (index_add_);
+    # the backend accumulates in float32: in bfloat16 both are a few roundings from float64
+    rtol, atol = (tol.rtol, tol.atol) if dtype != torch.bfloat16 else (0.05, 0.05)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    names = ["input", "routing weights", *(n for n, _ in block.named_parameters())]
+    for n, a, b in zip(names, grads, g_ref, strict=True):
+        assert a is not None and a.dtype == b.dtype, n
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * max(1.0, scale), msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_experts_no_expert_hit_and_expert_parallel_sentinels():
+    gt.register()
+    block = _block("mixtral", torch.float64)
+    x = torch.randn(4, H, dtype=torch.float64)
+    idx = torch.tensor([[0, E], [1, E + 3], [0, 1], [E, E + 1]])  # ids >= E: other ranks' tokens
+    w = torch.rand(4, 2, dtype=torch.float64)
+    w = w.masked_fill(idx >= E, 0.0)
+    block._is_expert_parallel = True
+    y, grads = _run(block, "grouped_ops", x, idx, w)
+    ref_idx = idx.clamp(max=E - 1)
+    block._is_expert_parallel = False
+    y_ref, _ = _run(block, "eager", x, ref_idx, w)  # zero weight on the clamped sentinels
+    torch.testing.assert_close(y, y_ref)
+    assert grads[1][idx >= E].abs().sum() == 0  # no router gradient through a sentinel
+    assert torch.equal(y[3], torch.zeros(H, dtype=torch.float64))
+
+
+def test_a_whole_model_switches_in_one_line():
+    gt.register()
+    cfg = MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K,
+                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=50,
+                        max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).double()
+    ids = torch.randint(0, 50, (2, 7))
+    model.set_experts_implementation("eager")
+    ref = model(ids, labels=ids)
+    ref.loss.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_experts_implementation("grouped_ops")
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits)
+    for a, b in zip((p.grad for p in model.parameters()), ref_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# ---- PyG -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("is_sorted", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_rerouted_hetero_linear_gives_the_same_numbers(is_sorted, bias, dtype):
+    torch.manual_seed(0)
+    lin = HeteroLinear(12, 10, num_types=5, is_sorted=is_sorted, bias=bias).to(dtype)
+    with torch.no_grad():
+        if lin.bias is not None:
+            lin.bias.normal_()
+    types = torch.randint(0, 5, (40,))
+    types[types == 3] = 2  # an empty type
+    if is_sorted:
+        types = types.sort().values
+    x = torch.randn(40, 12, dtype=dtype, requires_grad=True)
+    ref = lin(x, types)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *lin.parameters()])
+    pyg.reroute(lin)
+    out = lin(x, types)
+    grads = torch.autograd.grad(out.square().sum(), [x, *lin.parameters()])
+    tol = tolerance(dtype)
+    torch.testing.assert_close(out, ref, rtol=tol.rtol, atol=tol.atol)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol.rtol * 10, atol=tol.atol * 10)
+    assert torch.equal(grads[1][3], torch.zeros_like(grads[1][3]))  # the empty type: exactly zero
+    pyg.undo(lin)
+    assert "forward" not in lin.__dict__
+
+
+def test_hetero_linear_function_and_reroute_errors():
+    w, b = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    offsets = torch.tensor([2, 2, 7], dtype=torch.int32)
+    out = pyg.hetero_linear(x, w, b, offsets)
+    ref = torch.cat([x[:2] @ w[0] + b[0], x[2:] @ w[2] + b[2]])
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(Exception, match="no torch_geometric.nn.HeteroLinear"):
+        pyg.reroute(torch.nn.Linear(2, 2))
+    lin = pyg.reroute(torch.nn.Sequential(HeteroLinear(4, 5, num_types=3)))
+    with pytest.raises(Exception, match=r"type_vec holds types 0\.\.3 but num_types=3"):
+        lin[0](x, torch.tensor([0, 1, 2, 3, 0, 1, 2]))
+
+
+def test_import_grouped_ops_imports_neither_client():
+    code = ("import sys, grouped_ops, grouped_ops.integrations\n"
+            "bad = [m for m in ('transformers', 'torch_geometric') if m in sys.modules]\n"
+            "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
