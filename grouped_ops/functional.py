@@ -72,7 +72,7 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     if impl != "auto":
         impl = _impl_of(_GL, _GLR, impl)
     if type(input) is Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN) and \
-            not _any_autocast() and not _is_compiling() and not _RECORDING.get():
+            not _any_autocast() and not _is_compiling() and not _RECORDING.get() and not _function_mode():
         # the lean road to the dispatcher's memo (dispatch.lean_key): the same entry, less Python
         key = _lean_key(_GL.name, input, weight, bias, impl)
         run = _LEAN.get(key)
@@ -298,6 +298,9 @@ def _cast(t: object, dtype: torch.dtype) -> object:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _PLAIN = (Tensor, torch.nn.Parameter)
 _is_compiling, _RECORDING = torch.compiler.is_compiling, dispatch.RECORDING
+# a TorchFunctionMode sees every tensor attribute read: under one, the long road (it shows the mode
+# the same reads on a first and a decided call)
+_function_mode = torch._C._is_torch_function_mode_enabled
 _lean_key, _LEAN = dispatch.lean_key, dispatch._LEAN
 
 

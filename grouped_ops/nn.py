@@ -15,7 +15,7 @@ from .dispatch import _LEAN
 from .dispatch import RECORDING as _RECORDING
 from .dispatch import lean_call as _lean_call
 from .dispatch import lean_key as _lean_key
-from .functional import _PLAIN, _any_autocast, _impl_of, _is_compiling, grouped_linear
+from .functional import _PLAIN, _any_autocast, _function_mode, _impl_of, _is_compiling, grouped_linear
 from .ops.grouped_linear import SPEC as _GL
 from .ops.grouped_linear_ragged import SPEC as _GLR
 
@@ -108,7 +108,7 @@ class GroupedLinear(nn.Module):
         if impl != "auto":  # a name of the ragged op only: say which call reaches which op
             impl = _impl_of(_GL, _GLR, impl)
         if type(input) is Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN) and \
-                not _any_autocast() and not _is_compiling() and not _RECORDING.get():
+                not _any_autocast() and not _is_compiling() and not _RECORDING.get() and not _function_mode():
             # grouped_linear's lean road to the dispatcher's memo, inline (see functional.grouped_linear)
             key = _lean_key(_GL.name, input, weight, bias, impl)
             run = _LEAN.get(key)

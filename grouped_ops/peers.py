@@ -209,8 +209,10 @@ def _round(fn: Callable[[], Any], reps: int) -> float:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int, round_s: float,
-                     rng: random.Random) -> dict[str, float]:
-    """Median seconds per call of each fn; every round times each fn once, in a shuffled order."""
+                     rng: random.Random, stat: str = "median") -> dict[str, float]:
+    """Median (or with ``stat="min"`` the fastest round's) seconds per call of each fn; every round
+    times each fn once, in a shuffled order. The fastest round is the one least disturbed by other
+    work: on a machine other jobs load, medians measure the load."""
     reps = {k: _calibrate(f, round_s) for k, f in fns.items()}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
@@ -218,7 +220,8 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int, round_s: fl
         rng.shuffle(names)
         for k in names:
             samples[k].append(_round(fns[k], reps[k]))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    pick = min if stat == "min" else statistics.median
+    return {k: pick(v) for k, v in samples.items()}
 
 
 def _warm(fn: Callable[[], Any], calls: int = 3) -> None:
@@ -231,7 +234,7 @@ def run_peers(shapes: Sequence[Shape | tuple[int, int, int, int]], threads: Sequ
               variants: Sequence[str] = ("grouped", "tabm", "vmap", "loop", "compiled_loop"),
               rounds: int = 7, round_s: float = 5e-3, bias: bool = True, dtype: torch.dtype = torch.float32,
               seed: int = 0, skip: Callable[[Shape, str, str], bool] | None = None,
-              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+              progress: Callable[[str], None] | None = None, stat: str = "median") -> list[dict[str, Any]]:
     """Time ``variants`` side by side on every (shape, threads, mode) cell, on CPU.
 
     A pass visits every cell once; in each cell every variant is timed in ``rounds`` interleaved
@@ -263,7 +266,7 @@ def run_peers(shapes: Sequence[Shape | tuple[int, int, int, int]], threads: Sequ
                             if p == 0:
                                 for fn in fns.values():
                                     _warm(fn)
-                            times = time_interleaved(fns, rounds, round_s, rng)
+                            times = time_interleaved(fns, rounds, round_s, rng, stat)
                             for v, s in times.items():
                                 per_pass.setdefault((shape, t, mode, v), []).append(s * 1e6)
                             if progress:

@@ -5,8 +5,8 @@
 For each shape, a grouped_linear result ``y [batch, n, out]`` in the two layouts (group-major, the
 contract since issue 22; contiguous, the contract before it), and the next layer on it: ReLU,
 dropout (p=0.1, train mode), the next GroupedLinear (out -> out; auto, decided first), and a mean
-over the groups. Forward only, no grad; interleaved rounds in a shuffled order, medians, us per
-call. ``group-major / contiguous`` below 1 means the new layout is faster for that next layer.
+over the groups. Forward only, no grad; interleaved rounds in a shuffled order, the fastest round
+of each (the least disturbed by other jobs on a shared machine), us per call. ``group-major / contiguous`` below 1 means the new layout is faster for that next layer.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import time
 
 import torch
@@ -34,7 +33,7 @@ def timed(fn, calls: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=25)
     args = ap.parse_args()
     print(f"torch {torch.__version__}; load {[round(v, 2) for v in os.getloadavg()]}")
     print("| batch, n, out | threads | next | group-major (us) | contiguous (us) | group-major / contiguous |")
@@ -61,7 +60,7 @@ def main() -> None:
                         random.shuffle(order)
                         for k in order:
                             times[k].append(timed(fns[k], calls))
-                    gm, c = statistics.median(times["gm"]), statistics.median(times["c"])
+                    gm, c = min(times["gm"]), min(times["c"])
                     print(f"| {batch}, {n}, {out} | {threads} | {name} | {gm:.1f} | {c:.1f} | {gm / c:.2f} |")
     print(f"load after: {[round(v, 2) for v in os.getloadavg()]}")
 

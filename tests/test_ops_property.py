@@ -333,7 +333,8 @@ def test_wrong_reference_gradient_is_caught(args):
 
 def _broken(op: str, impl: str, fn, monkeypatch) -> None:
     registry = SPECS[op].registry
-    monkeypatch.setitem(registry._impls, impl, dataclasses.replace(registry[impl], fn=fn))
+    # prepare goes too: it is a specialisation of the function replaced (helpers.replace_impl)
+    monkeypatch.setitem(registry._impls, impl, dataclasses.replace(registry[impl], fn=fn, prepare=None))
 
 
 # the real functions, captured before any test swaps a registry entry for a broken one

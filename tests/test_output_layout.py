@@ -215,3 +215,20 @@ def test_a_cache_entry_naming_a_removed_implementation_warns_once_and_is_ignored
         messages = _calls_warn_once(lambda *a: grouped_linear(*a))
         assert grouped_ops.lookup("grouped_linear", *_args((9,))).impl == "loop"  # tuned again
     assert len(messages) == 1 and "cache entry" in messages[0], messages
+
+
+def test_grouped_mm_takes_a_one_wide_weight_whose_size_one_dim_has_another_stride():
+    # found by the TabM whole-model row: the output layer's [k, in, 1] weight seen as [k, 1, in] has
+    # strides (in, 1, 1); the signature calls it contiguous like a (in, in, 1) one, which the tuner
+    # timed, but its [k, in, 1] operand fails torch's 16-byte check unless laid column-major
+    if "grouped_mm" not in grouped_ops.implementations("grouped_linear"):
+        pytest.skip("no grouped_mm")
+    x = torch.randn(5, 32, 256).transpose(0, 1)  # [32, 5, 256] group-major, as a previous layer's result
+    w, b = torch.randn(5, 256, 1).transpose(1, 2), torch.randn(5, 1)
+    try:
+        y = grouped_linear(x, w, b, impl="grouped_mm")
+    except grouped_ops.GroupedOpsError as e:
+        if "does not support" not in str(e):
+            raise
+        pytest.skip(str(e)[:80])
+    torch.testing.assert_close(y, (torch.einsum("...ni,noi->...no", x.double(), w.double()) + b.double()).float())

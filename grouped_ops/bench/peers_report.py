@@ -84,6 +84,8 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per cell and pass")
     ap.add_argument("--quick", action="store_true", help="a few shapes, for a smoke run")
+    ap.add_argument("--stat", choices=["median", "min"], default="median",
+                    help="per cell and pass: the median round, or the fastest (robust on a loaded machine)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["peers", "heldout", "compiled", "auto", "overhead"])
     ap.add_argument("--out", default="docs/benchmarks/peers", help="path stem of the .md/.json/.png")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -95,7 +97,8 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
     def progress(what: str) -> None:
         print(f"[{time.time() - start:6.0f}s] {what}", file=sys.stderr, flush=True)
 
-    common = {"threads": args.threads, "passes": args.passes, "rounds": args.rounds, "progress": progress}
+    common = {"threads": args.threads, "passes": args.passes, "rounds": args.rounds, "progress": progress,
+              "stat": args.stat}
     results: dict[str, list[dict]] = {}
     if "peers" not in args.skip:
         shapes = QUICK["peers"] if args.quick else PEER_SHAPES
@@ -116,7 +119,7 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
     meta = {"command": command, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
             "minutes": round((time.time() - start) / 60, 1), "passes": args.passes, "rounds": args.rounds,
-            "load_before": load_before, "load_after": _load()}
+            "load_before": load_before, "load_after": _load(), "stat": args.stat}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, **results}, indent=1))
@@ -212,7 +215,8 @@ def render(results: dict[str, list[dict]], meta: dict) -> str:
     out = ["# GroupedLinear against the layers users already write (CPU)", "",
            f"Command: `{meta['command']}` ({meta['minutes']} min; torch {meta['torch']}, "
            f"CPU: {meta.get('cpu_model', meta['machine'])}, {meta['cpus']} CPUs, load average {meta['load_before']} before and {meta['load_after']} "
-           f"after; {meta['passes']} passes of {meta['rounds']} interleaved rounds; "
+           f"after; {meta['passes']} passes of {meta['rounds']} interleaved rounds, the "
+           f"{'fastest' if meta.get('stat') == 'min' else 'median'} round of each; "
            "microseconds per call, the median pass). Reproduce with that command; "
            "`grouped_ops.peers.run_peers` is the function behind it.", "",
            "Speed-up = the fastest other column's time / GroupedLinear's (>= 1: GroupedLinear is "

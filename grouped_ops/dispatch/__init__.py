@@ -106,7 +106,7 @@ def lean_key(name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
             None if b is None else (b.shape, b.dtype, b.device), grad, impl,
             _scope.get().get(name), _RAW.get(_KEYS[0]), _RAW.get(_KEYS[1]),  # type: ignore[union-attr]
             _deterministic(), _threads(), _precision(), _functorch(),
-            getattr(_forward_ad, "_current_level", -1), _tracing())
+            getattr(_forward_ad, "_current_level", -1), _tracing(), name)
 
 
 def lean_call(spec: OpSpec, key: Hashable, args: tuple[Any, ...], impl: str) -> torch.Tensor:

@@ -188,8 +188,14 @@ def _products(a: Tensor, b: Tensor, grad: Tensor, need_a: bool, need_b: bool) ->
 
 
 def _fit(t: Tensor) -> Tensor:
-    """``t`` if grouped_mm takes it as an operand, else a contiguous copy."""
-    return t if _mat_ok(t) and _offset_ok(t) else t.clone(memory_format=torch.contiguous_format)
+    """``t`` if grouped_mm takes it as an operand, else a copy it takes (see :func:`_laid_for_mm`)."""
+    return t if _mat_ok(t) and _offset_ok(t) else _laid_for_mm(t.clone(memory_format=torch.contiguous_format))
+
+
+def _laid_for_mm(t: Tensor) -> Tensor:
+    """A contiguous ``t`` whose rows are too narrow for torch's check (a width of 1: ``out == 1``,
+    whose row stride 1 is no multiple of 16 bytes) as a column-major copy, which passes."""
+    return t if _mat_ok(t) else t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def _mat_ok(t: Tensor) -> bool:
@@ -219,7 +225,7 @@ def _aligned(t: Tensor) -> Tensor:
     """``t`` if its strides pass torch's check, else a contiguous copy (the tuner times this copy:
     a layout it makes is in the signature). A misaligned data pointer is not copied here:
     :func:`grouped_mm` runs bmm for it instead (the signature does not know the offset)."""
-    return t if _mat_ok(t) else t.contiguous()
+    return t if _mat_ok(t) else _laid_for_mm(t.contiguous())
 
 
 def _grouped_mm_op() -> Any:
@@ -233,7 +239,7 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return bmm(x, w, b)
     # [n, rows, in]: a view of a contiguous input (rows n*in apart) passes torch's checks, no copy
     xt, wt = _aligned(x.reshape(rows, n, inn).transpose(0, 1)), _aligned(w.transpose(1, 2))
-    if not (_offset_ok(xt) and _offset_ok(wt)):
+    if not (_offset_ok(xt) and _offset_ok(wt) and _mat_ok(xt) and _mat_ok(wt)):
         # A CUDA operand at a misaligned address (a view into a flat buffer): grouped_mm would need a
         # copy of it on every call, which the tuner never timed (its private operands are aligned
         # and the signature does not hold the offset). bmm takes it as is and is a timed candidate.
