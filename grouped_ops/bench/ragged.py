@@ -217,6 +217,11 @@ def _variants(cell: RaggedCell, env: Env) -> list[Variant]:
 def run(args: argparse.Namespace) -> int:
     """The ragged sweep for the ``bench`` options in ``args`` (``--quick``, ``--dtypes``, ``--passes``,
     ``--cell-time``, ``--reps``, ``--threads``, ``--markdown``, ``--json``, ``--plot``, ``--time-limit``)."""
+    if args.from_json:  # measure nothing: re-render an earlier run
+        from .ragged_report import cells_from_json
+
+        data = json.loads(Path(args.from_json[0]).read_text(encoding="utf-8"))
+        return _emit(cells_from_json(data), data["machine"], args)
     grid = GRIDS[args.grid]
     device = torch.device(args.device)
     if device.type != "cpu":
@@ -253,6 +258,10 @@ def run(args: argparse.Namespace) -> int:
         machine["elapsed_s"] = round(time.perf_counter() - start, 1)
         with contextlib.suppress(OSError, AttributeError):
             machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    return _emit(cells, machine, args)
+
+
+def _emit(cells: list[RaggedCell], machine: dict[str, Any], args: argparse.Namespace) -> int:
     from .ragged_report import markdown, plot, summary, to_json
 
     print(summary(cells))

@@ -118,8 +118,8 @@ def markdown(cells: list[Any], machine: dict[str, Any], plot_dir: Path | None, b
              f"{machine.get('loadavg_end')} | elapsed {machine.get('elapsed_s')} s",
              f"- measured here: copy {machine.get('copy_GBps')} GB/s; matmul GFLOP/s {machine.get('matmul_GFLOPs')}", "",
              "Times are per call, the minimum of interleaved samples (the machine was shared with other jobs, "
-             "whose load only adds time; the medians are in the JSON). `auto` was prewarmed on the library's own balanced offsets and is then "
-             "called on the cell's. `python loop` (F.linear per expert) and `F.grouped_mm` are the user's code "
+             "whose load only adds time; the medians are in the JSON). `auto` was prewarmed on the library's own private offsets of "
+             "the cell's split class (docs/ragged.md) and is then called on the cell's. `python loop` (F.linear per expert) and `F.grouped_mm` are the user's code "
              "today; `vs baseline` is the faster of the two over auto. `floor` as docs/benchmarks/README.md "
              "defines it; `% floor` = floor / auto.", ""]
     if plot_dir is not None and (plot_dir / "ragged.png").exists():
@@ -127,7 +127,7 @@ def markdown(cells: list[Any], machine: dict[str, Any], plot_dir: Path | None, b
         with contextlib.suppress(ValueError):
             rel = rel.relative_to(base.resolve())
         lines += [f"![auto vs the baseline, per cell]({rel.as_posix()})", ""]
-    lines += ["## Summary", "", summary(cells).replace("\n  ", "\n- ").replace("\n", "\n- ", 1), ""]
+    lines += ["## Summary", ""] + [f"- {line.strip()}" for line in summary(cells).splitlines()] + [""]
     if s["below_1"]:
         lines += ["Cells where auto is slower than the baseline (label, dtype, pass, ratio, auto's pick, fastest, "
                   "why, read off the cell's own columns):", ""]
@@ -170,6 +170,27 @@ def to_json(cells: list[Any], machine: dict[str, Any]) -> dict[str, Any]:
                                        "median_s": c.medians.get(n), "samples": r.reps, "calls_per_sample": r.number}
                                    for n, r in c.results.items()}}
                       for c in cells]}
+
+
+def cells_from_json(data: dict[str, Any]) -> list[Any]:
+    """The cells of an earlier ``--json`` output (``bench --ragged --from-json FILE`` re-renders them)."""
+    import torch
+
+    from .cells import Result
+    from .ragged import RaggedCell
+
+    cells = []
+    for c in data["cells"]:
+        cell = RaggedCell(getattr(torch, c["dtype"]), c["pass"], c["T"], c["E"], c["in"], c["out"], c["skew"],
+                          auto_impl=c["auto_impl"], floor_s=c["floor_s"], skipped=c["skipped"])
+        for name, r in c["results"].items():
+            cell.results[name] = Result(r["status"], r["min_s"], r["min_s"], r["median_s"], r["samples"] or 0,
+                                        r["calls_per_sample"] or 0)
+            cell.kinds[name] = r["kind"]
+            if r["median_s"] is not None:
+                cell.medians[name] = r["median_s"]
+        cells.append(cell)
+    return cells
 
 
 def plot(cells: list[Any], folder: Path) -> Path:
