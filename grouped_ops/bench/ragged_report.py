@@ -172,27 +172,6 @@ def to_json(cells: list[Any], machine: dict[str, Any]) -> dict[str, Any]:
                       for c in cells]}
 
 
-def cells_from_json(data: dict[str, Any]) -> list[Any]:
-    """The cells of an earlier ``--json`` output (``bench --ragged --from-json FILE`` re-renders them)."""
-    import torch
-
-    from .cells import Result
-    from .ragged import RaggedCell
-
-    cells = []
-    for c in data["cells"]:
-        cell = RaggedCell(getattr(torch, c["dtype"]), c["pass"], c["T"], c["E"], c["in"], c["out"], c["skew"],
-                          auto_impl=c["auto_impl"], floor_s=c["floor_s"], skipped=c["skipped"])
-        for name, r in c["results"].items():
-            cell.results[name] = Result(r["status"], r["min_s"], r["min_s"], r["median_s"], r["samples"] or 0,
-                                        r["calls_per_sample"] or 0)
-            cell.kinds[name] = r["kind"]
-            if r["median_s"] is not None:
-                cell.medians[name] = r["median_s"]
-        cells.append(cell)
-    return cells
-
-
 def plot(cells: list[Any], folder: Path) -> Path:
     """``folder/ragged.png``: auto's speed-up over the baseline and over each peer, per cell."""
     import matplotlib
