@@ -338,6 +338,9 @@ def test_the_ragged_sweep_runs_and_writes_its_report(tmp_path):
     auto = data["cells"][0]["results"]["auto"]
     assert 0 < auto["min_s"] <= auto["median_s"]
     assert {"auto_over_fastest_geomean", "auto_vs_baseline_geomean", "below_1"} <= set(data["stats"])
+    again = tmp_path / "again.json"  # re-rendered from the JSON, nothing measured: the same numbers
+    assert main(["bench", "--ragged", "--from-json", str(js), "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["stats"] == data["stats"]
 
 
 def test_skewed_offsets_have_the_largest_group_share_they_name():

@@ -217,6 +217,9 @@ def _variants(cell: RaggedCell, env: Env) -> list[Variant]:
 def run(args: argparse.Namespace) -> int:
     """The ragged sweep for the ``bench`` options in ``args`` (``--quick``, ``--dtypes``, ``--passes``,
     ``--cell-time``, ``--reps``, ``--threads``, ``--markdown``, ``--json``, ``--plot``, ``--time-limit``)."""
+    if args.from_json:  # measure nothing: re-render an earlier run
+        data = json.loads(Path(args.from_json[0]).read_text(encoding="utf-8"))
+        return _emit(cells_from_json(data), data["machine"], args)
     grid = GRIDS[args.grid]
     device = torch.device(args.device)
     if device.type != "cpu":
@@ -253,6 +256,26 @@ def run(args: argparse.Namespace) -> int:
         machine["elapsed_s"] = round(time.perf_counter() - start, 1)
         with contextlib.suppress(OSError, AttributeError):
             machine["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    return _emit(cells, machine, args)
+
+
+def cells_from_json(data: dict[str, Any]) -> list[Any]:
+    """The cells of an earlier ``--json`` output (``bench --ragged --from-json FILE`` re-renders them)."""
+    cells = []
+    for c in data["cells"]:
+        cell = RaggedCell(getattr(torch, c["dtype"]), c["pass"], c["T"], c["E"], c["in"], c["out"], c["skew"],
+                          auto_impl=c["auto_impl"], floor_s=c["floor_s"], skipped=c["skipped"])
+        for name, r in c["results"].items():
+            cell.results[name] = Result(r["status"], r["min_s"], r["min_s"], r["median_s"], r["samples"] or 0,
+                                        r["calls_per_sample"] or 0)
+            cell.kinds[name] = r["kind"]
+            if r["median_s"] is not None:
+                cell.medians[name] = r["median_s"]
+        cells.append(cell)
+    return cells
+
+
+def _emit(cells: list[RaggedCell], machine: dict[str, Any], args: argparse.Namespace) -> int:
     from .ragged_report import markdown, plot, summary, to_json
 
     print(summary(cells))

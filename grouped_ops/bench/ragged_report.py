@@ -118,8 +118,8 @@ def markdown(cells: list[Any], machine: dict[str, Any], plot_dir: Path | None, b
              f"{machine.get('loadavg_end')} | elapsed {machine.get('elapsed_s')} s",
              f"- measured here: copy {machine.get('copy_GBps')} GB/s; matmul GFLOP/s {machine.get('matmul_GFLOPs')}", "",
              "Times are per call, the minimum of interleaved samples (the machine was shared with other jobs, "
-             "whose load only adds time; the medians are in the JSON). `auto` was prewarmed on the library's own balanced offsets and is then "
-             "called on the cell's. `python loop` (F.linear per expert) and `F.grouped_mm` are the user's code "
+             "whose load only adds time; the medians are in the JSON). `auto` was prewarmed on the library's own private offsets of "
+             "the cell's split class (docs/ragged.md) and is then called on the cell's. `python loop` (F.linear per expert) and `F.grouped_mm` are the user's code "
              "today; `vs baseline` is the faster of the two over auto. `floor` as docs/benchmarks/README.md "
              "defines it; `% floor` = floor / auto.", ""]
     if plot_dir is not None and (plot_dir / "ragged.png").exists():
@@ -127,7 +127,7 @@ def markdown(cells: list[Any], machine: dict[str, Any], plot_dir: Path | None, b
         with contextlib.suppress(ValueError):
             rel = rel.relative_to(base.resolve())
         lines += [f"![auto vs the baseline, per cell]({rel.as_posix()})", ""]
-    lines += ["## Summary", "", summary(cells).replace("\n  ", "\n- ").replace("\n", "\n- ", 1), ""]
+    lines += ["## Summary", ""] + [f"- {line.strip()}" for line in summary(cells).splitlines()] + [""]
     if s["below_1"]:
         lines += ["Cells where auto is slower than the baseline (label, dtype, pass, ratio, auto's pick, fastest, "
                   "why, read off the cell's own columns):", ""]
