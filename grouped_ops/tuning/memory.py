@@ -26,6 +26,7 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -140,6 +141,39 @@ def _malloc_trim() -> Any:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
         return None
+
+
+def guarded(timer: Any, device: torch.device, ceiling: int) -> Any:
+    """``timer``, handing freed heap pages back (:func:`release_freed`) after any sample that left
+    the resident set above ``ceiling`` bytes (what it was before the tuning, plus what the tuning
+    holds live, plus :data:`FLOOR_BYTES`): glibc keeps up to 64 MiB freed at the top of its heap,
+    and more in holes, which rounds of candidates of different sizes would add to the tuning's
+    peak. Outside the timed sample; on CPU only (with glibc)."""
+    if device.type != "cpu" or _malloc_trim() is None:
+        return timer
+
+    def timed(name: str, fn: Any, number: int) -> float:
+        t = timer(name, fn, number)
+        if resident() > ceiling:
+            release_freed(device)
+            TRIMS[0] += 1
+        return t
+    return timed
+
+
+TRIMS = [0]  # how many times guarded() released pages (for measurements)
+
+
+def resident() -> int:
+    """This process's resident set, in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def is_oom(e: BaseException) -> bool:
