@@ -256,7 +256,6 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
             if sig.device_type == "cuda":
                 torch.cuda.empty_cache()
 
-    before = memory.resident()
     try:
         generator = torch.Generator(device=sig.device).manual_seed(0)
         args = spec.make_inputs(timed, generator)
@@ -312,8 +311,7 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
     result = tune(
         candidates,
         make_run=make_run,
-        timer=memory.guarded(timer or timer_for(sig.device), sig.device, before + memory.FLOOR_BYTES
-                             + private_bytes(spec, timed) + max(memory.footprint(spec, timed, n) for n in candidates)),
+        timer=memory.guarded(timer or timer_for(sig.device), sig.device),
         check=compare(sig.dtype),
         work_factor={n: spec.registry[n].work_factor(timed) for n in candidates},
         budget_s=s.budget_s,

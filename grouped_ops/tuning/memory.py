@@ -26,7 +26,6 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
-import os
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -143,37 +142,45 @@ def _malloc_trim() -> Any:
         return None
 
 
-def guarded(timer: Any, device: torch.device, ceiling: int) -> Any:
+def guarded(timer: Any, device: torch.device) -> Any:
     """``timer``, handing freed heap pages back (:func:`release_freed`) after any sample that left
-    the resident set above ``ceiling`` bytes (what it was before the tuning, plus what the tuning
-    holds live, plus :data:`FLOOR_BYTES`): glibc keeps up to 64 MiB freed at the top of its heap,
-    and more in holes, which rounds of candidates of different sizes would add to the tuning's
-    peak. Outside the timed sample; on CPU only (with glibc)."""
-    if device.type != "cpu" or _malloc_trim() is None:
+    more than :data:`FLOOR_BYTES` free in glibc's heap: it keeps up to 64 MiB freed at the top of
+    the heap, and more in holes, which rounds of candidates of different sizes would add to the
+    tuning's peak. Outside the timed sample; on CPU only (with glibc)."""
+    if device.type != "cpu" or _malloc_trim() is None or _heap_free() is None:
         return timer
 
     def timed(name: str, fn: Any, number: int) -> float:
         t = timer(name, fn, number)
-        if resident() > ceiling:
+        if (_heap_free() or 0) > FLOOR_BYTES:
             release_freed(device)
             TRIMS[0] += 1
         return t
     return timed
 
 
-TRIMS = [0]  # how many times guarded() released pages (for measurements)
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def resident() -> int:
-    """This process's resident set, in bytes (0 where /proc is missing)."""
+def _heap_free() -> int | None:
+    """Bytes glibc's heap holds free (``mallinfo2().fordblks``), or None without glibc 2.33+."""
+    info = _mallinfo2()
+    return None if info is None else int(info().fordblks)
+
+
+@functools.cache
+def _mallinfo2() -> Any:
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return 0
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _Mallinfo2
+    return fn
 
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+TRIMS = [0]  # how many times guarded() released pages (for measurements)
 
 
 def is_oom(e: BaseException) -> bool:
