@@ -15,7 +15,14 @@ from .dispatch import _LEAN
 from .dispatch import RECORDING as _RECORDING
 from .dispatch import lean_call as _lean_call
 from .dispatch import lean_key as _lean_key
-from .functional import _PLAIN, _any_autocast, _function_mode, _impl_of, _is_compiling, grouped_linear
+from .functional import (
+    _PLAIN,
+    _any_autocast,
+    _function_mode,
+    _impl_of,
+    _is_compiling,
+    grouped_linear,
+)
 from .ops.grouped_linear import SPEC as _GL
 from .ops.grouped_linear_ragged import SPEC as _GLR
 

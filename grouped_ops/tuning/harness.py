@@ -313,7 +313,7 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
     result = tune(
         candidates,
         make_run=make_run,
-        timer=timer or timer_for(sig.device),
+        timer=memory.guarded(timer or timer_for(sig.device), sig.device),
         check=compare(sig.dtype),
         work_factor={n: spec.registry[n].work_factor(timed) for n in candidates},
         budget_s=s.budget_s,

@@ -142,6 +142,47 @@ def _malloc_trim() -> Any:
         return None
 
 
+def guarded(timer: Any, device: torch.device) -> Any:
+    """``timer``, handing freed heap pages back (:func:`release_freed`) after any sample that left
+    more than :data:`FLOOR_BYTES` free in glibc's heap: it keeps up to 64 MiB freed at the top of
+    the heap, and more in holes, which rounds of candidates of different sizes would add to the
+    tuning's peak. Outside the timed sample; on CPU only (with glibc)."""
+    if device.type != "cpu" or _malloc_trim() is None or _heap_free() is None:
+        return timer
+
+    def timed(name: str, fn: Any, number: int) -> float:
+        t = timer(name, fn, number)
+        if (_heap_free() or 0) > FLOOR_BYTES:
+            release_freed(device)
+            TRIMS[0] += 1
+        return t
+    return timed
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_free() -> int | None:
+    """Bytes glibc's heap holds free (``mallinfo2().fordblks``), or None without glibc 2.33+."""
+    info = _mallinfo2()
+    return None if info is None else int(info().fordblks)
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _Mallinfo2
+    return fn
+
+
+TRIMS = [0]  # how many times guarded() released pages (for measurements)
+
+
 def is_oom(e: BaseException) -> bool:
     """Whether ``e`` says that memory ran out: CUDA's (``torch.OutOfMemoryError``, or a
     RuntimeError saying "out of memory"), the CPU allocator's ("DefaultCPUAllocator: can't
