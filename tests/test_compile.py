@@ -359,10 +359,6 @@ def test_bad_arguments_raise_our_error_under_compile():
 
 # ---- the default backend -------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason=(
-    "inductor (torch 2.13) re-uses the custom op's group-major output buffer for the in-place ReLU that "
-    "follows and then asserts it contiguous; passes with torch._inductor.config.inplace_buffers = False. "
-    "Open: docs/adoption.md, 'Compiling a cold model with inductor'"))
 def test_inductor_warm_and_cold_match_eager():
     torch.manual_seed(0)
     model = Mixture(stacked=True)
