@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import os
+import tempfile
 
 import pytest
 import torch
@@ -17,6 +19,11 @@ from grouped_ops.tuning import harness
 settings.register_profile("default", max_examples=40, deadline=None)
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile("default")
+
+# A private inductor cache for the run: its FX-graph cache key does not cover a custom op's fake
+# strides, so graphs compiled by an older version of the library (the contiguous result) would be
+# loaded from a shared /tmp/torchinductor_<user> and fail their stride asserts (docs/adoption.md).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="grouped_ops-inductor-"))
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", "cuda"] if CUDA else ["cpu"]
