@@ -121,7 +121,10 @@ def test_any_partial_entry_is_used_and_retuned_once(partial, count_tunings, monk
     with dispatch.use_timer(SpellTimer(None)):
         grouped_linear(*args())
         entry = next(disk.entries())
-        disk.put({**entry, "impl": "loop", "partial": partial})
+        # an out-of-memory partial lacks the timings of what did not fit (it is re-tuned because the
+        # memory now admits it: tests/test_memory.py has the case where it does not)
+        timings = {k: v for k, v in entry["timings"].items() if k not in partial.split(": ")[-1].split(", ")}
+        disk.put({**entry, "impl": "loop", "partial": partial, "timings": timings})
         a_later_process(monkeypatch)
         assert (grouped_ops.lookup("grouped_linear", *args()).impl, sum(count_tunings.values())) == ("loop", 1)
         d = grouped_ops.prewarm("grouped_linear", *args())

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,22 @@ def test_the_nothing_fits_decision_is_stored_so_a_new_process_does_not_tune_agai
         grouped_ops.grouped_linear(*gl_args(batch=64, n=8, inn=64, out=64))
     (entry,) = list(store.DiskStore().entries())
     assert entry["impl"] == "bmm" and entry["partial"].startswith("out of memory")
+
+    # A later process under the same limit uses it without tuning; one with room re-tunes it once.
+    from grouped_ops.dispatch import resolve
+
+    tunings = []
+    real = harness.measure
+    monkeypatch.setattr(harness, "measure", lambda *a, **k: tunings.append(1) or real(*a, **k))
+    for budget, expected in (("1", 0), ("1e12", 1), ("1e12", 1)):
+        monkeypatch.setenv("GROUPED_OPS_TUNE_MEMORY_BYTES", budget)
+        dispatch.clear_memory()
+        monkeypatch.setattr(resolve, "STARTED", time.time() + 2)  # started after the entry was written
+        with dispatch.use_timer(FakeTimer({})), torch.no_grad():
+            grouped_ops.grouped_linear(*gl_args(batch=64, n=8, inn=64, out=64))
+        assert len(tunings) == expected, budget
+    (entry,) = list(store.DiskStore().entries())
+    assert entry["tunings"] == 2 and not entry.get("partial")
 
 
 # ---- out of memory, on every device --------------------------------------------------------------

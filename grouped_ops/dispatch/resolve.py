@@ -119,10 +119,10 @@ def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
     blocker, transient = _tuning_blocker(sig, args, s, tune_allowed)
     known = _remembered(spec, sig, excluded)
     may_tune = blocker is None and _may_retune()
-    if known is not None and not (may_tune and (retune or _due(known))):
+    if known is not None and not (may_tune and (retune or _due(spec, known))):
         # one still due for its re-tuning (here, only in a backward pass or under a profiler) is
         # not memoised: a later call re-tunes it
-        return _respecting(spec, _recalled(known), excluded), not (known.provisional or (blocker is None and _due(known)))
+        return _respecting(spec, _recalled(known), excluded), not (known.provisional or (blocker is None and _due(spec, known)))
     if blocker is not None:
         if not guess:
             return None, False
@@ -138,7 +138,7 @@ def decide(spec: OpSpec, sig: Signature, args: tuple[Any, ...] | None = None, *,
         previous = known
         if not retune:  # another thread or process may have decided (or re-tuned) it while this one waited
             previous = _remembered(spec, sig, excluded, disk_first=known is not None) or known
-            if previous is not None and not _due(previous):
+            if previous is not None and not _due(spec, previous):
                 return _respecting(spec, _recalled(previous), excluded), not previous.provisional
         decision, persist = harness.measure(spec, sig, s, at, excluded=excluded, timer=injected_timer())
         if previous is not None and previous.partial and not previous.provisional:
@@ -246,13 +246,19 @@ def _remembered(spec: OpSpec, sig: Signature, excluded: frozenset[str], disk_fir
     return from_disk(spec, sig)
 
 
-def _due(d: Decision) -> bool:
+def _due(spec: OpSpec, d: Decision) -> bool:
     """Whether a remembered decision is to be tuned once more where tuning is allowed: a provisional
     one (timed under a profiler), or a partial one that an earlier process stored after one tuning
     (this process's own partial tunings, and those of peers running alongside it, are not
-    repeated here: a process that starts later, or batch prewarm's later pass, re-tunes them)."""
-    return d.provisional or (bool(d.partial) and d.tunings < 2 and d.source == "cache"
-                             and d.signature is not None and d.signature.key() not in _PEERS_PARTIAL)
+    repeated here: a process that starts later, or batch prewarm's later pass, re-tunes them). One
+    partial for memory only where the memory now admits a candidate it did not time: under the same
+    limits a new process starts without tuning again."""
+    if d.provisional:
+        return True
+    if not (d.partial and d.tunings < 2 and d.source == "cache" and d.signature is not None
+            and d.signature.key() not in _PEERS_PARTIAL):
+        return False
+    return not d.partial.startswith("out of memory") or harness.admits_more(spec, d.signature, settings(), d.timings)
 
 
 def from_disk(spec: OpSpec, sig: Signature, allow_stale: bool = False) -> Decision | None:

@@ -342,6 +342,15 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
     return decision, not not_stored
 
 
+def admits_more(spec: Any, sig: Signature, s: Settings, timed: Collection[str]) -> bool:
+    """Whether a tuning of ``sig`` now would time a supported candidate that is not in ``timed``
+    (a decision left partial for memory is worth tuning again only then: under the same limits a
+    new process would time the same candidates, or none)."""
+    supported = [name for name, implementation in spec.registry.items() if implementation.supports(sig)]
+    admitted = memory.admit(spec, sig, supported, s, memory_budget(sig.device, s))[0]
+    return any(name not in timed for name in admitted)
+
+
 def private_bytes(spec: Any, sig: Signature) -> int:
     """Bytes a tuning of ``sig`` holds besides the candidate it runs (see :mod:`.memory`)."""
     return memory.private_bytes(spec, sig)
