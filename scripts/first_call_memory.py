@@ -159,7 +159,9 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
             row["auto"] = probe(cell, train, "auto", here)
             if args.baseline:
                 row["before"] = probe(cell, train, "auto", args.baseline)
-                if row["before"]["pick"] and row["auto"]["pick"] and row["before"]["pick"] != row["auto"]["pick"]:
+                if row["before"]["pick"] not in IMPLS:  # removed since (bmm_strided_out): no paired timing
+                    row["after_over_before"] = None
+                elif row["before"]["pick"] and row["auto"]["pick"] and row["before"]["pick"] != row["auto"]["pick"]:
                     row["after_over_before"] = paired(cell, train, row["before"]["pick"], row["auto"]["pick"], here)
                 else:
                     row["after_over_before"] = 1.0
@@ -181,7 +183,7 @@ def line(row: dict[str, Any]) -> str:
     if "before" in row:
         bfr = row["before"]
         text += (f" | {bfr['peak'] / MB:.1f} | {bfr['pick']} | {bfr['seconds']:.2f} | "
-                 f"{row['after_over_before']:.3f}")
+                 + ("removed since" if row["after_over_before"] is None else f"{row['after_over_before']:.3f}"))
     return text + " |"
 
 
