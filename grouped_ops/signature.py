@@ -71,7 +71,7 @@ def _device_model(device: torch.device) -> str:
         major, minor = torch.cuda.get_device_capability(index)
         return f"{torch.cuda.get_device_name(index)} sm{major}{minor}"
     if device.type == "cpu":
-        return _cpu_model()
+        return cpu_model()
     return device.type
 
 
@@ -125,7 +125,8 @@ def _setters(device_type: str) -> dict[str, Any]:
     return out
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .. import peers
+from .. import signature as _signature
 from ..ops.grouped_linear import SPEC as _GL
 
 # (batch, n, in, out): none is a shape of the tests; two are the issue's examples
@@ -133,16 +134,9 @@ def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/pe
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere): the
-    speed-ups move with it (issue 22: AMD EPYC and Intel Xeon differ by up to 0.2x in some cells)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name: the speed-ups move with it (issue 22: AMD EPYC and Intel Xeon differ by
+    up to 0.2x in some cells)."""
+    return _signature.cpu_model()
 
 
 def _load() -> str:
