@@ -343,11 +343,53 @@ def compile_ro(ctx: Ctx) -> None:
         ctx.note(f"{case}: {ctx.data[case]}")
 
 
+def _workspace_estimates(ctx: Ctx) -> None:
+    """Each grouped_linear implementation's declared footprint (result, gradients, workspace:
+    ``tuning.memory.footprint``) against CUDA's ``max_memory_allocated`` over a forced call, forward
+    and training (issue 26: within 1.5x). CUDA only: the CPU check is scripts/workspace_check.py."""
+    import grouped_ops
+    from grouped_ops.ops import SPECS
+    from grouped_ops.tuning import memory
+
+    spec, rows = SPECS["grouped_linear"], {}
+    for batch, n, inn, out in ((512, 8, 1024, 1024), (4096, 16, 256, 256)):
+        for train in (False, True):
+            x, w, b = _gl_inputs(ctx, batch, n, inn, out, torch.bfloat16, grad=train)
+            sig = spec.signature(spec.meta(x, w, b), False)
+            for name, implementation in spec.registry.items():
+                if not implementation.supports(sig):
+                    continue
+                w.grad = b.grad = x.grad = None
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                with torch.set_grad_enabled(train):
+                    y = grouped_ops.grouped_linear(x, w, b, impl=name)
+                    if train:
+                        y.backward(torch.ones_like(y))
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - base
+                estimate = memory.footprint(spec, sig, name)
+                rows[f"{batch}x{n} {inn}->{out} {'train' if train else 'fwd'} {name}"] = (peak, estimate)
+                del y
+                if estimate and not estimate / 1.5 <= peak <= estimate * 1.5:
+                    ctx.problem(f"workspace estimate of {name} at {batch}x{n} {inn}->{out} "
+                                f"{'training' if train else 'forward'}: {estimate} B declared, {peak} B measured")
+    ctx.data["workspace_estimates"] = {k: {"measured": p, "estimate": e} for k, (p, e) in rows.items()}
+    ctx.note(f"workspace estimates checked: {len(rows)} calls")
+
+
 def oom(ctx: Ctx) -> None:
-    """A first call (which tunes) with the device nearly full: the user's call must not raise."""
+    """A first call (which tunes) with the device nearly full: the user's call must not raise.
+    First, on CUDA, the declared workspaces against measured peaks (:func:`_workspace_estimates`)."""
     import grouped_ops
     from grouped_ops.ops import grouped_linear as gl
 
+    if not ctx.dry:
+        try:
+            _workspace_estimates(ctx)
+        except Exception as e:  # noqa: BLE001
+            ctx.problem(f"workspace estimates: {_err(e)}")
     hog = []
     # the user's operands first: their own call (output 128 MiB) fits; the tuning's private
     # copies, outputs and gradients on top of it do not
