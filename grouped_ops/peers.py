@@ -349,16 +349,9 @@ def module_overhead(batches: Sequence[int] = (1, 8, 32), n: int = 32, d: int = 6
             with torch.no_grad():
                 for fn in fns.values():
                     _warm(fn, 50)
-                reps = {k: _calibrate(f, 1e-3) for k, f in fns.items()}
-                for _ in range(passes):
-                    samples: dict[str, list[float]] = {k: [] for k in fns}
-                    names = list(fns)
-                    for _ in range(rounds):
-                        rng.shuffle(names)
-                        for k in names:
-                            samples[k].append(_round(fns[k], reps[k]))
-                    for k, v in samples.items():
-                        best[k].append(min(v) * 1e6)
+                for _ in range(passes):  # each pass's fastest round; the median over passes below
+                    for k, t in time_interleaved(fns, rounds, 1e-3, rng, stat="min").items():
+                        best[k].append(t * 1e6)
             row: dict[str, Any] = {"batch": batch, **{k: statistics.median(v) for k, v in best.items()}}
             row["grouped_minus_tabm"] = row["grouped"] - row["tabm"]
             rows.append(row)
