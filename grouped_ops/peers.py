@@ -201,7 +201,8 @@ def _calibrate(fn: Callable[[], Any], round_s: float) -> int:
     return max(1, min(10_000, int(round_s / once)))
 
 
-def _round(fn: Callable[[], Any], reps: int) -> float:
+def seconds_per_call(fn: Callable[[], Any], reps: int) -> float:
+    """Seconds per call of ``fn`` over ``reps`` calls in a row (one sample of an interleaved round)."""
     start = time.perf_counter()
     for _ in range(reps):
         fn()
@@ -219,7 +220,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int, round_s: fl
     for _ in range(rounds):
         rng.shuffle(names)
         for k in names:
-            samples[k].append(_round(fns[k], reps[k]))
+            samples[k].append(seconds_per_call(fns[k], reps[k]))
     pick = min if stat == "min" else statistics.median
     return {k: pick(v) for k, v in samples.items()}
 

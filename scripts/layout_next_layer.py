@@ -14,20 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import time
 
 import torch
 
 from grouped_ops import GroupedLinear
+from grouped_ops.peers import seconds_per_call
 
 SHAPES = [(1, 32, 64), (32, 8, 64), (256, 32, 16), (512, 4, 256), (16, 64, 256), (128, 32, 32)]
 
 
 def timed(fn, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    return seconds_per_call(fn, calls) * 1e6
 
 
 def main() -> None:

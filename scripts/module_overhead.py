@@ -17,20 +17,16 @@ import argparse
 import os
 import random
 import statistics
-import time
 
 import torch
 
 import grouped_ops
 from grouped_ops import GroupedLinear, grouped_linear
-from grouped_ops.peers import TabMLinear
+from grouped_ops.peers import TabMLinear, seconds_per_call
 
 
 def _timed(fn, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    return seconds_per_call(fn, calls) * 1e6
 
 
 def main() -> None:

@@ -23,12 +23,12 @@ import copy
 import os
 import random
 import statistics
-import time
 import types
 
 import torch
 
 import grouped_ops
+from grouped_ops.peers import seconds_per_call
 
 N_FEATURES, BATCH = 24, 512
 
@@ -81,10 +81,7 @@ def check(native: torch.nn.Module, routed: torch.nn.Module, x: torch.Tensor) -> 
 
 
 def timed(fn, calls: int = 3) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e3
+    return seconds_per_call(fn, calls) * 1e3
 
 
 def main() -> None:
