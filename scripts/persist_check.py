@@ -1,6 +1,7 @@
 """Does what processes prewarm reach the disk, and is each signature tuned once on the host?
 
-P processes start together (a server's workers, a job's ranks), each prewarming K grouped_linear
+P processes start together (a server's workers, a job's ranks) and, once all have imported
+grouped_ops (``--staggered``: after 1 s, while the later ones may still be importing torch), each prewarm K grouped_linear
 signatures (``--same``: all the same K; else distinct ones) with a private user cache and no
 shipped tables, as a new user would; then a new process looks every signature up. Prints how many
 it found, how many entries are marked partial (measured under noise), and how many tunings the host
@@ -38,6 +39,7 @@ PREWARM = SIGS + """
 import json, os, sys, time
 import grouped_ops
 first, count, start = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+open(f"{start}.ready-{os.getpid()}", "w").close()  # imported: torch's import is not part of the prewarm
 while not os.path.exists(start):
     time.sleep(0.01)
 t0 = time.perf_counter()
@@ -57,13 +59,20 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=8)
     p.add_argument("--per", type=int, default=5)
     p.add_argument("--same", action="store_true")
+    p.add_argument("--staggered", action="store_true",
+                   help="start prewarming 1 s after launch, not once every process has imported")
     a = p.parse_args()
     cache, start = tempfile.mkdtemp(), Path(tempfile.mkdtemp()) / "start"
     env = dict(os.environ, GROUPED_OPS_CACHE_DIR=cache, GROUPED_OPS_SHIPPED_DIR=tempfile.mkdtemp())
     load = Path("/proc/loadavg").read_text().split()[0]
     procs = [subprocess.Popen([sys.executable, "-c", PREWARM, str(0 if a.same else i * a.per), str(a.per), str(start)],
                               env=env, stdout=subprocess.PIPE, text=True) for i in range(a.processes)]
-    time.sleep(1.0)
+    if a.staggered:
+        time.sleep(1.0)  # the later processes still import torch while the first ones tune
+    else:
+        deadline = time.monotonic() + 120
+        while len(list(start.parent.glob("start.ready-*"))) < a.processes and time.monotonic() < deadline:
+            time.sleep(0.01)
     start.write_text("")
     reports = []
     for proc in procs:
@@ -76,7 +85,8 @@ def main() -> None:
                                text=True, timeout=600).stdout.split()[-1])
     entries = [json.loads(f.read_text()) for f in (Path(cache) / "v3").glob("*.json")]
     tuned = [k for r in reports for k in r["tuned"]]
-    print(f"{a.processes} process(es) x {a.per} {'same' if a.same else 'distinct'} signatures, load {load} at the start")
+    print(f"{a.processes} process(es) x {a.per} {'same' if a.same else 'distinct'} signatures"
+          f"{', staggered' if a.staggered else ''}, load {load} at the start")
     print(f"found by a new process: {found} of {wanted}")
     print(f"entries marked partial: {sum(1 for e in entries if e.get('partial'))} "
           f"(tunings per entry: {sorted(e['tunings'] for e in entries)})")

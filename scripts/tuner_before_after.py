@@ -40,7 +40,10 @@ def make(batch, n, i, o, grad):
     return (torch.randn(batch, n, i, generator=g), torch.randn(n, o, i, generator=g).requires_grad_(grad),
             torch.randn(n, o, generator=g).requires_grad_(grad))
 
-grouped_ops.prewarm("grouped_linear", *make(3, 3, 8, 8, False))  # one-off start-up costs, not a first call's
+# one-off start-up costs, not a first call's: both modes (the first backward with a given gradient
+# imports sympy, ~0.4 s)
+grouped_ops.prewarm("grouped_linear", *make(3, 3, 8, 8, False))
+grouped_ops.prewarm("grouped_linear", *make(3, 3, 8, 8, True))
 out = []
 shuffle = random.Random(0)
 for batch, n, i, o, grad in cells:

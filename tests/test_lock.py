@@ -148,7 +148,8 @@ PREWARM = textwrap.dedent("""
     import json, sys, torch, grouped_ops
     torch.set_num_threads(1)
     first, count, start = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    while not __import__("os").path.exists(start):  # all start together
+    open(start + ".ready-" + sys.argv[1] + "-" + str(__import__("os").getpid()), "w").close()
+    while not __import__("os").path.exists(start):  # all start together, once all have imported
         __import__("time").sleep(0.01)
     out = []
     for i in range(first, first + count):
@@ -166,7 +167,9 @@ def prewarm_in_processes(tmp_path, parts: list[tuple[int, int]]) -> list[dict]:
     start = tmp_path / "start"
     procs = [subprocess.Popen([sys.executable, "-c", PREWARM, str(first), str(count), str(start)],
                               stdout=subprocess.PIPE, text=True) for first, count in parts]
-    time.sleep(0.5)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("start.ready-*"))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
     start.write_text("")
     results = []
     for proc in procs:
@@ -203,3 +206,21 @@ def test_eight_processes_prewarming_five_signatures_each_store_all_forty(tmp_pat
     entries = list(store.DiskStore().entries())
     assert len({r["key"] for r in results}) == 40 and len(entries) == 40
     assert sum(1 for e in entries if e.get("partial")) <= 4
+
+
+def test_coming_straight_back_steps_aside_only_for_a_waiting_process():
+    configured = os.environ["GROUPED_OPS_LOCK_DIR"]
+    waiting = lock.lock_path(CPU, configured).with_suffix(".waiting")
+    waiting.unlink(missing_ok=True)
+
+    def turn_after_a_turn() -> float:
+        with lock.tuning_turn(CPU, 5.0, configured) as turn:
+            assert turn
+        start = time.monotonic()
+        with lock.tuning_turn(CPU, 5.0, configured) as turn:
+            assert turn
+        return time.monotonic() - start
+
+    assert turn_after_a_turn() < lock.POLL_S  # alone on the host: a batch prewarm loses no time
+    waiting.touch()  # another process says it waits
+    assert turn_after_a_turn() >= lock.POLL_S

@@ -178,7 +178,8 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
     last only ~50 ms, so one transient can cover all of them. The close ones are timed for at least
     CONFIRM_MIN_ROUNDS rounds, until their samples cover CONFIRM_MIN_S each, and then on until every
     gap to the best is resolved, a near-tie (under TIE_MIN) or larger than its own uncertainty, and
-    no contender may still be over TIE_MAX faster than the best (see _unsettled). At
+    no contender may still be over TIE_MAX faster than the best (see _unsettled); from
+    CONFIRM_MIN_ROUNDS on, a contender surely over TIE_MAX slower is let go (_release_clear_losers). At
     most CONFIRM_MAX_ROUNDS rounds, or the budget again (after CONFIRM_BUDGET_ROUNDS: 10 rounds of
     three 50 ms candidates took 1.5 s). In one measured miss the true best was the third, so the band
     takes them all.
@@ -196,22 +197,49 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
     paired: dict[str, list[float]] = {n: [] for n in timed if min(samples[n]) <= best * (1 + band)}
     if len(paired) < 2:
         return {}, {}
+    released: dict[str, tuple[float, float]] = {}  # a clear loser let go: its estimate and gap uncertainty then
     start = clock()
     for i in range(CONFIRM_MAX_ROUNDS):
         if len(paired) < 2:
             break
         if i >= CONFIRM_BUDGET_ROUNDS and clock() - start > budget_s:
             break
-        if (i >= CONFIRM_MIN_ROUNDS and min(sum(s) * number[n] for n, s in paired.items()) >= CONFIRM_MIN_S
-                and _settled(paired)):
-            break
+        if i >= CONFIRM_MIN_ROUNDS:
+            released.update(_release_clear_losers(paired, samples))
+            if (len(paired) < 2 or min(sum(s) * number[n] for n, s in paired.items()) >= CONFIRM_MIN_S
+                    and _settled(paired)):
+                break
         for name in shuffler.sample(list(paired), len(paired)):
             if not _sample(name, paired[name], runs, number, timer, on_error, result):
                 del paired[name], samples[name]
     samples.update(paired)
-    if len(paired) < 2:
+    if len(paired) + len(released) < 2:
         return {}, {}
-    return _compare_paired(paired)
+    estimates, noise = _compare_paired(paired) if paired else ({}, {})
+    for name, (estimate, uncertainty) in released.items():
+        estimates[name], noise[name] = estimate, uncertainty
+    return estimates, noise
+
+
+def _release_clear_losers(paired: dict[str, list[float]], samples: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    """Take out of ``paired`` every contender surely over TIE_MAX slower than the best: over TIE_MAX
+    slower in more of the paired rounds than half by NOISE_Z standard deviations (a sign test of its
+    median ratio; it makes no assumption on the spread, and a stall in some rounds, which gives
+    two-valued ratios, cannot fake a lead). Timing it on cannot change the pick, and with four contenders in a close call it
+    was most of a tuning's time (the best alone left: the call is decided). Returns each one's
+    estimate and gap uncertainty as they stand."""
+    estimates, noise = _compare_paired(paired)
+    best = min(estimates, key=estimates.__getitem__)
+    out = {}
+    for name in list(paired):
+        if name == best:
+            continue
+        ratios = [a / b for a, b in zip(paired[name], paired[best], strict=True)]
+        slower = sum(r > 1 + TIE_MAX for r in ratios)
+        if slower >= len(ratios) / 2 + NOISE_Z * math.sqrt(len(ratios)) / 2:
+            out[name] = (estimates[name], noise[name])
+            samples[name] = paired.pop(name)
+    return out
 
 
 def _compare_paired(paired: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
