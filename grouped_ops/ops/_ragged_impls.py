@@ -307,9 +307,11 @@ def _recording(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
 def _gmm_forward(x: Tensor, w: Tensor, b: Tensor | None, offs: Tensor, values: list[int] | None) -> Tensor:
     y = _GROUPED_MM(_fit(x), _fit(w.transpose(1, 2)), offs=offs)
     gid = None
-    if b is not None:  # rows past the last offset pick a zero row of the extended bias
+    if b is not None:
         gid = _group_ids(offs, x.shape[0])
-        y.add_(torch.cat([b, b.new_zeros(1, b.shape[1])]).index_select(0, gid))
+        # rows past the last offset (group id E) are zeroed after: any bias row will do for them
+        tail = values is None or values[-1] < x.shape[0]
+        y.add_(b.index_select(0, gid.clamp(max=b.shape[0] - 1) if tail else gid))
     return _tail_zeroed(y, offs, values, gid)
 
 
