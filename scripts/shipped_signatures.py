@@ -40,9 +40,11 @@ moe_blocks = [(512, 1024, 8, 2, True, False), (256, 128, 64, 8, True, False), (2
 for (hidden, inter, experts, top_k, gated, transposed), tokens, dtype, grad in itertools.product(
         moe_blocks, [1, 16, 128, 1024], dtypes, [False, True]):
     for inn, out in ((hidden, inter * (2 if gated else 1)), (inter, hidden)):
-        for split in ("balanced", "skewed"):
+        rows = tokens * top_k
+        # balanced: no group over twice the mean, which needs E * ceil(rows / E) <= 2 * rows
+        for split in ("balanced", "skewed") if experts * -(-rows // experts) <= 2 * rows else ("skewed",):
             print(json.dumps({"op": "grouped_linear_ragged",
-                              "dims": {"batch": tokens * top_k, "n": experts, "in": inn, "out": out},
+                              "dims": {"batch": rows, "n": experts, "in": inn, "out": out},
                               "dtype": dtype, "device": device,
                               "layout": {"input": "contiguous", "weight": "transposed" if transposed else "contiguous",
                                          "bias": "yes" if transposed else "no", "offsets": "host", "split": split},
