@@ -290,7 +290,7 @@ def _markdown(meta: dict, cells: list) -> str:
              f"{meta['threads']} thread; copy {meta['copy_GBps']:.1f} GB/s, matmul "
              + ", ".join(f"{d} {r:.0f} GFLOP/s" for d, r in meta["matmul_GFLOPs"].items()),
              f"- load average at start {tuple(round(v, 2) for v in meta['loadavg_start'])}, at end "
-             f"{tuple(round(v, 2) for v in meta['loadavg_end'])} (other jobs shared the 2 cores)",
+             f"{tuple(round(v, 2) for v in meta['loadavg_end'])}",
              f"- grouped_ops over the fastest built-in: geometric mean x{meta['geomean_speedup']:.2f} over "
              f"{len(cells)} cells, worst x{meta['worst_speedup']:.2f}", "",
              "CPU time of the one thread per call, medians of interleaved rounds (wall-clock medians in "

@@ -1,11 +1,11 @@
 """Does what processes prewarm reach the disk, and is each signature tuned once on the host?
 
 P processes start together (a server's workers, a job's ranks) and, once all have imported
-grouped_ops (``--staggered``: after 1 s, while the later ones may still be importing torch), each prewarm K grouped_linear
-signatures (``--same``: all the same K; else distinct ones) with a private user cache and no
-shipped tables, as a new user would; then a new process looks every signature up. Prints how many
-it found, how many entries are marked partial (measured under noise), and how many tunings the host
-ran (each process reports the decisions it tuned itself).
+grouped_ops (``--staggered``: after 1 s, while the later ones may still import torch), each
+prewarms K grouped_linear signatures (``--same``: all the same K; else distinct ones) with a
+private user cache and no shipped tables, as a new user would; then a new process looks every
+signature up. Prints how many it found, how many entries are marked partial (measured under noise),
+and how many tunings the host ran (each process reports the decisions it tuned itself).
 
     python3 scripts/persist_check.py --processes 1 --per 40           # one process, 40 signatures
     python3 scripts/persist_check.py --processes 8 --per 5            # 8 x 5 distinct

@@ -41,20 +41,23 @@ def why_below(c: Any) -> str:
     peer = min((n for n in PEERS if c.time(n)), key=lambda n: c.time(n), default=None)
     forced = c.time(pick) if pick else None
     if forced and auto and auto > 1.3 * forced:
-        return (f"auto ran {pick} but took {auto / forced:.2f}x its forced time in this cell: timing noise of the "
-                "shared machine (the same code)")
+        return (f"auto ran {pick} but took {auto / forced:.2f}x its forced time in this cell (the same code): "
+                + ("the weight gradients' fresh buffers (page faults) land on some variants and not others "
+                   "as the interleaved calls free and take memory (docs/moe.md)" if c.pass_ == "fwdbwd"
+                   else "timing noise"))
     if best and pick != best and impls[best] * 1.1 < (forced or math.inf):
         return (f"auto ran {pick}, {forced / impls[best]:.2f}x this cell's fastest implementation {best}: the "
-                "pick was tuned on private offsets of the cell's class, and timed on the shared machine")
+                "pick was tuned on private offsets of the cell's class, not on the cell's own")
     if peer and best:
         same = (peer == "F.grouped_mm" and pick == "grouped_mm") or (peer == "python loop" and pick in ("loop", "padded_bmm"))
         if same and auto - c.time(peer) < 60e-6:
             return (f"auto ran the same kernels as {peer} ({pick}); the difference, {c.time(peer) * 1e6:.0f} vs "
                     f"{auto * 1e6:.0f} us, is our per-call cost (dispatch, the offsets' check, zeroing the rows "
-                    "past the end: F.grouped_mm 19 us vs auto 32 us measured at T=16, E=8, 64->64)")
+                    "past the end, the operands' layout checks: about 15 us a call at T=16)")
         if same:
             return (f"auto ran the same kernels as {peer} ({pick}) but took {auto / c.time(peer):.2f}x: more than "
-                    "our per-call cost; not explained by this sweep (the shared machine's noise is the likeliest)")
+                    "our per-call cost; " + ("in a training step our backward's own Python, or the weight "
+                    "gradients' buffers (see above)" if c.pass_ == "fwdbwd" else "timing noise"))
         return (f"{peer} ({c.time(peer) * 1e6:.0f} us) beats every implementation here (fastest {best}, "
                 f"{impls[best] * 1e6:.0f} us)")
     return "no implementation timed"
@@ -117,8 +120,8 @@ def markdown(cells: list[Any], machine: dict[str, Any], plot_dir: Path | None, b
              f"- date {machine.get('date')} | load average at start {machine.get('loadavg_start')}, at end "
              f"{machine.get('loadavg_end')} | elapsed {machine.get('elapsed_s')} s",
              f"- measured here: copy {machine.get('copy_GBps')} GB/s; matmul GFLOP/s {machine.get('matmul_GFLOPs')}", "",
-             "Times are per call, the minimum of interleaved samples (the machine was shared with other jobs, "
-             "whose load only adds time; the medians are in the JSON). `auto` was prewarmed on the library's own private offsets of "
+             "Times are per call, the minimum of interleaved samples (other work on the machine only adds "
+             "time; the medians are in the JSON). `auto` was prewarmed on the library's own private offsets of "
              "the cell's split class (docs/ragged.md) and is then called on the cell's. `python loop` (F.linear per expert) and `F.grouped_mm` are the user's code "
              "today; `vs baseline` is the faster of the two over auto. `floor` as docs/benchmarks/README.md "
              "defines it; `% floor` = floor / auto.", ""]

@@ -224,10 +224,10 @@ def _confirm_close_calls(samples: dict[str, list[float]], runs: dict[str, Callab
 def _release_clear_losers(paired: dict[str, list[float]], samples: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
     """Take out of ``paired`` every contender surely over TIE_MAX slower than the best: over TIE_MAX
     slower in more of the paired rounds than half by NOISE_Z standard deviations (a sign test of its
-    median ratio; it makes no assumption on the spread, and a stall in some rounds, which gives
-    two-valued ratios, cannot fake a lead). Timing it on cannot change the pick, and with four contenders in a close call it
-    was most of a tuning's time (the best alone left: the call is decided). Returns each one's
-    estimate and gap uncertainty as they stand."""
+    median ratio; it assumes nothing of the spread, and a stall in some rounds, which gives
+    two-valued ratios, cannot fake a lead). Timing it on cannot change the pick, and with four
+    contenders in a close call it was most of a tuning's time (the best alone left: the call is
+    decided). Returns each one's estimate and gap uncertainty as they stand."""
     estimates, noise = _compare_paired(paired)
     best = min(estimates, key=estimates.__getitem__)
     out = {}
