@@ -125,18 +125,9 @@ def test_every_implementation_works_under_vmap_grad_and_double_backward(op):
         torch.testing.assert_close(gg, torch.autograd.grad(g2.sum(), a2)[0], msg=impl)
 
 
-@pytest.fixture
-def bmm_trains_through_its_function(monkeypatch):
-    # _BmmLinear takes over from ~32K weight elements; these tests use small weights
-    from grouped_ops.ops import _bmm_linear as bl
-
-    monkeypatch.setattr(bl, "LAYOUT_COPY_AT", 0)
-
-
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("lead", [(), (6,), (2, 3)])
-def test_bmm_eager_training_function_has_every_first_and_second_derivative(layout, lead,
-                                                                          bmm_trains_through_its_function):
+def test_bmm_eager_training_function_has_every_first_and_second_derivative(layout, lead):
     # bmm's eager training path for nn.Linear's layout is an autograd.Function of its own
     # (_BmmLinear): its backward must give every gradient, for any leading dims, and be
     # differentiable; a weight stored [n, in, out] takes autograd's own bmm graph
@@ -153,7 +144,7 @@ def test_bmm_eager_training_function_has_every_first_and_second_derivative(layou
     assert torch.autograd.gradcheck(lambda x_, w_: grouped_linear(x_, w_, None, impl="bmm"), (x, w))
 
 
-def test_bmm_eager_training_function_detects_an_input_changed_before_backward(bmm_trains_through_its_function):
+def test_bmm_eager_training_function_detects_an_input_changed_before_backward():
     x, w, b = (t.requires_grad_() for t in gl_args())
     y = grouped_linear(x, w, b, impl="bmm")
     assert y.grad_fn.name().startswith("_BmmLinear")

@@ -227,7 +227,6 @@ def test_a_decided_call_runs_its_prepared_function_with_the_implementations_bits
 
 @pytest.mark.parametrize("impl", ["bmm"])
 def test_a_decided_training_call_goes_through_the_prepared_bmm_linear(monkeypatch, impl):
-    monkeypatch.setattr(bl, "LAYOUT_COPY_AT", 1)  # the Function for this small weight too
     x, w, b = gl_args(batch=3, n=4, inn=6, out=5, grad=True)
     x.requires_grad_()
     gy = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1))

@@ -199,7 +199,7 @@ def test_an_exported_module_keeps_its_gradients(op, impl, layout, strict):
 
 @pytest.mark.parametrize("impl", ["bmm", "einsum"])
 def test_inference_mode_with_grad_enabled_records_no_graph_before_or_after_training(impl):
-    # weights of 32K elements take bmm's own autograd Function in training; inference mode must
+    # bmm's training takes its own autograd Function (_BmmLinear); inference mode must
     # still give a plain inference tensor, on a first call and on one memoised by training
     x, w = torch.randn(4, 8, 64), torch.randn(8, 64, 64, requires_grad=True)
     expected = torch.einsum("rni,noi->rno", x.double(), w.detach().double())

@@ -271,13 +271,12 @@ def test_forward_mode_ad_through_bmm(fn):
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-@pytest.mark.parametrize("groups", [2, 8])  # 2 x 64 x 64 below LAYOUT_COPY_AT, 8 x 64 x 64 at it
-def test_bmm_computes_a_large_weights_gradient_in_the_weights_own_layout(layout, groups):
+@pytest.mark.parametrize("groups", [2, 8])
+def test_bmm_computes_the_weights_gradient_in_the_weights_own_layout(layout, groups):
     # autograd's own bmm backward gives [n, in, out], which AccumulateGrad copies element by element
-    # into nn.Linear's layout; from LAYOUT_COPY_AT weight elements on, bmm trains through
-    # _BmmLinear, which computes it in that layout (as bmm_weight_left does)
+    # into nn.Linear's layout; bmm trains through _BmmLinear, which computes it in that layout (as
+    # bmm_weight_left does)
     from grouped_ops.ops import SPECS
-    from grouped_ops.ops._bmm_linear import LAYOUT_COPY_AT
 
     registry = SPECS["grouped_linear"].registry
     x, b = torch.randn(5, groups, 64), torch.randn(groups, 64)
@@ -287,7 +286,7 @@ def test_bmm_computes_a_large_weights_gradient_in_the_weights_own_layout(layout,
         (grads[name],) = torch.autograd.grad(registry[name](x, w, b).sum(), w)
         torch.testing.assert_close(grads[name], grads["bmm"])
     through_function = registry["bmm"](x, w, b).grad_fn.name().startswith("_BmmLinear")
-    assert through_function == (layout == "out_in" and w.numel() >= LAYOUT_COPY_AT)
+    assert through_function == (layout == "out_in")
     if through_function or layout == "in_out":
         assert grads["bmm"].stride() == w.stride()
     if layout == "out_in":

@@ -16,8 +16,7 @@ from ._common import plain_tensors, traced_plainly
 
 Tensor = torch.Tensor
 
-LAYOUT_COPY_AT = 32768  # weight elements from which eager training takes _BmmLinear ...
-LAYOUT_COPY_ROWS = 256  # ... and rows up to which any training does
+LAYOUT_COPY_ROWS = 256  # rows up to which training takes _BmmLinear
 
 
 def takes_bmm_linear(x: Tensor, w: Tensor, b: Tensor | None, rows: int, plain: bool) -> bool:
@@ -25,28 +24,25 @@ def takes_bmm_linear(x: Tensor, w: Tensor, b: Tensor | None, rows: int, plain: b
     ``plain`` is :func:`~._common.plain_eager` of the arguments.
 
     Only for nn.Linear's layout (rows of ``in`` contiguous), whose weight gradient autograd's own
-    bmm backward gives as ``[n, in, out]``, to be copied element by element. Measured (CPU, 1 and 2
-    threads, step time against autograd's graph): in eager mode its Python costs ~10-20 us a step,
-    so 1.05-1.26x below 32K weight elements and 0.55-0.96x above; from 512 rows on the copy is a
-    few % of the step and the other orientation of the weight-gradient gemm costs as much
-    (0.94-1.07x; 1.05x in the peers table's 512x4 64->256 cell). Under torch.compile it is traced
+    bmm backward gives as ``[n, in, out]``, to be copied element by element. Measured (CPU, one
+    thread, training step time against autograd's graph, 2026-12-07): at any weight size it is as
+    fast or faster, 0.94-1.0x the time below 32K weight elements (6 x 4 256->24: 127 vs 138 us;
+    it used to cost 1.05-1.26x there, before its Python was trimmed) and 0.55-0.96x above; from
+    512 rows on the copy is a few % of the step and the other orientation of the weight-gradient
+    gemm costs as much (0.94-1.07x; 1.05x in the peers table's 512x4 64->256 cell). Under torch.compile it is traced
     into the graph (no Python per call) at any weight size: there the copy is a kernel of the
     compiled backward: a compiled two-layer model at 16x64 256->256 trained at 0.74x the TabM
     model's speed without this Function, 0.98-1.11x with it (docs/benchmarks/peers.md).
     """
     if not plain:  # (plain_eager is false while compiling: dynamo cannot trace the inference-mode query)
-        return _layout_copy_saved(w.requires_grad, w.stride(2), rows) and traced_plainly(x, w, b)
+        return layout_copy_saved(w.requires_grad, w.stride(2), rows) and traced_plainly(x, w, b)
     # inference mode with grad enabled: autograd records nothing, and neither may this Function
-    return _pays_in_eager(w.requires_grad, w.stride(2), rows, w.numel()) and not torch.is_inference_mode_enabled()
+    return layout_copy_saved(w.requires_grad, w.stride(2), rows) and not torch.is_inference_mode_enabled()
 
 
-def _layout_copy_saved(w_requires_grad: bool, w_in_stride: int, rows: int) -> bool:
+def layout_copy_saved(w_requires_grad: bool, w_in_stride: int, rows: int) -> bool:
+    """The rule of :func:`takes_bmm_linear` and :func:`prepare_bmm` (and of bmm's declared workspace)."""
     return w_requires_grad and w_in_stride == 1 and rows <= LAYOUT_COPY_ROWS
-
-
-def _pays_in_eager(w_requires_grad: bool, w_in_stride: int, rows: int, w_numel: int) -> bool:
-    # the eager rule, for takes_bmm_linear and prepare_bmm alike
-    return _layout_copy_saved(w_requires_grad, w_in_stride, rows) and w_numel >= LAYOUT_COPY_AT
 
 
 def prepare_bmm(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Callable[..., Tensor] | None:
@@ -64,7 +60,7 @@ def prepare_bmm(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Ca
     rows = math.prod(lead)
     flat, shape, strides = len(lead) == 1, (*lead, n, out), group_major_strides((*lead, n, out))
     if grad and any(grad):  # autograd records these calls
-        if _pays_in_eager(grad[1], w_stride[2], rows, n * out * inn):
+        if layout_copy_saved(grad[1], w_stride[2], rows):
             def train(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
                 if torch.is_inference_mode_enabled() or not plain_tensors(x, w, b):  # see takes_bmm_linear
                     return implementation(x, w, b)
@@ -137,9 +133,9 @@ class _BmmLinear(torch.autograd.Function):
     layer's time). The forward's gemm writes the result with the bias (``out=``).
     Its backward is made of differentiable ops on the saved inputs, so second derivatives work.
     :func:`~.grouped_linear.bmm` uses it in plain eager autograd (:func:`~._common.plain_eager`: it
-    has no forward-AD, vmap or jit-tracing rules) where the copy it saves outweighs its Python
-    (weights of 32K elements or more), and under torch.compile, which traces it into the graph
-    (:func:`~._common.traced_plainly`); both for batches of at most 256 rows (measured; see there)."""
+    has no forward-AD, vmap or jit-tracing rules) and under torch.compile, which traces it into the
+    graph (:func:`~._common.traced_plainly`); both for batches of at most 256 rows (measured; see
+    :func:`takes_bmm_linear`)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

@@ -13,7 +13,7 @@ estimates are checked against measured peaks (``scripts/workspace_check.py``,
 from __future__ import annotations
 
 from ..signature import Signature
-from ._bmm_linear import _pays_in_eager
+from ._bmm_linear import layout_copy_saved
 from ._spec import Bytes
 
 
@@ -56,8 +56,8 @@ def bmm(sig: Signature) -> int:
     rows, n, inn, out, s = _sizes(sig)
     if not sig.needs_grad:
         return 0
-    linear = _pays_in_eager("weight" in sig.grad, 1 if sig.layout_of("weight") in ("contiguous", "chunked", "shared") else 0,
-                            rows, n * out * inn)
+    linear = layout_copy_saved("weight" in sig.grad,
+                               1 if sig.layout_of("weight") in ("contiguous", "chunked", "shared") else 0, rows)
     return _peak(sig, 0, _copies(sig, weight=not linear and sig.layout_of("weight") != "transposed"))
 
 
