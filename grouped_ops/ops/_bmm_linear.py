@@ -26,11 +26,11 @@ def takes_bmm_linear(x: Tensor, w: Tensor, b: Tensor | None, rows: int, plain: b
     Only for nn.Linear's layout (rows of ``in`` contiguous), whose weight gradient autograd's own
     bmm backward gives as ``[n, in, out]``, to be copied element by element. Measured (CPU, one
     thread, training step time against autograd's graph, 2026-12-07): at any weight size it is as
-    fast or faster, 0.94-1.0x the time below 32K weight elements (6 x 4 256->24: 127 vs 138 us;
+    fast or faster, 0.90-1.01x the time below 32K weight elements (6 x 4 256->24: 127 vs 138 us;
     it used to cost 1.05-1.26x there, before its Python was trimmed) and 0.55-0.96x above; from
     512 rows on the copy is a few % of the step and the other orientation of the weight-gradient
-    gemm costs as much (0.94-1.07x; 1.05x in the peers table's 512x4 64->256 cell). Under torch.compile it is traced
-    into the graph (no Python per call) at any weight size: there the copy is a kernel of the
+    gemm costs as much (0.94-1.07x; 1.05x in the peers table's 512x4 64->256 cell). Under
+    torch.compile it is traced into the graph (no Python per call) at any weight size: there the copy is a kernel of the
     compiled backward: a compiled two-layer model at 16x64 256->256 trained at 0.74x the TabM
     model's speed without this Function, 0.98-1.11x with it (docs/benchmarks/peers.md).
     """
