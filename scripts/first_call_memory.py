@@ -39,18 +39,23 @@ GRID = [(1, 256, 64, 64), (8, 128, 64, 64), (128, 32, 32, 32), (16, 64, 256, 256
 IMPLS = ["bmm", "bmm_weight_left", "einsum", "grouped_mm", "loop", "masked_dense"]
 MB = 2**20
 
-PROBE = r"""
-import json, os, resource, sys, time
+# Both child programs build the cell's inputs the same way (argv[1]: the cell, then their own fields)
+INPUTS = r"""
+import json, os, resource, statistics, sys, time
 import torch
 torch.set_num_threads(1)
 import grouped_ops as go
-batch, n, inn, out, train, impl = json.loads(sys.argv[1])
+batch, n, inn, out, train, *rest = json.loads(sys.argv[1])
 a = torch.randn(2, 3, 4); a @ a.transpose(1, 2)  # torch's own first-matmul setup is not the call's
 g = torch.Generator().manual_seed(0)
 x = torch.randn(batch, n, inn, generator=g)
 w = torch.randn(n, out, inn, generator=g).requires_grad_(train)
 b = torch.randn(n, out, generator=g).requires_grad_(train)
 grad = torch.randn(batch, n, out, generator=g) if train else None
+"""
+
+PROBE = INPUTS + r"""
+(impl,) = rest
 
 def rss(field):
     for line in open("/proc/self/status"):
@@ -84,17 +89,8 @@ print(json.dumps({"peak": peak, "seconds": seconds, "error": error,
                   "failed": sorted(k for k, v in (d.skipped.items() if d else ()) if v.startswith("raised"))}))
 """
 
-PAIR = r"""
-import json, statistics, sys, time
-import torch
-torch.set_num_threads(1)
-import grouped_ops as go
-batch, n, inn, out, train, a, b2 = json.loads(sys.argv[1])
-g = torch.Generator().manual_seed(0)
-x = torch.randn(batch, n, inn, generator=g)
-w = torch.randn(n, out, inn, generator=g).requires_grad_(train)
-b = torch.randn(n, out, generator=g).requires_grad_(train)
-grad = torch.randn(batch, n, out, generator=g) if train else None
+PAIR = INPUTS + r"""
+a, b2 = rest
 
 def step(impl):
     if train:

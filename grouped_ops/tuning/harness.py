@@ -286,13 +286,14 @@ def _measure(spec: Any, sig: Signature, s: Settings, at: Signature | None,
                 raise
         return noting_oom
 
+    # What the dispatcher's memo will run for such calls: each implementation's prepared function
+    # where it has one (bmm's skips ~10 us of per-call Python: timed without it, bmm lost close
+    # calls to einsum that it wins by 15-20% in use, 8 x 24 160->160 at two threads)
+    with torch.set_grad_enabled(sig.needs_grad):
+        described = spec.meta(*args)
+
     def _make_run(name: str) -> Callable[[], Any]:
-        # What the dispatcher's memo will run for such calls: the implementation's prepared function
-        # where it has one (bmm's skips ~10 us of per-call Python: timed without it, bmm lost close
-        # calls to einsum that it wins by 15-20% in use, 8 x 24 160->160 at two threads)
-        with torch.set_grad_enabled(sig.needs_grad):
-            m = spec.meta(*args)
-        implementation = spec.registry[name] if m is None else spec.registry[name].prepared(m)
+        implementation = spec.registry[name] if described is None else spec.registry[name].prepared(described)
         if not sig.needs_grad:
             def run() -> Any:
                 with torch.no_grad():
