@@ -71,6 +71,13 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
         return _with_autocast(_GLR, (input, weight, bias, offsets), _impl_of(_GLR, _GL, impl))
     if impl != "auto":
         impl = _impl_of(_GL, _GLR, impl)
+    return dense_grouped_linear(input, weight, bias, impl)
+
+
+def dense_grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None, impl: str) -> Tensor:
+    """:func:`grouped_linear` without ragged groups, ``impl`` already checked against the dense op
+    (GroupedLinear.forward calls it too): the lean road to the dispatcher's memo for plain eager
+    calls, else autocast's casts and the long road."""
     if type(input) is Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN) and \
             not _any_autocast() and not _is_compiling() and not _RECORDING.get() and not _function_mode():
         # the lean road to the dispatcher's memo (dispatch.lean_key): the same entry, less Python

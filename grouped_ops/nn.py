@@ -11,16 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import GroupedOpsError
-from .dispatch import _LEAN
-from .dispatch import RECORDING as _RECORDING
-from .dispatch import lean_call as _lean_call
-from .dispatch import lean_key as _lean_key
 from .functional import (
-    _PLAIN,
-    _any_autocast,
-    _function_mode,
     _impl_of,
-    _is_compiling,
+    dense_grouped_linear,
     grouped_linear,
 )
 from .ops.grouped_linear import SPEC as _GL
@@ -114,15 +107,7 @@ class GroupedLinear(nn.Module):
             return grouped_linear(input, weight, bias, offsets=offsets, group_sizes=group_sizes, impl=impl)
         if impl != "auto":  # a name of the ragged op only: say which call reaches which op
             impl = _impl_of(_GL, _GLR, impl)
-        if type(input) is Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN) and \
-                not _any_autocast() and not _is_compiling() and not _RECORDING.get() and not _function_mode():
-            # grouped_linear's lean road to the dispatcher's memo, inline (see functional.grouped_linear)
-            key = _lean_key(_GL.name, input, weight, bias, impl)
-            run = _LEAN.get(key)
-            if run is not None:
-                return run(input, weight, bias)
-            return _lean_call(_GL, key, (input, weight, bias), impl)
-        return grouped_linear(input, weight, bias, impl=impl)
+        return dense_grouped_linear(input, weight, bias, impl)
 
     def __prepare_scriptable__(self) -> GroupedLinear:
         # torch.jit.script calls this first: fail with a way forward, not a TorchScript parse error.

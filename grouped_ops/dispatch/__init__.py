@@ -86,7 +86,7 @@ def call_keeping(spec: OpSpec, args: tuple[Any, ...], impl: str) -> tuple[torch.
 
 
 # The lean road to the memo for an op of three tensor arguments (the last may be None), taken by
-# GroupedLinear.forward and grouped_linear: a flat key of everything the memo's key is made of
+# functional.dense_grouped_linear (grouped_linear and GroupedLinear.forward): a flat key of everything the memo's key is made of
 # (meta's shapes, strides, dtypes, devices and grad flags; the impl; overrides.state; _settings),
 # read inline -> the memo's entry (its ``bare`` function, where it has one). Only plain eager calls get here (the
 # caller checks: exact tensor types, no autocast, not compiling, not recording). Emptied with the memo.
