@@ -19,6 +19,7 @@ from .ops._spec import OpSpec
 from .ops.grouped_linear import SPEC as _GL
 from .ops.grouped_linear_ragged import SPEC as _GLR
 from .ops.grouped_linear_ragged import offsets_from as _offsets_from
+from .ops.grouped_linear_ragged import offsets_meta as _offsets_meta
 from .ops.unpermute_combine import SPEC as _UC
 from .ops.unpermute_combine import check_rows
 from .ops.weighted_combine import SPEC as _WC
@@ -68,7 +69,7 @@ def grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     """
     if offsets is not None or group_sizes is not None:
         offsets = _offsets_from(input, weight, bias, offsets, group_sizes)
-        return _with_autocast(_GLR, (input, weight, bias, offsets), _impl_of(_GLR, _GL, impl))
+        return ragged_grouped_linear(input, weight, bias, offsets, _impl_of(_GLR, _GL, impl))
     if impl != "auto":
         impl = _impl_of(_GL, _GLR, impl)
     return dense_grouped_linear(input, weight, bias, impl)
@@ -94,6 +95,22 @@ def dense_grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None, imp
     return _dispatch(_GL, (input, weight, bias), impl)
 
 
+def ragged_grouped_linear(input: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tensor, impl: str) -> Tensor:
+    """:func:`grouped_linear` with ragged groups, ``offsets`` made and ``impl`` checked against the
+    ragged op: the lean road to the dispatcher's memo for plain eager calls (as
+    :func:`dense_grouped_linear`'s), else autocast's casts and the long road. Measured (CPU, one
+    thread, T=16, E=8, 64->64, grouped_mm): 35 -> 23 us a call, F.grouped_mm itself 20 us."""
+    if type(input) is Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN) and \
+            type(offsets) is Tensor and not _any_autocast() and not _is_compiling() and not _RECORDING.get() and \
+            not _function_mode():
+        key = _lean_key(_GLR.name, input, weight, bias, impl, _offsets_meta(input, offsets, False))
+        run = _LEAN.get(key)
+        if run is not None:
+            return run(input, weight, bias, offsets)
+        return dispatch.lean_call(_GLR, key, (input, weight, bias, offsets), impl)
+    return _with_autocast(_GLR, (input, weight, bias, offsets), impl)
+
+
 def grouped_linear_ragged(input: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tensor, *,
                           impl: str = "auto") -> Tensor:
     """The ragged-groups op itself: ``grouped_linear(input, weight, bias, offsets=offsets)`` with
@@ -106,7 +123,7 @@ def grouped_linear_ragged(input: Tensor, weight: Tensor, bias: Tensor | None, of
     Raises:
         GroupedOpsError: as :func:`grouped_linear` with offsets.
     """
-    return _with_autocast(_GLR, (input, weight, bias, offsets), _impl_of(_GLR, _GL, impl))
+    return ragged_grouped_linear(input, weight, bias, offsets, _impl_of(_GLR, _GL, impl))
 
 
 def weighted_combine(inputs: Tensor | Sequence[Tensor], weights: Tensor, *, out_dtype: torch.dtype | None = None,

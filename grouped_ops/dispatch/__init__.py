@@ -85,8 +85,9 @@ def call_keeping(spec: OpSpec, args: tuple[Any, ...], impl: str) -> tuple[torch.
     return run(*args), run
 
 
-# The lean road to the memo for an op of three tensor arguments (the last may be None), taken by
-# functional.dense_grouped_linear (grouped_linear and GroupedLinear.forward): a flat key of everything the memo's key is made of
+# The lean road to the memo for the grouped_linear ops (input, weight, bias or None, and the ragged
+# op's offsets), taken by functional.dense_grouped_linear and functional.ragged_grouped_linear
+# (grouped_linear and GroupedLinear.forward): a flat key of everything the memo's key is made of
 # (meta's shapes, strides, dtypes, devices and grad flags; the impl; overrides.state; _settings),
 # read inline -> the memo's entry (its ``bare`` function, where it has one). Only plain eager calls get here (the
 # caller checks: exact tensor types, no autocast, not compiling, not recording). Emptied with the memo.
@@ -97,8 +98,10 @@ _threads, _precision = torch.get_num_threads, torch.get_float32_matmul_precision
 _functorch, _tracing = torch._C._are_functorch_transforms_active, torch._C._is_tracing
 
 
-def lean_key(name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, impl: str) -> Hashable:
-    """The lean key of a call (see ``_LEAN``); None where the environment cannot be read raw."""
+def lean_key(name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, impl: str,
+             more: Hashable = None) -> Hashable:
+    """The lean key of a call (see ``_LEAN``); None where the environment cannot be read raw.
+    ``more``: what else the op's ``meta`` describes (the ragged op's offsets)."""
     if _KEYS is None:
         return None
     grad = _grad_enabled() and (x.requires_grad, w.requires_grad, b is not None and b.requires_grad)
@@ -106,7 +109,7 @@ def lean_key(name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
             None if b is None else (b.shape, b.dtype, b.device), grad, impl,
             _scope.get().get(name), _RAW.get(_KEYS[0]), _RAW.get(_KEYS[1]),  # type: ignore[union-attr]
             _deterministic(), _threads(), _precision(), _functorch(),
-            getattr(_forward_ad, "_current_level", -1), _tracing(), name)
+            getattr(_forward_ad, "_current_level", -1), _tracing(), name, more)
 
 
 def lean_call(spec: OpSpec, key: Hashable, args: tuple[Any, ...], impl: str) -> torch.Tensor:

@@ -59,9 +59,9 @@ DENSE_SELECT_MAX_GROUPS = 8
 REGISTRY = Registry(OP, [
     # torch's own rules (alignment, dtypes, the CUDA fast path) are the dense op's: written once there
     Implementation("grouped_mm", impls.grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                   check=_grouped_mm_reasons, forward_ad=False),
+                   check=_grouped_mm_reasons, forward_ad=False, prepare=impls.prepare_grouped_mm),
     Implementation("padded_bmm", impls.padded_bmm, syncs=_syncs),
-    Implementation("loop", impls.loop, syncs=_syncs, forward_ad=False),
+    Implementation("loop", impls.loop, syncs=_syncs, forward_ad=False, prepare=impls.prepare_loop),
     Implementation("gather_bmm", impls.gather_bmm, extra_memory=impls.gather_bytes, check=impls.gather_reasons),
     Implementation("dense_select", impls.dense_select, check=_few_groups, work_factor=lambda sig: float(sig.dim("n")),
                    extra_memory=lambda sig: sig.dim("batch") * sig.dim("n") * sig.dim("out") * sig.dtype.itemsize),
@@ -77,14 +77,14 @@ def offsets_from(input: Any, weight: Any, bias: Any, offsets: Any, group_sizes: 
     sum, in its own dtype and on its own device (a sequence becomes an int64 host tensor).
 
     Raises:
-        GroupedOpsError: both or neither given, or group_sizes that are not integers or negative
+        GroupedOpsError: both given, or group_sizes that are not integers or negative
             (checked where they are on the host); naming the op, the argument and the shapes.
     """
-    shapes = {"input": input, "weight": weight, "bias": bias, "offsets": offsets, "group_sizes": group_sizes}
-    if offsets is not None and group_sizes is not None:
-        raise fail(OP, "give offsets (cumulative ends) or group_sizes (counts), not both", **shapes)
-    if offsets is not None:
+    if group_sizes is None:  # (the common call: offsets given; the op checks them)
         return offsets
+    shapes = {"input": input, "weight": weight, "bias": bias, "offsets": offsets, "group_sizes": group_sizes}
+    if offsets is not None:
+        raise fail(OP, "give offsets (cumulative ends) or group_sizes (counts), not both", **shapes)
     if isinstance(group_sizes, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in group_sizes):
             raise fail(OP, f"group_sizes must be ints, got {[type(v).__name__ for v in group_sizes][:4]}", **shapes)
@@ -126,19 +126,25 @@ def meta(input: Any, weight: Any, bias: Any, offsets: Any) -> tuple[Any, ...] | 
         b_meta, b_grad = (bias.shape, bias.dtype, bias.device), bias.requires_grad
     else:
         return None
+    compiling = torch.compiler.is_compiling()
+    grad = torch.is_grad_enabled() and (input.requires_grad, weight.requires_grad, b_grad, False)
+    return (tensor_meta(input), tensor_meta(weight), b_meta, *offsets_meta(input, offsets, compiling), grad)
+
+
+def offsets_meta(input: Tensor, offsets: Tensor, compiling: bool) -> tuple[Any, ...]:
+    """What :func:`meta` describes of a call beyond its tensors' metadata and grad flags (the lean
+    road's key holds it too: ``functional.ragged_grouped_linear``)."""
     # Capturing a CUDA graph is part of the description: auto then considers only the
     # implementations that need no host sync (dispatch excludes the others while capturing).
     # (Not while dynamo traces this: the compiled call's custom op describes it again when it runs.)
-    capturing = input.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
+    capturing = input.is_cuda and not compiling and torch.cuda.is_current_stream_capturing()
     # The split's class, where its values are on the host (free to read): it changes the winner on
     # CPU (docs/benchmarks/ragged.md). Device offsets are not read (a sync): "unread".
-    if offsets.device.type == "cpu" and type(offsets) is Tensor and not torch.compiler.is_compiling():
+    if offsets.is_cpu and type(offsets) is Tensor and not compiling:
         split = split_class(offsets.tolist())
     else:
         split = "unread"
-    grad = torch.is_grad_enabled() and (input.requires_grad, weight.requires_grad, b_grad, False)
-    return (tensor_meta(input), tensor_meta(weight), b_meta, (offsets.shape, offsets.dtype, offsets.device),
-            capturing, split, grad)
+    return (offsets.shape, offsets.dtype, offsets.device), capturing, split
 
 
 def split_class(values: list[int]) -> str:
