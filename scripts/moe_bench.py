@@ -7,7 +7,8 @@ Blocks (hidden, intermediate, experts, top-k): Mixtral-like (512, 1024, 8, 2), Q
 (256, 128, 64, 8), GPT-OSS-like (256, 256, 32, 4; transposed weights with biases and its own gate).
 Tokens T = 1, 16, 128, 1024; forward and training step (forward + backward with a fixed upstream
 gradient, to the input, the routing weights and every expert parameter); float32 and bfloat16. One
-thread, every backend warmed up (grouped_ops tunes then), then rounds in which each backend runs
+thread, every backend warmed up (grouped_ops tunes then, into a temporary cache unless
+GROUPED_OPS_CACHE_DIR is set), then rounds in which each backend runs
 once in turn (interleaved, so a load change hits all alike); the median per backend. The clock is
 the thread's CPU time (``time.thread_time``): on a shared machine the wall clock mostly measures
 the scheduler (other jobs preempt this one), while one thread's CPU time does not count the time it
@@ -28,6 +29,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pyg", help="instead: time the PyG HeteroLinear re-route, write this markdown file")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    # tuning starts from an empty cache, as on a user's first run, and leaves the user's own alone
+    os.environ.setdefault("GROUPED_OPS_CACHE_DIR", tempfile.mkdtemp(prefix="moe-bench-"))
     if args.pyg:
         return _pyg(args)
     gt.register()

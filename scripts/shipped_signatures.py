@@ -41,8 +41,12 @@ for (hidden, inter, experts, top_k, gated, transposed), tokens, dtype, grad in i
         moe_blocks, [1, 16, 128, 1024], dtypes, [False, True]):
     for inn, out in ((hidden, inter * (2 if gated else 1)), (inter, hidden)):
         rows = tokens * top_k
-        # balanced: no group over twice the mean, which needs E * ceil(rows / E) <= 2 * rows
-        for split in ("balanced", "skewed") if experts * -(-rows // experts) <= 2 * rows else ("skewed",):
+        # skewed: the largest group over twice the mean and a third of the rows (ops.grouped_linear_ragged);
+        # balanced where the even split is not skewed
+        even = -(-rows // experts)
+        splits = [s for s, can in (("balanced", experts * even <= 2 * rows or 3 * even <= rows),
+                                   ("skewed", rows >= 2)) if can]
+        for split in splits:
             print(json.dumps({"op": "grouped_linear_ragged",
                               "dims": {"batch": rows, "n": experts, "in": inn, "out": out},
                               "dtype": dtype, "device": device,

@@ -36,6 +36,20 @@ def reference(layers, x):
 
 # ---- the layout and conversions ------------------------------------------------------------------
 
+def test_the_default_layout_is_nn_linears_because_in_out_breaks_code_written_for_it():
+    # Issue 22, decision 3 (docs/adoption.md, "Parameter layout"): these are the facts it rests on.
+    default, in_out = GroupedLinear(N, D_IN, D_OUT), GroupedLinear(N, D_IN, D_OUT, weight_layout="in_out")
+    assert default.weight.is_contiguous() and default.weight_layout == "out_in"
+    with torch.no_grad():
+        nn.init.orthogonal_(default.weight)  # writes through weight.view(n, out * in)
+        with pytest.raises(RuntimeError, match="view size is not compatible"):
+            nn.init.orthogonal_(in_out.weight)
+        for init in (nn.init.kaiming_uniform_, nn.init.xavier_normal_, nn.init.trunc_normal_):
+            init(in_out.weight)  # elementwise initialisers take either layout
+            init(default.weight)
+    assert default.weight.view(N, -1).shape == (N, D_OUT * D_IN)
+
+
 @pytest.mark.parametrize("make", ["init", "from_linears", "meta_then_to_empty"])
 def test_weight_is_stored_in_out_with_the_linear_shape(make):
     if make == "init":

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..registry import group_major, group_major_strides
+from ._common import apply_function as _apply
 from ._common import plain_tensors, traced_plainly
 
 Tensor = torch.Tensor
@@ -61,10 +62,14 @@ def prepare_bmm(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Ca
     flat, shape, strides = len(lead) == 1, (*lead, n, out), group_major_strides((*lead, n, out))
     if grad and any(grad):  # autograd records these calls
         if layout_copy_saved(grad[1], w_stride[2], rows):
-            def train(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-                if torch.is_inference_mode_enabled() or not plain_tensors(x, w, b):  # see takes_bmm_linear
+            def trained(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+                if torch.is_inference_mode_enabled():  # see takes_bmm_linear
                     return implementation(x, w, b)
-                return _BmmLinear.apply(x, w, b)
+                return _apply(_BmmLinear, x, w, b)
+
+            def train(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+                return trained(x, w, b) if plain_tensors(x, w, b) else implementation(x, w, b)
+            train.bare = trained  # type: ignore[attr-defined]
             return train
 
         def recorded(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

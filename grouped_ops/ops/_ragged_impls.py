@@ -270,14 +270,19 @@ def gather_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
 def gather_reasons(sig: Any) -> list[str]:
     """gather_bmm is batched matrix-vector work: on CPU it only pays for a few small rows."""
     size = sig.dim("batch") * sig.dim("out") * sig.dim("in")
-    if sig.device_type == "cpu" and size > GATHER_CPU_LIMIT:
-        return [f"T*out*in={size} > {GATHER_CPU_LIMIT} on CPU: one matrix-vector product per row, measured "
+    limit = GATHER_CPU_LIMIT_LOW if sig.dtype in (torch.bfloat16, torch.float16) else GATHER_CPU_LIMIT
+    if sig.device_type == "cpu" and size > limit:
+        return [f"T*out*in={size} > {limit} on CPU: one matrix-vector product per row, measured "
                 "10-500x slower than the loop there (docs/benchmarks/ragged.md)"]
     return []
 
 
-#: Above this T*out*in, gather_bmm is not a candidate on CPU.
+#: Above this T*out*in, gather_bmm is not a candidate on CPU (float32, float64).
 GATHER_CPU_LIMIT = 1 << 18
+#: ... in bfloat16 and float16, where CPU BLAS runs one row's product per expert slowly: measured (one
+#: thread) 8 rows over 64 experts, 256->256: gather_bmm 191 us, loop 217 us; 256->128: 134 vs 194 us (a
+#: Qwen3-MoE-like decode step); 4 rows of 512->256: 185 vs 136 us, so the tuner decides.
+GATHER_CPU_LIMIT_LOW = 1 << 20
 
 
 def gather_bytes(sig: Any) -> int:
