@@ -105,3 +105,25 @@ def test_a_recorded_file_with_a_batch_outside_its_bucket_is_refused(tmp_path, ba
         signatures_from_file(path)
     path.write_text(json.dumps(sig.to_spec()) + "\n")  # files saved before tune_at_batch: the bucket's size
     assert signatures_from_file(path) == [(sig, None)]
+
+
+def test_a_hand_written_line_in_another_order_is_keyed_as_the_ops_own_calls(tmp_path):
+    # The key is a string in the order the op describes a call; a line listing the layout, dims or
+    # grad in another order (json.dumps(sort_keys=True), by hand) used to be tuned under a key no
+    # call makes. Now it is put in the call's order; names the op does not describe are refused.
+    from grouped_ops.cli import signatures_from_file
+    sig, _ = gl_request(8)
+    line = sig.to_spec()
+    line["layout"] = dict(reversed(list(line["layout"].items())))
+    line["dims"] = dict(reversed(list(line["dims"].items())))
+    path = tmp_path / "signatures.jsonl"
+    path.write_text(json.dumps(line, sort_keys=True) + "\n")
+    assert [s.key() for s, _ in signatures_from_file(path)] == [sig.key()]
+    training = {**line, "grad": ["bias", "weight", "input"]}
+    path.write_text(json.dumps(training) + "\n")
+    assert signatures_from_file(path)[0][0].grad == ("input", "weight", "bias")
+    for bad, message in (({**line, "layout": {**line["layout"], "colour": "red"}}, "layout .* do not match"),
+                         ({**line, "grad": ["offsets"]}, "grad .* cannot take")):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(GroupedOpsError, match=f"signatures.jsonl:1: {message}"):
+            signatures_from_file(path)

@@ -16,7 +16,7 @@ import torch
 from .._errors import GroupedOpsError
 from ..ops import SPECS, OpSpec
 from ..registry import FLOATING
-from ..signature import Signature, bucket, bucketing_mode, parse_dtype
+from ..signature import Signature, bucket, bucketing_mode, numerics, parse_dtype
 from ..tuning import store
 
 
@@ -121,6 +121,43 @@ def signatures_from_args(args: argparse.Namespace) -> list[tuple[Signature, Sign
     return requests
 
 
+def _in_call_order(sig: Signature, where: str) -> Signature:
+    """``sig`` with its dims, layout, grad and math settings in the order the op's own calls describe them.
+    The key is a string in that order, so a hand-written line that lists them in another order would
+    be tuned under a key no call makes (silently, before). Names the op does not describe are refused."""
+    spec = SPECS[sig.op]
+    try:  # shape-only stand-ins of the signature, described as a call would be
+        stand_ins = spec.make_inputs(dataclasses.replace(sig, device=torch.device("meta")),
+                                     torch.Generator().manual_seed(0))
+        with torch.enable_grad():
+            probe = spec.signature(spec.meta(*stand_ins), False)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise GroupedOpsError(f"{where}: not a signature of {sig.op} ({type(e).__name__}: {e}); "
+                              f"a call of it is described as {_names(sig.op)}") from None
+    for part in ("dims", "layout"):
+        if sorted(k for k, _ in getattr(sig, part)) != sorted(k for k, _ in getattr(probe, part)):
+            raise GroupedOpsError(f"{where}: {part} {[k for k, _ in getattr(sig, part)]} do not match the "
+                                  f"op's {[k for k, _ in getattr(probe, part)]}")
+    if sorted(sig.grad) != sorted(probe.grad):
+        raise GroupedOpsError(f"{where}: grad {list(sig.grad)} names arguments {sig.op} cannot take a "
+                              f"gradient for (it described {list(probe.grad)})")
+    dims, layout = dict(sig.dims), dict(sig.layout)
+    order = [k for k, _ in numerics(sig.device.type)]  # the math settings' own order, then any others
+    math = sorted(sig.numerics, key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+    return dataclasses.replace(sig, dims=tuple((k, dims[k]) for k, _ in probe.dims),
+                               layout=tuple((k, layout[k]) for k, _ in probe.layout), grad=probe.grad,
+                               numerics=tuple(math))
+
+
+def _names(op: str) -> str:
+    spec = SPECS[op]
+    if spec.cli is None:
+        return "its signature"
+    dims = ["batch", *(f.dim for f in spec.cli.flags if f.dim is not None)]
+    layout = [f.layout for f in spec.cli.flags if f.layout is not None]
+    return f"dims {dims}, layout {layout}"
+
+
 def _meta_args(spec: OpSpec, args: argparse.Namespace, batch: int, dtype: torch.dtype) -> tuple[Any, ...]:
     """Shape-only arguments (meta device) laid out as the op's flags say."""
     assert spec.cli is not None
@@ -159,6 +196,7 @@ def signatures_from_file(path: Path) -> list[tuple[Signature, Signature | None]]
         if sig.op not in SPECS:
             raise GroupedOpsError(f"prewarm: {path}:{number}: unknown op {sig.op!r}; valid ops are {list(SPECS)}")
         device(str(sig.device))
+        sig = _in_call_order(sig, f"prewarm: {path}:{number}")
         at = spec.get("tune_at_batch")
         batch = sig.dim("batch")
         if at is not None and (not isinstance(at, int) or isinstance(at, bool) or at <= 0
