@@ -249,3 +249,26 @@ def test_the_testing_helper_checks_every_implementation_of_the_op(dtype):
 
     rows, inverse, w = _case(8, 3, 5, dtype, 9)
     assert_implementations_agree("unpermute_combine", rows, inverse, w)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_prepared_embedding_bag_computes_what_the_implementation_does(index_dtype, dtype):
+    # the dispatcher's memo keeps it for decided calls (Implementation.prepare): torch's kernel
+    # called directly with the bags' offsets made once
+    spec = SPECS["unpermute_combine"]
+    implementation = spec.registry["embedding_bag"]
+    g = torch.Generator().manual_seed(3)
+    routing = moe_routing(torch.randint(6, (5, 3), generator=g), 6)
+    rows = torch.randn(15, 7, generator=g, dtype=dtype, requires_grad=True)
+    weights = torch.rand(5, 3, generator=g, dtype=dtype, requires_grad=True)
+    inverse = routing.inverse.to(index_dtype)
+    run = implementation.prepared(spec.meta(rows, inverse, weights))
+    assert run is not implementation
+    for fn in (run, run.bare):
+        got, want = fn(rows, inverse, weights), implementation(rows, inverse, weights)
+        assert torch.equal(got, want) and got.is_contiguous() and got._base is None
+        up = torch.randn(want.shape, generator=g, dtype=dtype)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(got, (rows, weights), up),
+                                                     torch.autograd.grad(want, (rows, weights), up), strict=True))
+    assert implementation.prepare(spec.meta(rows, inverse[:0], weights[:0]), implementation) is None  # no bags

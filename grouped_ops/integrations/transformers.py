@@ -57,7 +57,7 @@ def _project(self: Any, name: str, x: Tensor, offsets: Tensor) -> Tensor:
     if getattr(self, "is_transposed", False):  # stored [E, in, out]: a view, the ragged op takes any strides
         weight = weight.transpose(1, 2)
     bias = getattr(self, name + "_bias") if getattr(self, "has_bias", False) else None
-    return grouped_linear(x.to(weight.dtype), weight, bias, offsets=offsets)
+    return grouped_linear(x if x.dtype == weight.dtype else x.to(weight.dtype), weight, bias, offsets=offsets)
 
 
 def register(name: str = NAME) -> str:

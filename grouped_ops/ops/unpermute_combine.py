@@ -28,6 +28,7 @@ from ._common import (
     fail,
     is_contiguous,
     may_write_into,
+    plain_tensors,
     random_like,
     tensor_meta,
 )
@@ -82,6 +83,28 @@ def embedding_bag(rows: Tensor, inverse: Tensor, weights: Tensor) -> Tensor:
     return F.embedding_bag(inverse, rows, per_sample_weights=weights, mode="sum")
 
 
+def prepare_embedding_bag(m: tuple[Any, ...], implementation: Any) -> Any:
+    """:func:`embedding_bag` for the calls described by ``m`` (the op's meta), for the dispatcher's
+    memo (``Implementation.prepare``): torch's kernel called directly with the bags' offsets made
+    once, where ``F.embedding_bag``'s wrapper makes them and reshapes on every call (measured, CPU,
+    one thread, 8 rows of 256: 38 -> 29 us a call through the public function). None for empty bags."""
+    _, (i_shape, _, i_dtype, i_device), _, _ = m
+    t, k = i_shape
+    if t == 0 or k == 0 or i_device.type == "meta":
+        return None
+    offsets = torch.arange(0, t * k, k, dtype=i_dtype, device=i_device)  # read only
+
+    def bare(rows: Tensor, inverse: Tensor, weights: Tensor) -> Tensor:
+        return torch.embedding_bag(rows, inverse.reshape(-1), offsets, False, 0, False, weights.reshape(-1),
+                                   False, None)[0]
+
+    def run(rows: Tensor, inverse: Tensor, weights: Tensor) -> Tensor:
+        return bare(rows, inverse, weights) if plain_tensors(rows, inverse, weights) else \
+            implementation(rows, inverse, weights)
+    run.bare = bare  # type: ignore[attr-defined]
+    return run
+
+
 def _gather_bytes(sig: Signature) -> int:
     return sig.dim("batch") * sig.dim("k") * sig.dim("features") * sig.dtype.itemsize
 
@@ -95,7 +118,8 @@ REGISTRY = Registry(OP, [
     Implementation("gather_bmm", gather_bmm, extra_memory=_gather_bytes),
     Implementation("gather_sum", gather_sum, extra_memory=lambda sig: 2 * _gather_bytes(sig)),
     Implementation("loop", loop),
-    Implementation("embedding_bag", embedding_bag, check=_embedding_bag_check, forward_ad=False),
+    Implementation("embedding_bag", embedding_bag, check=_embedding_bag_check, forward_ad=False,
+                   prepare=prepare_embedding_bag),
 ], version=1)
 
 
