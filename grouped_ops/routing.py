@@ -64,7 +64,7 @@ def moe_routing(top_k_index: Tensor, num_experts: int, top_k_weights: Tensor | N
             shape or is not floating-point, ``num_experts`` is not a positive int, or (where it
             costs no sync: on the CPU) an id is negative, or ``>= E`` without ``expert_parallel``.
     """
-    shapes = _Shapes(top_k_index, top_k_weights)  # formatted only into an error's message
+    shapes = f"top_k_index.shape={_shape(top_k_index)}, top_k_weights.shape={_shape(top_k_weights)}"
     if not isinstance(top_k_index, Tensor) or top_k_index.dim() != 2:
         raise GroupedOpsError(f"moe_routing: top_k_index must be a 2-D tensor [T, k] ({shapes})")
     if top_k_index.dtype == torch.bool or top_k_index.is_floating_point() or top_k_index.is_complex():
@@ -94,14 +94,6 @@ def moe_routing(top_k_index: Tensor, num_experts: int, top_k_weights: Tensor | N
     inverse = torch.empty_like(sort_order).scatter_(0, sort_order, torch.arange(n, device=ids.device))
     token_index = sort_order // k if k else sort_order
     return MoeRouting(sort_order, token_index, offsets, inverse.view(top_k_index.shape))
-
-
-class _Shapes:
-    def __init__(self, index: object, weights: object) -> None:
-        self.index, self.weights = index, weights
-
-    def __str__(self) -> str:
-        return f"top_k_index.shape={_shape(self.index)}, top_k_weights.shape={_shape(self.weights)}"
 
 
 def _shape(t: object) -> str:

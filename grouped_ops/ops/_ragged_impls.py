@@ -480,7 +480,7 @@ def prepare_loop(m: tuple[Any, ...], implementation: Any) -> Any:
     return _checked(bare, implementation)
 
 
-#: Up to this T a prepared grouped_mm keeps ``arange(T)`` for its bias (T=16: 39 -> 35 us a call).
+#: Up to this T a prepared grouped_mm keeps ``arange(T)`` for its bias (T=16, E=8, 64->64: 39 -> 37 us a call).
 ROW_INDEX_LIMIT = 1 << 16
 
 

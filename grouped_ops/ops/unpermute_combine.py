@@ -87,21 +87,19 @@ def prepare_embedding_bag(m: tuple[Any, ...], implementation: Any) -> Any:
     """:func:`embedding_bag` for the calls described by ``m`` (the op's meta), for the dispatcher's
     memo (``Implementation.prepare``): torch's kernel called directly with the bags' offsets made
     once, where ``F.embedding_bag``'s wrapper makes them and reshapes on every call (measured, CPU,
-    one thread, 8 rows of 256: 38 -> 29 us a call through the public function). None for empty bags."""
+    one thread, 8 rows of 256 in bfloat16, through the public function: 38 -> 19 us a call; with
+    float32 routing weights and ``out_dtype``, 50 -> 20 us). None for empty bags."""
     _, (i_shape, _, i_dtype, i_device), _, _ = m
     t, k = i_shape
     if t == 0 or k == 0 or i_device.type == "meta":
         return None
     offsets = torch.arange(0, t * k, k, dtype=i_dtype, device=i_device)  # read only
 
-    def bare(rows: Tensor, inverse: Tensor, weights: Tensor) -> Tensor:
+    def run(rows: Tensor, inverse: Tensor, weights: Tensor) -> Tensor:
+        if not plain_tensors(rows, inverse, weights):
+            return implementation(rows, inverse, weights)
         return torch.embedding_bag(rows, inverse.reshape(-1), offsets, False, 0, False, weights.reshape(-1),
                                    False, None)[0]
-
-    def run(rows: Tensor, inverse: Tensor, weights: Tensor) -> Tensor:
-        return bare(rows, inverse, weights) if plain_tensors(rows, inverse, weights) else \
-            implementation(rows, inverse, weights)
-    run.bare = bare  # type: ignore[attr-defined]
     return run
 
 
