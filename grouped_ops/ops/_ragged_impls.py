@@ -331,11 +331,9 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
 
 
 def _operand_gradients(grads: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
-    # None keeps the gradients as they are: the common contiguous one, which torch takes where the
-    # product's rows are 16 bytes (always, where prepare_grouped_mm prepared the call), costs nothing more
-    if grads[0] is not None and grads[0].is_contiguous() and _mat_ok(grads[0]):
-        return None
-    return tuple(g if g is None else _fit(g) for g in grads)
+    # None keeps the gradients as they are (the common case: one torch takes as an operand)
+    fitted = tuple(g if g is None else _fit(g) for g in grads)
+    return None if all(f is g for f, g in zip(fitted, grads, strict=True)) else fitted
 
 
 def _native_backward_will_do(x: Tensor, values: list[int] | None) -> bool:
@@ -433,6 +431,10 @@ class _RaggedGroupedMM(torch.autograd.Function):
 # subclass, autocast on) they hand over to the implementation; ``bare`` skips that check, for the
 # lean road (functional), which made it.
 
+#: Up to this T a prepared grouped_mm keeps ``arange(T)`` for its bias (T=16, E=8, 64->64: 39 -> 37 us a call).
+ROW_INDEX_LIMIT = 1 << 16
+
+
 def prepare_grouped_mm(m: tuple[Any, ...], implementation: Any) -> Any:
     """:func:`grouped_mm` for a CPU call with host offsets described by ``m``, whose operands
     torch takes as they are and whose product is the fresh contiguous result (torch pads rows to 16
@@ -478,10 +480,6 @@ def prepare_loop(m: tuple[Any, ...], implementation: Any) -> Any:
         return _loop_forward(x, w, b, values)
 
     return _checked(bare, implementation)
-
-
-#: Up to this T a prepared grouped_mm keeps ``arange(T)`` for its bias (T=16, E=8, 64->64: 39 -> 37 us a call).
-ROW_INDEX_LIMIT = 1 << 16
 
 
 def _checked(bare: Any, implementation: Any) -> Any:
