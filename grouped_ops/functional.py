@@ -219,6 +219,30 @@ def unpermute_combine(rows: Tensor, inverse: Tensor, weights: Tensor, *, out_dty
     return _dispatch(_UC, (rows, inverse, weights), impl)
 
 
+def call_arguments(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], who: str) -> tuple[OpSpec, tuple[Any, ...]]:
+    """The op a public call with these arguments reaches, and that op's positional arguments, as the
+    call makes them: ``grouped_linear`` with ``offsets=`` or ``group_sizes=`` is
+    ``grouped_linear_ragged``; ``weighted_combine`` and ``unpermute_combine`` apply ``out_dtype=``
+    and type promotion. What ``prewarm`` and ``lookup`` describe, so that they key as the call does.
+    ``kwargs`` is emptied of what is taken; the op's ``normalize`` refuses the rest."""
+    spec = SPECS[op]
+    if op == _GL.name:
+        offsets, sizes = kwargs.pop("offsets", None), kwargs.pop("group_sizes", None)
+        if offsets is None and sizes is None:
+            return spec, spec.normalize(args, kwargs, who)
+        x, w, b = spec.normalize(args, kwargs, who)
+        return _GLR, (x, w, b, _offsets_from(x, w, b, offsets, sizes))
+    if op in (_WC.name, _UC.name):
+        dtype = _out_dtype(spec, kwargs.pop("out_dtype", None))
+        values = spec.normalize(args, kwargs, who)
+        if op == _WC.name:
+            return spec, promote(values[0], values[1], dtype)
+        rows, inverse, weights = values
+        rows, weights = promote(rows, weights, dtype)
+        return spec, (rows, inverse, weights)
+    return spec, spec.normalize(args, kwargs, who)
+
+
 def _out_dtype(spec: OpSpec, dtype: object) -> torch.dtype | None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise GroupedOpsError(f"{spec.name}: out_dtype must be None or a floating-point torch.dtype, got {dtype!r}")

@@ -324,8 +324,8 @@ def _laid_out(weight: Tensor, layout: str) -> Tensor:
 
 def _check_impl(who: str, impl: str) -> None:
     if impl != "auto" and impl not in _GL.registry and impl not in _GLR.registry:
-        raise GroupedOpsError(f"{who}: unknown impl {impl!r}; valid options are {['auto', *_GL.registry]}, or for "
-                              f"calls with offsets {list(_GLR.registry)}")
+        raise GroupedOpsError(f"{who}: unknown impl {impl!r}{_GL.registry.removal(impl)}; valid options are "
+                              f"{['auto', *_GL.registry]}, or for calls with offsets {list(_GLR.registry)}")
 
 
 def _describe(layer: nn.Linear) -> str:

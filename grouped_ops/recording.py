@@ -12,15 +12,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._errors import GroupedOpsError
 from .decision import Decision
 from .dispatch import RECORDING, distributed, resolve
+from .functional import call_arguments
 from .ops import SPECS
 from .ops._spec import OpSpec
 from .signature import Signature, bucketing_mode
@@ -39,8 +42,7 @@ def _spec_and_args(op: str | Callable[..., Any], args: tuple[Any, ...], kwargs: 
         raise GroupedOpsError(f"{who}: unknown op {name!r}; valid ops are {sorted(SPECS)}")
     if kwargs.pop("impl", "auto") != "auto":
         raise GroupedOpsError(f"{who}: impl= is not taken here; the point is to choose it")
-    spec = SPECS[name]
-    return spec, spec.normalize(args, kwargs, who)
+    return call_arguments(name, args, kwargs, who)
 
 
 def _signatures(spec: OpSpec, args: tuple[Any, ...]) -> tuple[Signature, Signature]:
@@ -51,7 +53,9 @@ def _signatures(spec: OpSpec, args: tuple[Any, ...]) -> tuple[Signature, Signatu
 
 def prewarm(op: str | Callable[..., Any], *args: Any, retune: bool = False, **kwargs: Any) -> Decision:
     """Decide (tuning if needed) the implementation ``auto`` will use for these arguments, persist it,
-    and return the decision. Arguments exactly as for the op; they are only described, never run.
+    and return the decision. Arguments exactly as for the op's public function (``offsets=`` or
+    ``group_sizes=`` reach the ragged op, ``out_dtype=`` and type promotion apply as in the call);
+    they are only described, never run.
     ``retune=True`` measures on this machine even where the cache or a shipped table answers.
     Under torch.distributed it is collective: call it on every rank (see docs/autotuner.md).
 
@@ -217,9 +221,22 @@ class Recorder:
 
 @contextlib.contextmanager
 def progress_bar(show: bool) -> Iterator[Progress | None]:
-    """A :data:`Progress` callback drawing a tqdm bar on stderr (None when not ``show``)."""
+    """A :data:`Progress` callback drawing a tqdm bar on stderr where it is a terminal, else writing
+    a line there every :data:`PROGRESS_LINE_S` seconds and at the end (a log file gets no carriage
+    returns); None when not ``show``."""
     if not show:
         yield None
+        return
+    if not sys.stderr.isatty():
+        last = [-math.inf]
+
+        def line(done: int, total: int, sig: Signature, what: str) -> None:
+            now = time.monotonic()
+            if done >= total or now - last[0] >= PROGRESS_LINE_S:
+                last[0] = now
+                print(f"prewarm: {done}/{total} ({sig.op} batch={sig.dim('batch')} {what})", file=sys.stderr,
+                      flush=True)
+        yield line
         return
     try:
         from tqdm import tqdm  # only when a bar is shown: a cheap import for everyone else
@@ -238,6 +255,10 @@ def progress_bar(show: bool) -> Iterator[Progress | None]:
         yield report
     finally:
         bar.close()
+
+
+#: Seconds between the progress lines of a batch prewarm whose stderr is not a terminal.
+PROGRESS_LINE_S = 10.0
 
 
 @contextlib.contextmanager

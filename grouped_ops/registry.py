@@ -213,8 +213,14 @@ class Registry(Mapping[str, Implementation]):
             return self._impls[name]
         except KeyError:
             raise GroupedOpsError(
-                f"{self.op}: unknown impl {name!r}; valid options are {['auto', *self._impls]}"
+                f"{self.op}: unknown impl {name!r}{self.removal(name)}; valid options are {['auto', *self._impls]}"
             ) from None
+
+    def removal(self, name: str) -> str:
+        """``" (removed in ...: why)"`` where ``name`` is an implementation this op removed, else ``""``:
+        for the refusals of a name passed in code (the environment's is warned about and ignored)."""
+        why = self.removed.get(name)
+        return f" ({why})" if why else ""
 
     def __contains__(self, name: object) -> bool:
         # Mapping's default asks __getitem__ and expects KeyError; ours raises GroupedOpsError,

@@ -64,7 +64,8 @@ def moe_routing(top_k_index: Tensor, num_experts: int, top_k_weights: Tensor | N
             shape or is not floating-point, ``num_experts`` is not a positive int, or (where it
             costs no sync: on the CPU) an id is negative, or ``>= E`` without ``expert_parallel``.
     """
-    shapes = f"top_k_index.shape={_shape(top_k_index)}, top_k_weights.shape={_shape(top_k_weights)}"
+    shapes = f"top_k_index.shape={_shape(top_k_index)}" + \
+        ("" if top_k_weights is None else f", top_k_weights.shape={_shape(top_k_weights)}")
     if not isinstance(top_k_index, Tensor) or top_k_index.dim() != 2:
         raise GroupedOpsError(f"moe_routing: top_k_index must be a 2-D tensor [T, k] ({shapes})")
     if top_k_index.dtype == torch.bool or top_k_index.is_floating_point() or top_k_index.is_complex():

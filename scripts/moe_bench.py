@@ -1,7 +1,7 @@
 """Time the "grouped_ops" transformers experts backend against transformers' own (eager, batched_mm,
 grouped_mm) on three experts blocks built from config objects (nothing downloaded).
 
-    python scripts/moe_bench.py --markdown docs/moe-bench.md --json docs/moe-bench.json --plot docs/moe-bench.png
+    python scripts/moe_bench.py --markdown docs/benchmarks/moe.md --json docs/benchmarks/moe.json --plot docs/benchmarks/moe.png
 
 Blocks (hidden, intermediate, experts, top-k): Mixtral-like (512, 1024, 8, 2), Qwen3-MoE-like
 (256, 128, 64, 8), GPT-OSS-like (256, 256, 32, 4; transposed weights with biases and its own gate).
@@ -151,7 +151,7 @@ def _time(fns: dict, rounds: int, min_s: float) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
     ap.add_argument("--blocks", nargs="*", default=None)
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])

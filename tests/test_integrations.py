@@ -20,6 +20,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralConfig, MixtralE
 from transformers.models.olmoe.modeling_olmoe import OlmoeConfig, OlmoeExperts  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeConfig, Qwen3MoeExperts  # noqa: E402
 
+from grouped_ops import GroupedOpsError  # noqa: E402
 from grouped_ops.integrations import pyg  # noqa: E402
 from grouped_ops.integrations import transformers as gt  # noqa: E402
 from grouped_ops.registry import tolerance  # noqa: E402
@@ -176,6 +177,18 @@ def test_hetero_linear_function_and_reroute_errors():
     lin = pyg.reroute(torch.nn.Sequential(HeteroLinear(4, 5, num_types=3)))
     with pytest.raises(Exception, match=r"type_vec holds types 0\.\.3 but num_types=3"):
         lin[0](x, torch.tensor([0, 1, 2, 3, 0, 1, 2]))
+    # one integer type per row of x, as HeteroLinear itself requires: no silently short or float type_vec
+    for is_sorted in (False, True):
+        lin[0].is_sorted = is_sorted
+        with pytest.raises(GroupedOpsError, match=r"one type per row of x; x.shape=\(7, 4\), type_vec.shape=\(5,\)"):
+            lin[0](x, torch.tensor([0, 0, 1, 2, 2]))
+        with pytest.raises(GroupedOpsError, match="dtype float32"):
+            lin[0](x, torch.tensor([0.0, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0]))
+    # shapes named as the caller gave them ([K, in, out]), not as the ragged op reads them
+    with pytest.raises(GroupedOpsError, match=r"weight \[K, in, out\].*x_sorted.shape=\(7, 4\), weight.shape=\(3, 5, 4\)"):
+        pyg.hetero_linear(x, w.transpose(1, 2).contiguous(), b, offsets)
+    with pytest.raises(GroupedOpsError, match=r"bias.shape=\(3, 4\)"):
+        pyg.hetero_linear(x, w, b[:, :4], offsets)
 
 
 def test_import_grouped_ops_imports_neither_client():

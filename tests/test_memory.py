@@ -141,6 +141,7 @@ def test_masked_dense_is_not_timed_beyond_the_multiple_and_a_setting_raises_it(m
     with dispatch.use_timer(timer), torch.no_grad():
         d = grouped_ops.prewarm("grouped_linear", *args)
     assert "masked_dense" not in timer.calls and "GROUPED_OPS_TUNE_MEMORY_MULTIPLE" in d.skipped["masked_dense"]
+    assert "and over the 16 MiB always allowed" in d.skipped["masked_dense"]  # the floor set the bound here
     assert d.partial == ""  # a rule, not the memory free now: the decision is full
     dispatch.clear_memory()
     store.DiskStore().clear()

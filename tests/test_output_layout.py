@@ -189,6 +189,25 @@ def test_a_removed_name_in_the_environment_warns_once_and_is_ignored(monkeypatch
         d = grouped_ops.lookup("grouped_linear", *_args())
     assert len(messages) == 1 and var in messages[0] and "ignored" in messages[0], messages
     assert d is not None and d.impl == "einsum"  # auto still decides, among the others
+    # the other ops read the same variable: they run, and say nothing (it is not their name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grouped_ops.weighted_combine(torch.randn(4, 3, 5), torch.rand(4, 3))
+        grouped_ops.grouped_linear(torch.randn(6, 8), torch.randn(3, 8, 8), offsets=torch.tensor([2, 4, 6]))
+    assert not [w for w in caught if REMOVED in str(w.message)]
+
+
+def test_a_removed_name_passed_in_code_is_refused_saying_it_was_removed():
+    for call in (lambda: grouped_linear(*_args(), impl=REMOVED), lambda: GroupedLinear(3, 4, 5, impl=REMOVED),
+                 lambda: grouped_ops.use_impl(REMOVED).__enter__()):
+        with pytest.raises(grouped_ops.GroupedOpsError, match=rf"unknown impl '{REMOVED}' \(removed in grouped_linear v6"):
+            call()
+
+
+@pytest.mark.parametrize("value", ["einsum,", ",einsum", "einsum,,"])
+def test_empty_entries_in_an_environment_list_are_skipped(monkeypatch, value):
+    monkeypatch.setenv("GROUPED_OPS_IMPL", value)
+    assert overrides.forced_name("grouped_linear") == ("einsum", "env")
 
 
 def test_a_removed_name_in_exclude_impls_warns_once_and_is_ignored(fresh_warnings):

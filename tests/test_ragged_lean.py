@@ -12,6 +12,7 @@ from helpers import FakeTimer
 import grouped_ops
 from grouped_ops import GroupedOpsError, dispatch
 from grouped_ops.dispatch import _LEAN
+from grouped_ops.ops import _ragged_grouped_mm as gmm
 from grouped_ops.ops import _ragged_impls as impls
 from grouped_ops.ops import grouped_linear_ragged as ragged
 
@@ -88,9 +89,9 @@ def test_a_prepared_function_still_refuses_bad_offsets_of_the_same_shape(impl):
 
 def test_prepared_only_where_its_shortcuts_hold():
     x, w, b, offsets = _args((3, 0, 4))
-    assert impls.prepare_grouped_mm(SPEC.meta(x, w, b, offsets), None) is not None
+    assert gmm.prepare_grouped_mm(SPEC.meta(x, w, b, offsets), None) is not None
     for no_rows in (_args((0, 0)), _args((), rows=3)):  # T = 0; E = 0
-        assert impls.prepare_grouped_mm(SPEC.meta(*no_rows), None) is None
+        assert gmm.prepare_grouped_mm(SPEC.meta(*no_rows), None) is None
     assert impls.prepare_loop(SPEC.meta(*_args((), rows=3)), None) is None
     meta_args = [t.to("meta") if t is not None else None for t in (x, w, b)]
     assert impls.prepare_loop(SPEC.meta(*meta_args, offsets), None) is None

@@ -127,3 +127,42 @@ def test_a_hand_written_line_in_another_order_is_keyed_as_the_ops_own_calls(tmp_
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(GroupedOpsError, match=f"signatures.jsonl:1: {message}"):
             signatures_from_file(path)
+
+
+# ---- prewarm and lookup take the public function's arguments -----------------------------------------
+
+def _public_calls():
+    x, w = torch.randn(16, 4, 64, dtype=torch.bfloat16), torch.rand(16, 4)  # float32 routing weights
+    rows, inverse = torch.randn(12, 8, dtype=torch.bfloat16), torch.arange(12).view(6, 2)
+    xr, wr = torch.randn(6, 8), torch.randn(3, 8, 8)
+    return [
+        (grouped_ops.weighted_combine, (x, w), {"out_dtype": torch.bfloat16}),
+        (grouped_ops.weighted_combine, (list(x.unbind(1)), w), {}),  # type promotion: float32
+        (grouped_ops.unpermute_combine, (rows, inverse, torch.rand(6, 2)), {"out_dtype": torch.bfloat16}),
+        (grouped_ops.grouped_linear, (xr, wr), {"offsets": torch.tensor([2, 4, 6])}),
+        (grouped_ops.grouped_linear, (xr, wr, None), {"group_sizes": [2, 0, 4]}),
+    ]
+
+
+@pytest.mark.parametrize("call", range(5))
+def test_prewarm_and_lookup_key_a_public_call_as_the_call_does(call):
+    fn, args, kwargs = _public_calls()[call]
+    with grouped_ops.record() as rec:
+        fn(*args, **kwargs)
+    (called,) = rec.signatures
+    with use_impl(grouped_ops.implementations(called.op)[0]):  # (forced: nothing is timed)
+        assert grouped_ops.prewarm(fn, *args, **kwargs).signature == called
+        assert grouped_ops.lookup(fn.__name__, *args, **kwargs).signature == called
+
+
+def test_progress_off_a_terminal_is_lines_not_a_bar(capsys, monkeypatch):
+    from grouped_ops import recording
+
+    monkeypatch.setattr(recording, "PROGRESS_LINE_S", 3600.0)
+    sig = gl_request(4)[0]
+    with recording.progress_bar(True) as report:
+        for done in range(1, 6):
+            report(done, 5, sig, "decided")
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == [f"prewarm: 1/5 ({sig.op} batch=4 decided)",
+                                                    f"prewarm: 5/5 ({sig.op} batch=4 decided)"]

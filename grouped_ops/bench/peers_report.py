@@ -80,7 +80,7 @@ def skip_slow_compiles(shape: peers.Shape, mode: str, variant: str) -> bool:
 def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/peers_bench.py") -> int:
     """Run the comparison with the script's options (``--help``); returns the exit status."""
     os.environ.setdefault("GROUPED_OPS_CACHE_DIR", tempfile.mkdtemp(prefix="peers-bench-"))
-    ap = argparse.ArgumentParser(prog=program, description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=program, description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per cell and pass")

@@ -66,7 +66,8 @@ def _owners(name: str, who: str) -> list[str]:
         return []  # (a list, not a generator: every op that removed it warns)
     if not owners:
         valid = sorted({n for spec in SPECS.values() for n in spec.registry})
-        raise GroupedOpsError(f"{who}: unknown impl {name!r}; valid options are {valid}")
+        why = "".join(spec.registry.removal(name) for spec in SPECS.values())
+        raise GroupedOpsError(f"{who}: unknown impl {name!r}{why}; valid options are {valid}")
     return owners
 
 
@@ -154,10 +155,13 @@ def _parse_env(var: str, op: str) -> list[str]:
         return []
     chosen = []
     for part in raw.split(","):
+        if not part.strip():  # "bmm," or "a,,b": nothing between the commas
+            continue
         owner, _, name = part.strip().rpartition("=")
         if owner in ("", op) and removed(op, name, var):
             continue
-        if owner == "" and any(name in spec.registry.removed for spec in SPECS.values()):
+        if (owner == "" and any(name in spec.registry.removed for spec in SPECS.values())) or \
+                (owner in SPECS and name in SPECS[owner].registry.removed):
             continue  # another op's removed name: that op warns when it reads the variable
         known_op = owner in ("", *SPECS)
         known_name = any(name in spec.registry for spec in SPECS.values()) if owner == "" else (

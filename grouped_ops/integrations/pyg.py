@@ -39,8 +39,16 @@ def hetero_linear(x_sorted: Tensor, weight: Tensor, bias: Tensor | None, offsets
         ``offsets[-1]`` are zero.
 
     Raises:
-        GroupedOpsError: from the ragged ``grouped_linear`` (shapes, offsets, dtypes).
+        GroupedOpsError: shapes that do not agree (named in this function's terms), and from the
+            ragged ``grouped_linear`` (offsets, dtypes).
     """
+    if not (isinstance(x_sorted, Tensor) and isinstance(weight, Tensor) and x_sorted.dim() == 2 and
+            weight.dim() == 3 and x_sorted.shape[1] == weight.shape[1] and
+            (bias is None or (isinstance(bias, Tensor) and tuple(bias.shape) == (weight.shape[0], weight.shape[2])))):
+        shapes = ", ".join(f"{n}.shape={tuple(t.shape)}" for n, t in (("x_sorted", x_sorted), ("weight", weight),
+                                                                      ("bias", bias)) if isinstance(t, Tensor))
+        raise GroupedOpsError(f"hetero_linear: expected x_sorted [N, in], weight [K, in, out] and bias [K, out] "
+                              f"or None; got {shapes}")
     return grouped_linear(x_sorted, weight.transpose(1, 2), bias, offsets=offsets)
 
 
@@ -48,6 +56,12 @@ def _forward(self: Any, x: Tensor, type_vec: Tensor) -> Tensor:
     """``HeteroLinear.forward`` on the ragged op: sorts the rows by type unless they are (a stable
     sort, so equal types keep their order), runs :func:`hetero_linear`, and restores the order."""
     k = self.num_types
+    if not isinstance(type_vec, Tensor) or type_vec.dim() != 1 or type_vec.shape[0] != x.shape[0] or \
+            type_vec.is_floating_point() or type_vec.is_complex() or type_vec.dtype == torch.bool:
+        got = f"type_vec.shape={tuple(type_vec.shape)}, dtype {str(type_vec.dtype).removeprefix('torch.')}" \
+            if isinstance(type_vec, Tensor) else f"a {type(type_vec).__name__}"
+        raise GroupedOpsError(f"HeteroLinear (grouped_ops): type_vec must be a 1-D integer tensor with one type per "
+                              f"row of x; x.shape={tuple(x.shape)}, {got}")
     if x.device.type == "cpu" and type_vec.numel() and not torch.compiler.is_compiling():
         low, high = (int(v) for v in torch.aminmax(type_vec))  # free on the CPU; a sync elsewhere
         if low < 0 or high >= k:

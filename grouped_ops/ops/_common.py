@@ -30,13 +30,13 @@ def tensor_meta(t: torch.Tensor) -> tuple[Any, ...]:
 
 def check_dtypes_devices(op: str, named: dict[str, torch.Tensor], shapes: dict[str, Any]) -> None:
     dtypes = {name: t.dtype for name, t in named.items()}
+    for name, dtype in dtypes.items():  # first: an integer argument is not fixed by casting the others
+        if dtype not in FLOATING:  # float8 too: no implementation computes in it
+            raise fail(op, f"dtype {str(dtype).removeprefix('torch.')} is not supported ({name} has it); use a "
+                           "floating-point dtype: float16, bfloat16, float32 or float64", **shapes)
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{n}={str(d).removeprefix('torch.')}" for n, d in dtypes.items())
         raise fail(op, f"arguments must share one dtype, got {listed}; cast them first", **shapes)
-    dtype = next(iter(dtypes.values()))
-    if dtype not in FLOATING:  # float8 too: no implementation computes in it
-        raise fail(op, f"dtype {str(dtype).removeprefix('torch.')} is not supported; use a floating-point dtype: "
-                       "float16, bfloat16, float32 or float64", **shapes)
     devices = {name: t.device for name, t in named.items()}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{n}={d}" for n, d in devices.items())

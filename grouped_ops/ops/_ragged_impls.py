@@ -1,4 +1,5 @@
-"""grouped_linear_ragged's implementations (its own module only for the size limit).
+"""grouped_linear_ragged's implementations but ``grouped_mm`` (in :mod:`._ragged_grouped_mm`), and the
+per-call check of the offsets' values they share.
 
 Each is a plain function ``fn(input [T, in], weight [E, out, in], bias [E, out] | None, offsets [E])
 -> [T, out]`` over structurally validated arguments. Each first calls :func:`ends`, which checks
@@ -19,12 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._common import apply_function, fail, plain_tensors
-from .grouped_linear import (  # torch's grouped_mm rules, written once there
-    _fit,
-    _grouped_mm_op,
-    _mat_ok,
-)
+from ._common import apply_function, fail, plain_eager, plain_tensors
 
 OP = "grouped_linear_ragged"
 Tensor = torch.Tensor
@@ -191,14 +187,39 @@ def _differentiable_grads(gy: Tensor, x: Tensor, w: Tensor, values: list[int], n
     return gx, gw, gb
 
 
+def _recording(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """Whether autograd records this call (else the forward runs without a Function's ~10 us)."""
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+
+
 def loop(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
     values = ends(x, w, b, offsets, need=True)
     assert values is not None
     if w.shape[0] == 0:  # no groups: every row is past the last offset
         return _empty_groups(x, w, b)
+    if not plain_eager(x, w, b):
+        return _composable_loop(x, w, b, values)
     if _recording(x, w, b):
         return apply_function(_LoopLinear, x, w, b, values)
     return _loop_forward(x, w, b, values)
+
+
+def _composable_loop(x: Tensor, w: Tensor, b: Tensor | None, values: list[int]) -> Tensor:
+    """The loop of differentiable ops only (no ``out=``, no Function of its own), for the contexts
+    that take neither: torch.func transforms, forward-mode AD, tracing, tensor subclasses. The
+    weight is unbound once, so autograd stacks its groups' gradients in one node (zeros for the
+    groups with no rows), not one full-size zero tensor per group."""
+    weights, biases = w.unbind(0), None if b is None else b.unbind(0)
+    pieces, start = [], 0
+    for g, end in enumerate(values):
+        if end > start:
+            pieces.append(F.linear(x[start:end], weights[g], None if biases is None else biases[g]))
+        start = end
+    if not pieces:  # no group has a row: still in the graph, every gradient exactly zero
+        return _empty_groups(x, w, b)
+    if start < x.shape[0]:  # rows past the last offset
+        pieces.append(x.new_zeros(x.shape[0] - start, w.shape[1]))
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def _empty_groups(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -264,10 +285,22 @@ def gather_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
         return _empty_groups(x, w, b)
     gid = _group_ids(_on(offsets, x), rows)
     g = gid.clamp(max=groups - 1)
-    wg = w.index_select(0, g)  # [T, out, in]
-    xc = x.unsqueeze(2)
-    y = torch.bmm(wg, xc) if b is None else torch.baddbmm(b.index_select(0, g).unsqueeze(2), wg, xc)
-    return y.squeeze(2).masked_fill((gid == groups).unsqueeze(1), 0)  # rows past the last offset
+    bg = None if b is None else b.index_select(0, g)
+    if _stored_in_out(w):  # gathered as stored: each row times its [in, out] matrix
+        wg, xr = w.transpose(1, 2).index_select(0, g), x.unsqueeze(1)  # [T, in, out], [T, 1, in]
+        y = (torch.bmm(xr, wg) if bg is None else torch.baddbmm(bg.unsqueeze(1), xr, wg)).squeeze(1)
+    else:
+        wg, xc = w.index_select(0, g), x.unsqueeze(2)  # [T, out, in], [T, in, 1]
+        y = (torch.bmm(wg, xc) if bg is None else torch.baddbmm(bg.unsqueeze(2), wg, xc)).squeeze(2)
+    return y.masked_fill((gid == groups).unsqueeze(1), 0)  # rows past the last offset
+
+
+def _stored_in_out(w: Tensor) -> bool:
+    """Whether ``w [E, out, in]`` is a transposed view of a dense ``[E, in, out]`` tensor (GPT-OSS,
+    PyG). gather_bmm then gathers that storage as it is: gathering the view copies every matrix
+    transposed, measured 2-17x slower (CPU, one thread: 4 rows over 32 experts, 256->512, bfloat16
+    713 -> 142 us, float32 2042 -> 190 us)."""
+    return not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
 
 
 def gather_reasons(sig: Any) -> list[str]:
@@ -309,120 +342,6 @@ def dense_select(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Ten
     return y.masked_fill((gid == groups).unsqueeze(1), 0)
 
 
-# ---- grouped_mm: torch's grouped GEMM with offsets --------------------------------------------------
-
-def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
-    # F.grouped_mm leaves the rows past the last offset uninitialised (values like 1.6 and 2e-36
-    # were seen), takes no bias, and on some GPUs returns non-zero weight gradients for empty groups
-    # (pytorch#152668, #172439): _RaggedGroupedMM zeroes those rows and groups and adds the bias.
-    values = ends(x, w, b, offsets, need=False)
-    if w.shape[0] == 0 or x.shape[0] == 0 or 0 in w.shape:
-        return _empty_groups(x, w, b) if w.shape[0] == 0 or x.shape[0] == 0 else loop(x, w, b, offsets)
-    offs = _on(offsets, x, torch.int32)
-    if not _recording(x, w, b):
-        return _gmm_forward(x, w, b, offs, values)
-    if not _native_backward_will_do(x, values):
-        return apply_function(_RaggedGroupedMM, x, w, b, offs, values)
-    y = _gmm_forward(x, w, b, offs, values)
-    # torch's backward refuses a gradient it cannot take as an operand (.sum()'s stride-0 one); a
-    # pre-hook of the node is a C++ call here (Tensor.register_hook's Python costs ~4 us)
-    y.grad_fn.register_prehook(_operand_gradients)
-    return y
-
-
-def _operand_gradients(grads: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
-    # None keeps the gradients as they are (the common case: one torch takes as an operand)
-    fitted = tuple(g if g is None else _fit(g) for g in grads)
-    return None if all(f is g for f, g in zip(fitted, grads, strict=True)) else fitted
-
-
-def _native_backward_will_do(x: Tensor, values: list[int] | None) -> bool:
-    """Whether torch's own autograd of grouped_mm gives this call's gradients: on the CPU (one GEMM
-    per group, so an empty group's weight gradient is exactly zero) with every row in a group (no
-    rows past the last offset to zero). Then the forward's ops are recorded as they are, without
-    _RaggedGroupedMM's Python (measured: a training step at T=16, E=8, 64->64, 143 -> 126 us; the
-    bare F.grouped_mm 96 us)."""
-    return x.device.type == "cpu" and values is not None and values[-1] == x.shape[0]
-
-
-def _recording(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
-    """Whether autograd records this call (else the forward runs without a Function's ~10 us)."""
-    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
-
-
-def _gmm_forward(x: Tensor, w: Tensor, b: Tensor | None, offs: Tensor, values: list[int] | None) -> Tensor:
-    return _gmm_product(_fit(x), _fit(w.transpose(1, 2)), b, offs, values)
-
-
-def _gmm_product(x: Tensor, wt: Tensor, b: Tensor | None, offs: Tensor, values: list[int] | None,
-                 row_index: Tensor | None = None) -> Tensor:
-    """``F.grouped_mm(x, wt, offs)`` of operands it takes, with the bias and the rows past the
-    last offset zeroed (``row_index``: see :func:`_group_ids`)."""
-    y = _GROUPED_MM(x, wt, offs=offs)
-    gid = None
-    if b is not None:
-        gid = _group_ids(offs, x.shape[0], row_index)
-        # rows past the last offset (group id E) are zeroed after: any bias row will do for them
-        tail = values is None or values[-1] < x.shape[0]
-        y.add_(b.index_select(0, gid.clamp(max=b.shape[0] - 1) if tail else gid))
-    return _tail_zeroed(y, offs, values, gid)
-
-
-_GROUPED_MM = _grouped_mm_op()  # F.grouped_mm, or torch._grouped_mm before 2.10, or None (not a candidate)
-
-
-def _tail_zeroed(y: Tensor, offs: Tensor, values: list[int] | None, gid: Tensor | None) -> Tensor:
-    """``y [T, k]`` with the rows past the last offset set to zero (in place; ``y`` is fresh)."""
-    if values is not None:
-        end = values[-1]
-        if end < y.shape[0]:
-            y[end:].zero_()
-        return y
-    gid = _group_ids(offs, y.shape[0]) if gid is None else gid
-    return y.masked_fill_((gid == offs.shape[0]).unsqueeze(1), 0)
-
-
-class _RaggedGroupedMM(torch.autograd.Function):
-    """``F.grouped_mm(x, w^T, offs)`` with the bias, zero rows past the last offset, and a backward
-    of grouped_mm products whose empty groups are zeroed (one masked fill at most)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, offs: Tensor,
-                values: list[int] | None) -> Tensor:
-        ctx.save_for_backward(x, w, offs)
-        ctx.values, ctx.has_bias = values, b is not None
-        return _gmm_forward(x, w, b, offs, values)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
-        x, w, offs = ctx.saved_tensors
-        values = ctx.values
-        mm = _GROUPED_MM
-        gy = _fit(gy)  # .sum()'s stride-0 gradient is not an operand grouped_mm takes
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = _tail_zeroed(mm(gy, _fit(w), offs=offs), offs, values, None) if need_x else None
-        gw = gb = None
-        if need_w:
-            if w.stride(1) == 1 and w.stride(2) != 1 and _mat_ok(x.t()):
-                # stored [E, in, out]: its gradient in that layout (x.t() is an operand torch takes
-                # as it is, which a copy would not make of a one-row x)
-                gw = mm(x.t(), gy, offs=offs).transpose(1, 2)
-            else:
-                gw = mm(_fit(gy.t()), _fit(x), offs=offs)
-            if values is None:
-                sizes = torch.diff(offs, prepend=offs.new_zeros(1))
-                gw.masked_fill_((sizes == 0).view(-1, 1, 1), 0)
-            else:  # gw is written already: its empty groups' slices only (a memset each)
-                for g in (g for g, n in enumerate(_sizes(values)) if n == 0):
-                    gw[g].zero_()
-        if need_b and ctx.has_bias:
-            sizes = torch.diff(offs, prepend=offs.new_zeros(1))
-            rest = (gy.shape[0] - offs[-1:]).to(sizes.dtype)  # the rows past the last offset: a segment too
-            gb = torch.segment_reduce(gy, "sum", lengths=torch.cat([sizes, rest]), unsafe=True)[:-1]
-        return gx, gw, gb, None, None
-
-
 # ---- prepared for one call description (the dispatcher's memo: Implementation.prepare) -------------
 # The op's per-call Python was most of a small call (T=16, E=8, 64->64, CPU: F.grouped_mm 19 us, the
 # op 35 us). For a decided description ``m`` (the op's meta: shapes, strides, dtypes, devices, the
@@ -430,39 +349,6 @@ class _RaggedGroupedMM(torch.autograd.Function):
 # the offsets' values are still read and checked on every call. Where the tensors are not plain (a
 # subclass, autocast on) they hand over to the implementation; ``bare`` skips that check, for the
 # lean road (functional), which made it.
-
-#: Up to this T a prepared grouped_mm keeps ``arange(T)`` for its bias (T=16, E=8, 64->64: 39 -> 37 us a call).
-ROW_INDEX_LIMIT = 1 << 16
-
-
-def prepare_grouped_mm(m: tuple[Any, ...], implementation: Any) -> Any:
-    """:func:`grouped_mm` for a CPU call with host offsets described by ``m``, whose operands
-    torch takes as they are and whose product is the fresh contiguous result (torch pads rows to 16
-    bytes); None elsewhere."""
-    (x_shape, x_stride, dtype, device), (w_shape, w_stride, _, _), b_meta, (_, o_dtype, o_device), _, _, grad = m
-    if device.type != "cpu" or o_device.type != "cpu" or 0 in x_shape or 0 in w_shape or _GROUPED_MM is None or \
-            w_shape[1] * dtype.itemsize % 16:
-        return None
-    if not (_mat_ok(torch.empty_strided(x_shape, x_stride, dtype=dtype, device="meta")) and
-            _mat_ok(torch.empty_strided(w_shape, w_stride, dtype=dtype, device="meta").transpose(1, 2))):
-        return None
-    rows, recording, cast = x_shape[0], bool(grad) and any(grad), o_dtype != torch.int32
-    # the bias's row index, kept with the memo entry (read only; not kept for huge T)
-    row_index = torch.arange(rows, dtype=torch.int32) if b_meta is not None and rows <= ROW_INDEX_LIMIT else None
-
-    def bare(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
-        values = offsets.tolist()
-        check_values(x, w, b, offsets, values)
-        offs = offsets.to(torch.int32) if cast else offsets
-        if recording and values[-1] != rows:  # rows past the last offset: see _native_backward_will_do
-            return apply_function(_RaggedGroupedMM, x, w, b, offs, values)
-        y = _gmm_product(x, w.transpose(1, 2), b, offs, values, row_index)
-        if recording:
-            y.grad_fn.register_prehook(_operand_gradients)
-        return y
-
-    return _checked(bare, implementation)
-
 
 def prepare_loop(m: tuple[Any, ...], implementation: Any) -> Any:
     """:func:`loop` for the calls described by ``m`` (it reads the offsets anyway); None for no groups

@@ -19,7 +19,7 @@ Decided here (docs/ragged.md says it for users):
 
 The public entry is ``grouped_ops.grouped_linear(input, weight, bias, offsets=... | group_sizes=...)``;
 the op's own arguments are ``(input, weight, bias, offsets)``. Its implementations live in
-:mod:`._ragged_impls`.
+:mod:`._ragged_impls` and (``grouped_mm``) :mod:`._ragged_grouped_mm`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
+from . import _ragged_grouped_mm as gmm
 from . import _ragged_impls as impls
 from ._common import check_dtypes_devices, fail, is_contiguous, random_like, tensor_meta
 from ._spec import Arg, Cli, Flag, OpSpec
@@ -57,16 +58,18 @@ def _few_groups(sig: Signature) -> list[str]:
 DENSE_SELECT_MAX_GROUPS = 8
 
 REGISTRY = Registry(OP, [
-    # torch's own rules (alignment, dtypes, the CUDA fast path) are the dense op's: written once there
-    Implementation("grouped_mm", impls.grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                   check=_grouped_mm_reasons, forward_ad=False, prepare=impls.prepare_grouped_mm),
+    # torch's own rules (alignment, dtypes, the CUDA fast path) are the dense op's: written once there.
+    # grouped_mm and loop run as a loop of differentiable ops under torch.func and forward-mode AD
+    # (impls._composable_loop): their own autograd Functions are for plain eager autograd
+    Implementation("grouped_mm", gmm.grouped_mm, dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                   check=_grouped_mm_reasons, prepare=gmm.prepare_grouped_mm),
     Implementation("padded_bmm", impls.padded_bmm, syncs=_syncs),
-    Implementation("loop", impls.loop, syncs=_syncs, forward_ad=False, prepare=impls.prepare_loop),
+    Implementation("loop", impls.loop, syncs=_syncs, prepare=impls.prepare_loop),
     Implementation("gather_bmm", impls.gather_bmm, extra_memory=impls.gather_bytes, check=impls.gather_reasons),
     Implementation("dense_select", impls.dense_select, check=_few_groups, work_factor=lambda sig: float(sig.dim("n")),
                    extra_memory=lambda sig: sig.dim("batch") * sig.dim("n") * sig.dim("out") * sig.dtype.itemsize),
-], version=2)  # v2: prepared grouped_mm and loop, the loop concatenating small results, gather_bmm a
-# candidate up to 1M T*out*in elements in bfloat16/float16
+], version=3)  # v2: prepared grouped_mm and loop, the loop concatenating small results, gather_bmm a
+# candidate up to 1M T*out*in elements in bfloat16/float16; v3: gather_bmm gathers [E, in, out] storage as stored
 
 
 # ---- the public call's offsets ---------------------------------------------------------------------
@@ -82,6 +85,10 @@ def offsets_from(input: Any, weight: Any, bias: Any, offsets: Any, group_sizes: 
             (checked where they are on the host); naming the op, the argument and the shapes.
     """
     if group_sizes is None:  # (the common call: offsets given; the op checks them)
+        if offsets is not None and not isinstance(offsets, Tensor):
+            raise fail(OP, f"offsets must be a 1-D integer tensor, got {type(offsets).__name__}: pass "
+                           "torch.tensor(offsets), or the counts as group_sizes= (a list of ints is fine there)",
+                       input=input, weight=weight, bias=bias)
         return offsets
     shapes = {"input": input, "weight": weight, "bias": bias, "offsets": offsets, "group_sizes": group_sizes}
     if offsets is not None:
@@ -89,16 +96,21 @@ def offsets_from(input: Any, weight: Any, bias: Any, offsets: Any, group_sizes: 
     if isinstance(group_sizes, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in group_sizes):
             raise fail(OP, f"group_sizes must be ints, got {[type(v).__name__ for v in group_sizes][:4]}", **shapes)
-        group_sizes = torch.tensor(group_sizes, dtype=torch.int64)
+        group_sizes = shapes["group_sizes"] = torch.tensor(group_sizes, dtype=torch.int64)
     if not isinstance(group_sizes, Tensor):
         raise fail(OP, f"group_sizes must be a 1-D integer tensor or a list of ints, got "
                        f"{type(group_sizes).__name__}", **shapes)
     _check_offsets_kind("group_sizes", group_sizes, input, shapes)
+    if isinstance(weight, Tensor) and weight.dim() == 3 and group_sizes.shape[0] != weight.shape[0]:
+        raise fail(OP, f"group_sizes must have one entry per group: {weight.shape[0]} (weight's E), got "
+                       f"{group_sizes.shape[0]}", **shapes)
     if group_sizes.device.type == "cpu" and not torch.compiler.is_compiling() and type(group_sizes) is Tensor:
-        negative = (group_sizes < 0).nonzero()
-        if negative.numel():
-            g = int(negative[0, 0])
-            raise fail(OP, f"group_sizes must be >= 0; group_sizes[{g}]={int(group_sizes[g])}", **shapes)
+        sizes = group_sizes.tolist()  # (free on the host: the refusals name group_sizes, not the offsets made)
+        negative = [g for g, n in enumerate(sizes) if n < 0]
+        if negative:
+            raise fail(OP, f"group_sizes must be >= 0; group_sizes[{negative[0]}]={sizes[negative[0]]}", **shapes)
+        if isinstance(input, Tensor) and input.dim() == 2 and sum(sizes) > input.shape[0]:
+            raise fail(OP, f"group_sizes add up to {sum(sizes)} rows, past the input's {input.shape[0]}", **shapes)
     return group_sizes.cumsum(0, dtype=group_sizes.dtype)
 
 
@@ -141,7 +153,7 @@ def offsets_meta(input: Tensor, offsets: Tensor, compiling: bool) -> tuple[Any, 
     capturing = input.is_cuda and not compiling and torch.cuda.is_current_stream_capturing()
     # The split's class, where its values are on the host (free to read): it changes the winner on
     # CPU (docs/benchmarks/ragged.md). Device offsets are not read (a sync): "unread".
-    if offsets.is_cpu and type(offsets) is Tensor and not compiling:
+    if offsets.is_cpu and type(offsets) is Tensor and offsets.dim() == 1 and not compiling:
         split = split_class(offsets.tolist())
     else:
         split = "unread"

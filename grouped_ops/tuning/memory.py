@@ -93,9 +93,10 @@ def admit(spec: Any, sig: Signature, names: list[str], s: Settings, budget: floa
     for name in names:
         need = footprint(spec, sig, name)
         if need > bound:
+            floor = f", and over the {_size(FLOOR_BYTES)} always allowed" if bound == FLOOR_BYTES else ""
             skipped[name] = (f"needs {_size(need)} for the call (result, gradients, workspace), over "
                              f"{s.memory_multiple:g}x the leanest implementation's {_size(footprint(spec, sig, lean))} "
-                             f"({lean}; GROUPED_OPS_TUNE_MEMORY_MULTIPLE)")
+                             f"({lean}; GROUPED_OPS_TUNE_MEMORY_MULTIPLE){floor}")
         elif need + private > budget:
             skipped[name] = (f"needs {_size(need)} for the call and {_size(private)} for the tuning's private "
                              f"operands, over the tuning memory budget of {_size(budget)} "
