@@ -73,27 +73,31 @@ def test_the_weight_may_have_any_strides():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("bias", [True, False])
-def test_each_implementation_on_in_out_storage_gives_the_definition_and_its_gradients(impl, bias):
-    # [E, in, out] storage read through its transposed view (GPT-OSS, PyG): gather_bmm gathers it as stored
-    x, w, b, offsets = args(sizes=(2, 0, 3, 1), rows=7, bias=bias, dtype=torch.float64)
-    stored = w.transpose(1, 2).contiguous().requires_grad_(True)
-    x.requires_grad_(True)
-    if b is not None:
-        b.requires_grad_(True)
-    if not supported(impl, x, stored.transpose(1, 2), b, offsets):
+@pytest.mark.parametrize("storage", ["out_in", "in_out"])
+@pytest.mark.parametrize("needs", ["all", "input", "weight", "none"])
+def test_each_implementation_on_either_storage_gives_the_definition_and_its_gradients(impl, storage, needs):
+    # [E, in, out] storage is read through its transposed view (GPT-OSS, PyG); gather_bmm gathers each
+    # storage as it is and takes another form where the weight's gradient is needed: every branch here
+    x, w, b, offsets = args(sizes=(2, 0, 3, 1), rows=7, dtype=torch.float64)
+    stored = (w.transpose(1, 2).contiguous() if storage == "in_out" else w.clone())
+    wanted = {"all": (x, stored, b), "input": (x,), "weight": (stored,), "none": ()}[needs]
+    for t in wanted:
+        t.requires_grad_(True)
+    view = stored.transpose(1, 2) if storage == "in_out" else stored
+    if not supported(impl, x, view, b, offsets):
         pytest.skip(f"{impl} does not take this call")
-    grad = torch.randn(7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    leaves = [t for t in (x, stored, b) if t is not None]
-    y = grouped_ops.grouped_linear(x, stored.transpose(1, 2), b, offsets=offsets, impl=impl)
-    got = torch.autograd.grad(y, leaves, grad)
-    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
-    ref_b = ref_leaves[2] if b is not None else None
-    ref = expected(ref_leaves[0], ref_leaves[1].transpose(1, 2), ref_b, offsets)
-    want = torch.autograd.grad(ref, ref_leaves, grad)
+    y = grouped_ops.grouped_linear(x, view, b, offsets=offsets, impl=impl)
+    ref_leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x, stored, b)]
+    ref_view = ref_leaves[1].transpose(1, 2) if storage == "in_out" else ref_leaves[1]
+    ref = expected(ref_leaves[0], ref_view, ref_leaves[2], offsets)
     torch.testing.assert_close(y, ref)
-    for a, e in zip(got, want, strict=True):
-        torch.testing.assert_close(a, e)
+    if wanted:
+        grad = torch.randn(7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        got = torch.autograd.grad(y, wanted, grad)
+        want = torch.autograd.grad(ref, [r for r, t in zip(ref_leaves, (x, stored, b), strict=True) if t.requires_grad],
+                                   grad)
+        for a, e in zip(got, want, strict=True):
+            torch.testing.assert_close(a, e)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
