@@ -38,8 +38,8 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
     values = ends(x, w, b, offsets, need=False)
     if w.shape[0] == 0 or x.shape[0] == 0 or 0 in w.shape:
         return _empty_groups(x, w, b) if w.shape[0] == 0 or x.shape[0] == 0 else loop(x, w, b, offsets)
-    if not plain_eager(x, w, b):  # torch's grouped_mm has no forward-AD or vmap rule
-        return _composable_loop(x, w, b, ends(x, w, b, offsets, need=True))  # type: ignore[arg-type]
+    if not plain_eager(x, w, b):  # torch.func, forward AD: torch's grouped_mm has no rules for them
+        return _composable_loop(x, w, b, values if values is not None else ends(x, w, b, offsets, need=True))
     offs = _on(offsets, x, torch.int32)
     if not _recording(x, w, b):
         return _gmm_forward(x, w, b, offs, values)
