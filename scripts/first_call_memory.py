@@ -217,7 +217,7 @@ def _load() -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", help="a checkout of older grouped_ops code to measure side by side")
     p.add_argument("--markdown")
     p.add_argument("--json")

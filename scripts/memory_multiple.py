@@ -1,4 +1,6 @@
-"""Which memory multiple keeps the fastest implementation timed: the CPU sweep's cells against the
+"""Which memory multiple keeps the fastest implementation timed, over the CPU sweep's cells.
+
+Which memory multiple keeps the fastest implementation timed: the CPU sweep's cells against the
 relative bound of a tuning (tuning/memory.py: a candidate is timed only if its footprint is at
 most MULTIPLE x the leanest implementation's, or 16 MiB).
 
@@ -40,7 +42,7 @@ def signature(row: dict[str, str]) -> Signature:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("csv", nargs="?", default="docs/benchmarks/cpu.csv")
     p.add_argument("--multiples", default="1,1.25,1.5,2,3,4,8")
     args = p.parse_args()

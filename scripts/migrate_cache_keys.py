@@ -61,7 +61,7 @@ def migrate_table(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("table", type=Path)
     p.add_argument("--out", type=Path, help="write here instead of replacing TABLE")
     args = p.parse_args(argv)

@@ -1,4 +1,6 @@
-"""Per-call cost of GroupedLinear's forward against the TabM-style layer (``peers.TabMLinear``), both
+"""Per-call cost of GroupedLinear's forward against the TabM-style layer, at tiny batches.
+
+Per-call cost of GroupedLinear's forward against the TabM-style layer (``peers.TabMLinear``), both
 running the same bmm kernels, at tiny batches where Python dominates.
 
     python3 scripts/module_overhead.py [--calls 2000] [--rounds 9] [--threads 1]
@@ -30,7 +32,7 @@ def _timed(fn, calls: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)

@@ -1,4 +1,6 @@
-"""Time the "grouped_ops" transformers experts backend against transformers' own (eager, batched_mm,
+"""Time the "grouped_ops" transformers experts backend against transformers' own backends.
+
+Time the "grouped_ops" transformers experts backend against transformers' own (eager, batched_mm,
 grouped_mm) on three experts blocks built from config objects (nothing downloaded).
 
     python scripts/moe_bench.py --markdown docs/benchmarks/moe.md --json docs/benchmarks/moe.json --plot docs/benchmarks/moe.png
@@ -151,7 +153,7 @@ def _time(fns: dict, rounds: int, min_s: float) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS))
     ap.add_argument("--blocks", nargs="*", default=None)
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])

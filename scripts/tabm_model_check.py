@@ -1,5 +1,7 @@
-"""The `tabm` package's TabM-packed model against the same model with every grouped layer re-routed
-through grouped_ops (the whole-model row of docs/benchmarks/peers.md).
+"""The TabM-packed model against the same model re-routed through grouped_ops.
+
+The `tabm` package's model, with every grouped layer re-routed through grouped_ops in the second
+(the whole-model row of docs/benchmarks/peers.md).
 
     pip install tabm rtdl_num_embeddings        # the `bench` extra
     python3 scripts/tabm_model_check.py [--threads 1 2] [--rounds 9]
@@ -85,7 +87,7 @@ def timed(fn, calls: int = 3) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()

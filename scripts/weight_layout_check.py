@@ -42,7 +42,7 @@ def best_round(fns, rounds: int, budget_s: float = 2e-3) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=200)
     args = ap.parse_args()

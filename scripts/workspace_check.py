@@ -160,7 +160,7 @@ def cases(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     args = p.parse_args()

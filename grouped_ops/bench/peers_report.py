@@ -1,6 +1,7 @@
-"""GroupedLinear against the layers users already write, on CPU: ``python -m grouped_ops bench
---peers`` (or ``python scripts/peers_bench.py``); writes a markdown report, its JSON and (with
-matplotlib) a plot.
+"""GroupedLinear against the layers users already write, on CPU (the peers benchmark).
+
+Run as ``python -m grouped_ops bench --peers`` (or ``python scripts/peers_bench.py``); writes a
+markdown report, its JSON and (with matplotlib) a plot.
 
 Three tables, each measured side by side in one run (interleaved rounds in a shuffled order, the
 median round per pass, the median of ``--passes`` passes over the whole grid; 1 and 2 threads):
@@ -80,7 +81,7 @@ def skip_slow_compiles(shape: peers.Shape, mode: str, variant: str) -> bool:
 def main(argv: Sequence[str] | None = None, *, program: str = "python scripts/peers_bench.py") -> int:
     """Run the comparison with the script's options (``--help``); returns the exit status."""
     os.environ.setdefault("GROUPED_OPS_CACHE_DIR", tempfile.mkdtemp(prefix="peers-bench-"))
-    ap = argparse.ArgumentParser(prog=program, description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap = argparse.ArgumentParser(prog=program, description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per cell and pass")
