@@ -228,12 +228,13 @@ def progress_bar(show: bool) -> Iterator[Progress | None]:
         yield None
         return
     if not sys.stderr.isatty():
-        last = [-math.inf]
+        last = -math.inf
 
         def line(done: int, total: int, sig: Signature, what: str) -> None:
+            nonlocal last
             now = time.monotonic()
-            if done >= total or now - last[0] >= PROGRESS_LINE_S:
-                last[0] = now
+            if done >= total or now - last >= PROGRESS_LINE_S:
+                last = now
                 print(f"prewarm: {done}/{total} ({sig.op} batch={sig.dim('batch')} {what})", file=sys.stderr,
                       flush=True)
         yield line

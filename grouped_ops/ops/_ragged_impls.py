@@ -107,14 +107,8 @@ CAT_LIMIT = 1 << 18
 def _loop_forward(x: Tensor, w: Tensor, b: Tensor | None, values: list[int]) -> Tensor:
     rows = x.shape[0]
     if rows * w.shape[1] <= CAT_LIMIT:
-        pieces, start = [], 0
-        for g, end in enumerate(values):
-            if end > start:
-                pieces.append(F.linear(x[start:end], w[g], None if b is None else b[g]))
-            start = end
-        if start < rows or not pieces:
-            pieces.append(x.new_zeros(rows - start, w.shape[1]))
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        y = _concatenated(x, w, b, values, w.shape[1])
+        return x.new_zeros(rows, w.shape[1]) if y is None else y
     y = x.new_empty(rows, w.shape[1])
     start = 0
     for g, end in enumerate(values):
@@ -209,16 +203,23 @@ def _composable_loop(x: Tensor, w: Tensor, b: Tensor | None, values: list[int]) 
     that take neither: torch.func transforms, forward-mode AD, tracing, tensor subclasses. The
     weight is unbound once, so autograd stacks its groups' gradients in one node (zeros for the
     groups with no rows), not one full-size zero tensor per group."""
-    weights, biases = w.unbind(0), None if b is None else b.unbind(0)
+    y = _concatenated(x, w.unbind(0), None if b is None else b.unbind(0), values, w.shape[1])
+    return _empty_groups(x, w, b) if y is None else y  # (no row in any group: still in the graph)
+
+
+def _concatenated(x: Tensor, weights: Any, biases: Any, values: list[int], out: int) -> Tensor | None:
+    """The products ``F.linear(x[rows of g], weights[g], biases[g])`` of the groups with rows and
+    zero rows past the last offset, concatenated; None where no group has a row. ``weights`` and
+    ``biases`` are indexed by group: the tensors, or their unbound slices."""
     pieces, start = [], 0
     for g, end in enumerate(values):
         if end > start:
             pieces.append(F.linear(x[start:end], weights[g], None if biases is None else biases[g]))
         start = end
-    if not pieces:  # no group has a row: still in the graph, every gradient exactly zero
-        return _empty_groups(x, w, b)
-    if start < x.shape[0]:  # rows past the last offset
-        pieces.append(x.new_zeros(x.shape[0] - start, w.shape[1]))
+    if not pieces:
+        return None
+    if start < x.shape[0]:
+        pieces.append(x.new_zeros(x.shape[0] - start, out))
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
@@ -291,11 +292,12 @@ def gather_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
     # CPU BLAS's batched matrix-vector product; except that a weight gradient of the contiguous
     # layout is then a transposed view, which the gather's backward index-adds 1.4-3.7x slower in
     # bfloat16: there the matrix times the column vector (see _stored_in_out for the timings).
-    if not _stored_in_out(w) and torch.is_grad_enabled() and w.requires_grad:
+    stored_in_out = _stored_in_out(w)
+    if not stored_in_out and torch.is_grad_enabled() and w.requires_grad:
         wg, xc = w.index_select(0, g), x.unsqueeze(2)  # [T, out, in], [T, in, 1]
         y = (torch.bmm(wg, xc) if bg is None else torch.baddbmm(bg.unsqueeze(2), wg, xc)).squeeze(2)
     else:
-        wg = w.transpose(1, 2).index_select(0, g) if _stored_in_out(w) else w.index_select(0, g).transpose(1, 2)
+        wg = w.transpose(1, 2).index_select(0, g) if stored_in_out else w.index_select(0, g).transpose(1, 2)
         xr = x.unsqueeze(1)  # [T, 1, in] @ [T, in, out]
         y = (torch.bmm(xr, wg) if bg is None else torch.baddbmm(bg.unsqueeze(1), xr, wg)).squeeze(1)
     return y.masked_fill((gid == groups).unsqueeze(1), 0)  # rows past the last offset
