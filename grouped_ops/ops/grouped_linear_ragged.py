@@ -81,8 +81,9 @@ def offsets_from(input: Any, weight: Any, bias: Any, offsets: Any, group_sizes: 
     sum, in its own dtype and on its own device (a sequence becomes an int64 host tensor).
 
     Raises:
-        GroupedOpsError: both given, or group_sizes that are not integers or negative
-            (checked where they are on the host); naming the op, the argument and the shapes.
+        GroupedOpsError: both given, offsets that are not a tensor, or group_sizes that are not
+            integers, not one per group, or (checked where they are on the host) negative or
+            adding up to more rows than the input has; naming the op, the argument and the shapes.
     """
     if group_sizes is None:  # (the common call: offsets given; the op checks them)
         if offsets is not None and not isinstance(offsets, Tensor):
