@@ -212,3 +212,29 @@ def test_the_lean_key_holds_everything_the_memo_key_holds(layer):
     assert lean_key[11:14] == memo_key[3] and lean_key[14:-2] == memo_key[4] and lean_key[-2] == memo_key[0]
     assert lean_key[-1] is None  # what the ragged op's meta describes beyond: its offsets (test_ragged_lean.py)
     assert os.environ.get("GROUPED_OPS_IMPL") is None
+
+
+def test_a_dead_torch_func_wrapper_on_the_lean_road_gives_the_values_and_gradients(layer):
+    # the lean road applies bmm's training Function without Function.apply's unwrapping of tensors
+    # left over from a finished torch.func transform (ops/_common.direct_apply): its ops unwrap them
+    kept = []
+
+    def keep(t):
+        kept.append(t)
+        return t.sum()
+
+    x = _x()
+    torch.func.grad(keep)(x.clone())
+    dead = kept[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    with dispatch.use_timer(FakeTimer({"bmm": 1e-6})):
+        _warm(layer, x.clone().requires_grad_())
+        before = len(_LEAN)
+        y = layer(dead)
+    assert len(_LEAN) == before and y.grad_fn.name().startswith("_BmmLinear")
+    torch.testing.assert_close(y, _ref(layer, x).float())
+    y.pow(2).sum().backward()
+    w, b = layer.weight.detach().double().requires_grad_(), layer.bias.detach().double().requires_grad_()
+    (torch.einsum("...ni,noi->...no", x.double(), w) + b).pow(2).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w.grad.float())
+    torch.testing.assert_close(layer.bias.grad, b.grad.float())

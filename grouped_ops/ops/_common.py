@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -117,6 +118,16 @@ def apply_function(function: type[torch.autograd.Function], *args: Any) -> Any:
     if _BASE_APPLY is None or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return function.apply(*args)
     return _BASE_APPLY.__get__(None, function)(*_unwrap_dead_wrappers(args))
+
+
+def direct_apply(function: type[torch.autograd.Function]) -> Callable[..., Any]:
+    """``function.apply`` with nothing checked or bound: the autograd base's own ``apply``, bound
+    to ``function``, for a prepared function on the dispatcher's lean road (``dispatch.lean_key``),
+    whose key already says plain eager (no torch.func transform, forward AD, tracing or compiling).
+    A tensor left over from a finished torch.func transform (a dead wrapper), which
+    :func:`apply_function` unwraps first, needs nothing here: the Function's ops unwrap it (a test
+    checks result and gradients)."""
+    return function.apply if _BASE_APPLY is None else _BASE_APPLY.__get__(None, function)
 
 
 def _no_unwrap(args: tuple[Any, ...]) -> tuple[Any, ...]:
