@@ -127,6 +127,32 @@ def test_rows_past_the_last_offset_are_zero_with_zero_gradient_never_uninitialis
     torch.testing.assert_close(y.detach().double(), expected(x, w, b, offsets), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gradient", ["stride-0", "contiguous", "column-major"])
+def test_grouped_mm_takes_any_incoming_gradient(gradient):
+    # torch's grouped_mm backward refuses a gradient it cannot take as an operand (.sum()'s stride-0
+    # one): the node's pre-hook copies those, and lets the common contiguous one through unchecked.
+    # Every row in a group: the path where torch's own backward runs; decided calls (the lean road)
+    # and first calls both.
+    out = 8
+    for _ in range(2):
+        x, w, b, offsets = args(sizes=(2, 0, 3), inn=16, out=out, grad=True)
+        y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl="grouped_mm")
+        r = torch.randn(out, 5, generator=torch.Generator().manual_seed(3)).t()  # [5, out], column-major
+        loss = y.sum() if gradient == "stride-0" else (y * (r.contiguous() if gradient == "contiguous" else r)).sum()
+        loss.backward()
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        weight = torch.ones(5, out, dtype=torch.float64) if gradient == "stride-0" else r.double()
+        (expected_linear(x64, w64, b64, offsets) * weight).sum().backward()
+        for got, want in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def expected_linear(x, w, b, offsets):
+    """:func:`expected` as differentiable float64 ops, for the gradients."""
+    ids = torch.repeat_interleave(torch.arange(len(offsets)), torch.diff(offsets, prepend=offsets.new_zeros(1)))
+    return torch.einsum("ti,toi->to", x, w[ids]) + b[ids]
+
+
 class _filling:
     """Deterministic mode with fill_uninitialized_memory: torch.empty gives NaN (floats), so an
     implementation that leaves rows unwritten shows NaN there instead of a zero."""

@@ -53,7 +53,7 @@ def why_below(c: Any) -> str:
         if same and auto - c.time(peer) < 60e-6:
             return (f"auto ran the same kernels as {peer} ({pick}); the difference, {c.time(peer) * 1e6:.0f} vs "
                     f"{auto * 1e6:.0f} us, is our per-call cost (the lean road's key, the offsets' read and check; "
-                    "about 7 us a forward call at T=16, and the gradient pre-hook's ~10 us in training)")
+                    "about 7 us a forward call at T=16, and the gradient pre-hook's ~3 us in training)")
         if same:
             return (f"auto ran the same kernels as {peer} ({pick}) but took {auto / c.time(peer):.2f}x: more than "
                     "our per-call cost; " + ("in a training step our backward's own Python, or the weight "

@@ -53,7 +53,12 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
 
 
 def _operand_gradients(grads: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
-    # None keeps the gradients as they are (the common case: one torch takes as an operand)
+    # None keeps the gradients as they are (the common case: one torch takes as an operand). A
+    # contiguous CPU [T, out] gradient with 16-byte rows is one (_mat_ok's rule): said first, as
+    # the full check cost ~6 us a training step (T=16, E=8, 64->64: 134 -> 128 us, F.grouped_mm 98)
+    g = grads[0]
+    if len(grads) == 1 and g is not None and g.is_cpu and g.is_contiguous() and g.shape[-1] * g.element_size() % 16 == 0:
+        return None
     fitted = tuple(g if g is None else _fit(g) for g in grads)
     return None if all(f is g for f, g in zip(fitted, grads, strict=True)) else fitted
 
