@@ -147,6 +147,23 @@ def test_grouped_mm_takes_any_incoming_gradient(gradient):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sizes", [(0, 5, 0), (4,), (0, 0, 3)])
+def test_loop_with_every_row_in_one_group_records_autograds_own_linear(sizes):
+    # a top-1 MoE's decode step: the loop is one F.linear there, with no Function of ours (its
+    # Python was most of such a step); the other groups' gradients are still exactly zero
+    for _ in range(2):  # the first call, then the decided one (the prepared function)
+        x, w, b, offsets = args(sizes=sizes, grad=True)
+        y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl="loop")
+        assert "LoopLinear" not in type(y.grad_fn).__name__
+        y.square().sum().backward()
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        expected_linear(x64, w64, b64, offsets).square().sum().backward()
+        for got, want in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        full = sizes.index(max(sizes))
+        assert all(not w.grad[g].any() and not b.grad[g].any() for g in range(len(sizes)) if g != full)
+
+
 def expected_linear(x, w, b, offsets):
     """:func:`expected` as differentiable float64 ops, for the gradients."""
     ids = torch.repeat_interleave(torch.arange(len(offsets)), torch.diff(offsets, prepend=offsets.new_zeros(1)))

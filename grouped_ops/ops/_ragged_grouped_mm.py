@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._common import apply_function, plain_eager
+from ._common import apply_function, direct_apply, plain_eager
 from ._ragged_impls import (
     _checked,
     _composable_loop,
@@ -163,6 +163,7 @@ def prepare_grouped_mm(m: tuple[Any, ...], implementation: Any) -> Any:
             _mat_ok(torch.empty_strided(w_shape, w_stride, dtype=dtype, device="meta").transpose(1, 2))):
         return None
     rows, recording, cast = x_shape[0], bool(grad) and any(grad), o_dtype != torch.int32
+    function = direct_apply(_RaggedGroupedMM)
     # the bias's row index, kept with the memo entry (read only; not kept for huge T)
     row_index = torch.arange(rows, dtype=torch.int32) if b_meta is not None and rows <= ROW_INDEX_LIMIT else None
 
@@ -171,7 +172,7 @@ def prepare_grouped_mm(m: tuple[Any, ...], implementation: Any) -> Any:
         check_values(x, w, b, offsets, values)
         offs = offsets.to(torch.int32) if cast else offsets
         if recording and values[-1] != rows:  # rows past the last offset: see _native_backward_will_do
-            return apply_function(_RaggedGroupedMM, x, w, b, offs, values)
+            return function(x, w, b, offs, values)
         y = _gmm_product(x, w.transpose(1, 2), b, offs, values, row_index)
         if recording:
             y.grad_fn.register_prehook(_operand_gradients)
