@@ -273,3 +273,28 @@ def test_explain_shows_every_candidates_workspace():
     for name in ("bmm", "einsum", "loop", "masked_dense"):
         row = next(line for line in table.splitlines() if f" {name} " in line)
         assert "workspace" in row, row
+
+
+def test_the_tuning_timer_releases_heap_pages_only_where_its_samples_grew_the_free_heap(monkeypatch):
+    # Released pages still count as free in mallinfo2: a process that holds more than the floor
+    # free before tuning (one that freed a few large tensors) must not release after every sample,
+    # or every sample faults its buffers in again (gather_bmm timed 5x slow, grouped_mm picked).
+    from grouped_ops.tuning import memory as tuning_memory
+
+    if tuning_memory._malloc_trim() is None or tuning_memory._heap_free() is None:
+        pytest.skip("needs glibc's malloc_trim and mallinfo2")
+    free = [100 << 20]
+    released = []
+    monkeypatch.setattr(tuning_memory, "_heap_free", lambda: free[0])
+    monkeypatch.setattr(tuning_memory, "release_freed", lambda device: released.append(free[0]))
+    timed = tuning_memory.guarded(lambda name, fn, number: 1e-3, torch.device("cpu"))
+    for _ in range(5):
+        timed("a", None, 1)
+    assert released == []  # free as before the tuning: nothing of ours to hand back
+    free[0] += tuning_memory.FLOOR_BYTES + 1  # a sample left its buffers free on top
+    timed("b", None, 1)
+    timed("b", None, 1)
+    assert released == [free[0]]  # once: the second sample's free heap is the same
+    free[0] += tuning_memory.FLOOR_BYTES + 1
+    timed("c", None, 1)
+    assert len(released) == 2
