@@ -1,7 +1,8 @@
 """bmm's training path for nn.Linear's weight layout, as one autograd Function (see
-:class:`_BmmLinear` and :func:`takes_bmm_linear`; :class:`_BmmLinear3d` on the prepared road), the gemms writing the group-major result
-``[..., n, out]`` (:func:`written`; grouped_mm's product re-labelled as it: :func:`own_group_major`),
-and bmm prepared for one call description (:func:`prepare_bmm`)."""
+:class:`_BmmLinear` and :func:`takes_bmm_linear`; :class:`_BmmLinear3d` on the prepared road), the
+gemms writing the group-major result ``[..., n, out]`` (:func:`written`; grouped_mm's product
+re-labelled as it: :func:`own_group_major`), and bmm prepared for one call description
+(:func:`prepare_bmm`)."""
 
 from __future__ import annotations
 
