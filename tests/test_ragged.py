@@ -133,15 +133,14 @@ def test_grouped_mm_takes_any_incoming_gradient(gradient):
     # one): the node's pre-hook copies those, and lets the common contiguous one through unchecked.
     # Every row in a group: the path where torch's own backward runs; decided calls (the lean road)
     # and first calls both.
-    out = 8
     for _ in range(2):
-        x, w, b, offsets = args(sizes=(2, 0, 3), inn=16, out=out, grad=True)
+        x, w, b, offsets = args(sizes=(2, 0, 3), inn=16, out=8, grad=True)
         y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl="grouped_mm")
-        r = torch.randn(out, 5, generator=torch.Generator().manual_seed(3)).t()  # [5, out], column-major
+        r = torch.randn(8, 5, generator=torch.Generator().manual_seed(3)).t()  # [5, 8], column-major
         loss = y.sum() if gradient == "stride-0" else (y * (r.contiguous() if gradient == "contiguous" else r)).sum()
         loss.backward()
         x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-        weight = torch.ones(5, out, dtype=torch.float64) if gradient == "stride-0" else r.double()
+        weight = torch.ones(5, 8, dtype=torch.float64) if gradient == "stride-0" else r.double()
         (expected_linear(x64, w64, b64, offsets) * weight).sum().backward()
         for got, want in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

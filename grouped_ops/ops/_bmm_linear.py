@@ -154,7 +154,6 @@ class _BmmLinear(torch.autograd.Function):
         # 32 groups of 64->64); setup_context is only needed for torch.func, which never gets here.
         lead, rows, n, out, inn = _split(x, w)
         ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
         xt, wt = (x if len(lead) == 1 else x.reshape(rows, n, inn)).transpose(0, 1), w.transpose(1, 2)
         if torch.compiler.is_compiling():  # no out= in a graph: inductor fuses the add
             y = torch.bmm(xt, wt) if b is None else torch.bmm(xt, wt) + b.unsqueeze(1)
@@ -164,21 +163,11 @@ class _BmmLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w = ctx.saved_tensors
-        lead, rows, n, out, inn = _split(x, w)
-        flat = len(lead) == 1  # [rows, n, *] already: skip the reshapes (~1 us each)
-        g = grad if flat else grad.reshape(rows, n, out)
-        gt = g.transpose(0, 1)  # [n, rows, out]
-        need_x, need_w, need_b = ctx.needs_input_grad
-        gx = gw = gb = None
-        if need_x:
-            gx = torch.bmm(gt, w).transpose(0, 1)
-            gx = gx if flat else gx.reshape(x.shape)
-        if need_w:
-            xt = (x if flat else x.reshape(rows, n, inn)).transpose(0, 1)  # [n, rows, in]
-            gw = torch.bmm(gt.transpose(1, 2), xt)  # [n, out, in], the weight's layout
-        if ctx.has_bias and need_b:
-            gb = g.sum(0)
-        return gx, gw, gb
+        if x.dim() == 3:  # [rows, n, *] already: no reshapes (~1 us each)
+            return _grads(grad, x, w, ctx.needs_input_grad)
+        _, rows, n, out, inn = _split(x, w)
+        gx, gw, gb = _grads(grad.reshape(rows, n, out), x.reshape(rows, n, inn), w, ctx.needs_input_grad)
+        return None if gx is None else gx.reshape(x.shape), gw, gb
 
 
 class _BmmLinear3d(torch.autograd.Function):
@@ -203,11 +192,18 @@ class _BmmLinear3d(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w = ctx.saved_tensors
-        gt = grad.transpose(0, 1)  # [n, rows, out]
-        need_x, need_w, need_b = ctx.needs_input_grad  # need_b is False without a bias
-        return (torch.bmm(gt, w).transpose(0, 1) if need_x else None,
-                torch.bmm(gt.transpose(1, 2), x.transpose(0, 1)) if need_w else None,  # [n, out, in]
-                grad.sum(0) if need_b else None)
+        return _grads(grad, x, w, ctx.needs_input_grad)
+
+
+def _grads(grad: Tensor, x: Tensor, w: Tensor, needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """The gradients of both Functions for ``grad [rows, n, out]`` and ``x [rows, n, in]``, made of
+    differentiable ops (a second derivative works); the weight's as ``grad^T @ x``, ``[n, out, in]``,
+    its own layout. ``needs``: ``ctx.needs_input_grad`` (the bias's is False where there is none)."""
+    need_x, need_w, need_b = needs
+    gt = grad.transpose(0, 1)  # [n, rows, out]
+    return (torch.bmm(gt, w).transpose(0, 1) if need_x else None,
+            torch.bmm(gt.transpose(1, 2), x.transpose(0, 1)) if need_w else None,
+            grad.sum(0) if need_b else None)
 
 
 def _split(x: Tensor, w: Tensor) -> tuple[tuple[int, ...], int, int, int, int]:
