@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..registry import group_major, group_major_strides
+from . import _huge_pages
 from ._common import apply_function as _apply
 from ._common import direct_apply, plain_tensors, traced_plainly
 
@@ -198,12 +199,18 @@ class _BmmLinear3d(torch.autograd.Function):
 def _grads(grad: Tensor, x: Tensor, w: Tensor, needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
     """The gradients of both Functions for ``grad [rows, n, out]`` and ``x [rows, n, in]``, made of
     differentiable ops (a second derivative works); the weight's as ``grad^T @ x``, ``[n, out, in]``,
-    its own layout. ``needs``: ``ctx.needs_input_grad`` (the bias's is False where there is none)."""
+    its own layout, in huge pages where it is a fresh mapping (:mod:`._huge_pages`; ``out=`` only
+    where no second derivative is recorded). ``needs``: ``ctx.needs_input_grad`` (the bias's is
+    False where there is none)."""
     need_x, need_w, need_b = needs
     gt = grad.transpose(0, 1)  # [n, rows, out]
-    return (torch.bmm(gt, w).transpose(0, 1) if need_x else None,
-            torch.bmm(gt.transpose(1, 2), x.transpose(0, 1)) if need_w else None,
-            grad.sum(0) if need_b else None)
+    gw = None
+    if need_w:
+        if _huge_pages.fresh_mapping(w) and not torch.is_grad_enabled():
+            gw = torch.bmm(gt.transpose(1, 2), x.transpose(0, 1), out=_huge_pages.empty(w.shape, w))
+        else:
+            gw = torch.bmm(gt.transpose(1, 2), x.transpose(0, 1))
+    return (torch.bmm(gt, w).transpose(0, 1) if need_x else None, gw, grad.sum(0) if need_b else None)
 
 
 def _split(x: Tensor, w: Tensor) -> tuple[tuple[int, ...], int, int, int, int]:

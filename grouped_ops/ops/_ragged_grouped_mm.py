@@ -9,12 +9,14 @@ from typing import Any
 
 import torch
 
+from . import _huge_pages
 from ._common import apply_function, direct_apply, plain_eager
 from ._ragged_impls import (
     _checked,
     _composable_loop,
     _empty_groups,
     _group_ids,
+    _loop_weight_grads,
     _on,
     _recording,
     _sizes,
@@ -43,7 +45,7 @@ def grouped_mm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
     offs = _on(offsets, x, torch.int32)
     if not _recording(x, w, b):
         return _gmm_forward(x, w, b, offs, values)
-    if not _native_backward_will_do(x, values):
+    if not _native_backward_will_do(x, w, values):
         return apply_function(_RaggedGroupedMM, x, w, b, offs, values)
     y = _gmm_forward(x, w, b, offs, values)
     # torch's backward refuses a gradient it cannot take as an operand (.sum()'s stride-0 one); a
@@ -63,13 +65,15 @@ def _operand_gradients(grads: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
     return None if all(f is g for f, g in zip(fitted, grads, strict=True)) else fitted
 
 
-def _native_backward_will_do(x: Tensor, values: list[int] | None) -> bool:
+def _native_backward_will_do(x: Tensor, w: Tensor, values: list[int] | None) -> bool:
     """Whether torch's own autograd of grouped_mm gives this call's gradients: on the CPU (one GEMM
     per group, so an empty group's weight gradient is exactly zero) with every row in a group (no
     rows past the last offset to zero). Then the forward's ops are recorded as they are, without
     _RaggedGroupedMM's Python (measured: a training step at T=16, E=8, 64->64, 143 -> 126 us; the
-    bare F.grouped_mm 96 us)."""
-    return x.device.type == "cpu" and values is not None and values[-1] == x.shape[0]
+    bare F.grouped_mm 96 us). Not for a weight whose gradient is a fresh mapping, which
+    _RaggedGroupedMM's backward writes into huge pages (:mod:`._huge_pages`)."""
+    return (x.device.type == "cpu" and values is not None and values[-1] == x.shape[0]
+            and not _huge_pages.fresh_mapping(w))
 
 
 def _gmm_forward(x: Tensor, w: Tensor, b: Tensor | None, offs: Tensor, values: list[int] | None) -> Tensor:
@@ -125,7 +129,10 @@ class _RaggedGroupedMM(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = _tail_zeroed(mm(gy, _fit(w), offs=offs), offs, values, None) if need_x else None
         gw = gb = None
-        if need_w:
+        if need_w and values is not None and _huge_pages.fresh_mapping(w):
+            # torch's CPU grouped_mm is these GEMMs (one per group), here written into huge pages
+            gw = _loop_weight_grads(gy, x, w, values, True, False)[0]
+        elif need_w:
             if w.stride(1) == 1 and w.stride(2) != 1 and _mat_ok(x.t()):
                 # stored [E, in, out]: its gradient in that layout (x.t() is an operand torch takes
                 # as it is, which a copy would not make of a one-row x)
@@ -171,7 +178,7 @@ def prepare_grouped_mm(m: tuple[Any, ...], implementation: Any) -> Any:
         values = offsets.tolist()
         check_values(x, w, b, offsets, values)
         offs = offsets.to(torch.int32) if cast else offsets
-        if recording and values[-1] != rows:  # rows past the last offset: see _native_backward_will_do
+        if recording and (values[-1] != rows or _huge_pages.fresh_mapping(w)):  # see _native_backward_will_do
             return function(x, w, b, offs, values)
         y = _gmm_product(x, w.transpose(1, 2), b, offs, values, row_index)
         if recording:

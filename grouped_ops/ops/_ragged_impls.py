@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import _huge_pages
 from ._common import apply_function, direct_apply, fail, plain_eager, plain_tensors
 
 OP = "grouped_linear_ragged"
@@ -90,10 +91,11 @@ def _on(offsets: Tensor, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 def _like_weight(w: Tensor) -> Tensor:
     """An empty tensor shaped and strided as ``w`` where ``w`` is dense (its contiguous or
-    transposed storage), else contiguous: AccumulateGrad then keeps a gradient written there."""
-    if w.is_contiguous() or w.transpose(1, 2).is_contiguous():
-        return torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device)
-    return w.new_empty(w.shape)
+    transposed storage), else contiguous: AccumulateGrad then keeps a gradient written there. Huge
+    pages where it is a fresh mapping (:mod:`._huge_pages`)."""
+    dense = w.is_contiguous() or w.transpose(1, 2).is_contiguous()
+    stride = w.stride() if dense else (w.shape[1] * w.shape[2], w.shape[2], 1)
+    return _huge_pages.empty_strided(w.shape, stride, w.dtype, w.device)
 
 
 # ---- loop ------------------------------------------------------------------------------------------
