@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import grouped_ops
 from grouped_ops import GroupedLinear, GroupedOpsError, dispatch
 from grouped_ops.ops import SPECS
+from grouped_ops.ops import _ragged_impls as impls
 from grouped_ops.ops import grouped_linear_ragged as ragged
 
 OP = ragged.OP
@@ -161,6 +162,36 @@ def test_loop_with_every_row_in_one_group_records_autograds_own_linear(sizes):
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         full = sizes.index(max(sizes))
         assert all(not w.grad[g].any() and not b.grad[g].any() for g in range(len(sizes)) if g != full)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("written", [False, True])  # concatenated pieces, or written into the result (out=)
+@pytest.mark.parametrize("context", ["eager", "torch.func"])
+def test_the_loops_column_form_gives_the_definition_and_its_gradients(monkeypatch, bias, written, context):
+    # float32 groups of 2-8 rows of an [out, in] row-major weight run as (w @ x^T)^T; groups of 1, 9
+    # and 12 rows beside them as F.linear, rows past the last offset zero
+    if written:
+        monkeypatch.setattr(impls, "CAT_LIMIT", 0)
+    sizes = (2, 1, 3, 0, 4, 8, 9, 12, 5)
+    x, w, b, offsets = args(sizes=sizes, rows=sum(sizes) + 2, inn=256, out=128, bias=bias, grad=True)
+    assert [impls._column_form(x[:n], w[0]) for n in (1, 2, 3, 4, 8, 9)] == [False, True, True, True, True, False]
+    r = torch.randn(x.shape[0], 128, generator=torch.Generator().manual_seed(3))
+    x64, w64, b64 = (None if t is None else t.detach().double().requires_grad_() for t in (x, w, b))
+    want = expected_linear(x64[:sum(sizes)], w64, b64 if bias else torch.zeros(len(sizes), 128, dtype=torch.float64), offsets)
+    want = torch.cat([want, want.new_zeros(2, 128)])
+    want_grads = torch.autograd.grad((want * r.double()).sum(), [t for t in (x64, w64, b64) if t is not None])
+    if context == "eager":
+        for _ in range(2):  # the first call, then the decided one (the prepared function)
+            y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl="loop")
+            assert y.is_contiguous() and y._base is None
+            torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+            grads = torch.autograd.grad((y * r).sum(), [t for t in (x, w, b) if t is not None])
+    else:
+        def loss(x, w, b):
+            return (grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl="loop") * r).sum()
+        grads = torch.func.grad(loss, argnums=(0, 1, 2) if bias else (0, 1))(x, w, b)
+    for got, expect in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got.double(), expect, rtol=1e-4, atol=1e-4)
 
 
 def expected_linear(x, w, b, offsets):
