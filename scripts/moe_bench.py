@@ -14,9 +14,7 @@ GROUPED_OPS_CACHE_DIR is set), then rounds in which each backend runs
 once in turn (interleaved, so a load change hits all alike); the median per backend. The clock is
 the thread's CPU time (``time.thread_time``): on a shared machine the wall clock mostly measures
 the scheduler (other jobs preempt this one), while one thread's CPU time does not count the time it
-waits; the wall-clock medians are kept beside it in the JSON. Each cell runs in a process of its own
-(``--no-isolate``: all in this one), as a training job repeats one workload: in one long process
-the earlier cells' allocations left glibc's heap so that a cell ran up to 3x slower than alone.
+waits; the wall-clock medians are kept beside it in the JSON.
 
 The floor is docs/benchmarks/cpu.md's: max(bytes / copy bandwidth, FLOPs / matmul rate), both
 measured at the start of the run. FLOPs = 2 * T*k * (H*I*(2 if gated) + I*H) forward, 3x that for a
@@ -32,7 +30,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -167,9 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown")
     ap.add_argument("--plot")
     ap.add_argument("--pyg", help="instead: time the PyG HeteroLinear re-route, write this markdown file")
-    ap.add_argument("--no-isolate", dest="isolate", action="store_false",
-                    help="time every cell in this process (default: each cell in a process of its own)")
-    ap.add_argument("--cell", nargs=4, metavar=("BLOCK", "DTYPE", "T", "PASS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     # tuning starts from an empty cache, as on a user's first run, and leaves the user's own alone
@@ -177,10 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.pyg:
         return _pyg(args)
     gt.register()
-    if args.cell:
-        bname, dtype, t, pass_ = args.cell
-        print(json.dumps(_measure(bname, getattr(torch, dtype), int(t), pass_, args.rounds, args.min_sample_ms / 1e3)))
-        return 0
     blocks = _blocks()
     names = args.blocks or list(blocks)
     dtypes = [getattr(torch, d) for d in args.dtypes]
@@ -194,19 +184,35 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     cells = []
     for bname in names:
+        make, k = blocks[bname]
         for dtype in dtypes:
+            torch.manual_seed(0)
+            block = make().to(dtype)
+            with torch.no_grad():
+                for p in block.parameters():
+                    p.normal_(0, 0.02)
             for t in args.tokens:
+                x, idx, w = _cell_inputs(block, k, t, dtype, seed=t)
                 for pass_ in args.passes:
-                    measured = (_isolated(bname, dtype, t, pass_, args) if args.isolate else
-                                _measure(bname, dtype, t, pass_, args.rounds, args.min_sample_ms / 1e3))
-                    times, flops, nbytes = measured["times_s"], measured["flops"], measured["bytes"]
+                    train = pass_ == "train"
+                    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+                    fns, skipped = {}, {}
+                    for name in BACKENDS:
+                        gathered = t * k * sum(p[0].numel() for p in block.parameters()) * dtype.itemsize
+                        if name == "batched_mm" and gathered * (2 if train else 1) > GATHER_CAP:
+                            skipped[name] = f"gathers {gathered / 2**30:.1f} GiB of weights"
+                            continue
+                        step = _step(block, name, x, idx, w, train, grad)
+                        fns[name] = _no_grad(step) if not train else step
+                    times, walls = _time(fns, args.rounds, args.min_sample_ms / 1e3)
+                    flops, nbytes = _work(block, idx, dtype, train)
                     t_mem, t_flop = nbytes / bandwidth, flops / rates[dtype]
                     floor = max(t_mem, t_flop)
                     best_builtin = min((n for n in BUILTIN if n in times), key=times.__getitem__)
                     cell = {"block": bname, "dtype": str(dtype).removeprefix("torch."), "tokens": t, "pass": pass_,
-                            **measured, "fastest_builtin": best_builtin,
+                            "times_s": times, "wall_s": walls, "skipped": skipped, "fastest_builtin": best_builtin,
                             "speedup": times[best_builtin] / times["grouped_ops"],
-                            "floor_s": floor, "bound": "compute" if t_flop >= t_mem else "memory",
+                            "flops": flops, "bytes": nbytes, "floor_s": floor, "bound": "compute" if t_flop >= t_mem else "memory",
                             "floor_share": floor / times["grouped_ops"], "loadavg": os.getloadavg()[0]}
                     cells.append(cell)
                     print(f"{bname:15} {cell['dtype']:8} T={t:<5} {pass_:7} " +
@@ -227,40 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         _plot(cells, args.plot)
     return 0
-
-
-def _measure(bname: str, dtype: torch.dtype, t: int, pass_: str, rounds: int, min_s: float) -> dict:
-    """One cell: every backend's median CPU and wall time per call, the skipped ones, the work."""
-    make, k = _blocks()[bname]
-    torch.manual_seed(0)
-    block = make().to(dtype)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.02)
-    x, idx, w = _cell_inputs(block, k, t, dtype, seed=t)
-    train = pass_ == "train"
-    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    fns, skipped = {}, {}
-    for name in BACKENDS:
-        gathered = t * k * sum(p[0].numel() for p in block.parameters()) * dtype.itemsize
-        if name == "batched_mm" and gathered * (2 if train else 1) > GATHER_CAP:
-            skipped[name] = f"gathers {gathered / 2**30:.1f} GiB of weights"
-            continue
-        step = _step(block, name, x, idx, w, train, grad)
-        fns[name] = _no_grad(step) if not train else step
-    times, walls = _time(fns, rounds, min_s)
-    flops, nbytes = _work(block, idx, dtype, train)
-    return {"times_s": times, "wall_s": walls, "skipped": skipped, "flops": flops, "bytes": nbytes}
-
-
-def _isolated(bname: str, dtype: torch.dtype, t: int, pass_: str, args) -> dict:
-    """:func:`_measure` in a process of its own (``--cell``): a long run's earlier cells leave glibc's
-    heap in states (its mmap threshold, what it trimmed) that made one cell's calls 3x slower than in a
-    process that ran only that cell's workload, and by chance more for one backend than another."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--cell", bname, str(dtype).removeprefix("torch."), str(t),
-           pass_, "--rounds", str(args.rounds), "--min-sample-ms", str(args.min_sample_ms)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def _pyg(args) -> int:
