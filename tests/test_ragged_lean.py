@@ -1,5 +1,5 @@
 """The ragged op's short road: the lean key of ``functional.ragged_grouped_linear`` and the
-functions ``grouped_mm`` and ``loop`` prepare for one call description (``Implementation.prepare``).
+functions ``grouped_mm``, ``loop`` and ``gather_bmm`` prepare for one call description (``Implementation.prepare``).
 They must compute what the implementations compute, check the offsets' values on every call, and be
 guarded by everything the memo's key covers."""
 
@@ -95,6 +95,10 @@ def test_prepared_only_where_its_shortcuts_hold():
     assert impls.prepare_loop(SPEC.meta(*_args((), rows=3)), None) is None
     meta_args = [t.to("meta") if t is not None else None for t in (x, w, b)]
     assert impls.prepare_loop(SPEC.meta(*meta_args, offsets), None) is None
+    assert impls.prepare_gather_bmm(SPEC.meta(x, w, b, offsets), None) is not None
+    for no_rows in (_args((0, 0)), _args((), rows=3)):
+        assert impls.prepare_gather_bmm(SPEC.meta(*no_rows), None) is None
+    assert impls.prepare_gather_bmm(SPEC.meta(*meta_args, offsets), None) is None
 
 
 def test_the_lean_key_holds_everything_the_memo_key_holds():

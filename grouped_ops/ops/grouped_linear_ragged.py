@@ -65,12 +65,13 @@ REGISTRY = Registry(OP, [
                    check=_grouped_mm_reasons, prepare=gmm.prepare_grouped_mm),
     Implementation("padded_bmm", impls.padded_bmm, syncs=_syncs),
     Implementation("loop", impls.loop, syncs=_syncs, prepare=impls.prepare_loop),
-    Implementation("gather_bmm", impls.gather_bmm, extra_memory=impls.gather_bytes, check=impls.gather_reasons),
+    Implementation("gather_bmm", impls.gather_bmm, extra_memory=impls.gather_bytes, check=impls.gather_reasons,
+                   prepare=impls.prepare_gather_bmm),
     Implementation("dense_select", impls.dense_select, check=_few_groups, work_factor=lambda sig: float(sig.dim("n")),
                    extra_memory=lambda sig: sig.dim("batch") * sig.dim("n") * sig.dim("out") * sig.dtype.itemsize),
 ], version=4)  # v2: prepared grouped_mm and loop, the loop concatenating small results, gather_bmm a
 # candidate up to 1M T*out*in elements in bfloat16/float16; v3: gather_bmm gathers [E, in, out] storage as stored;
-# v4: the loop computes a float32 group of 2-8 rows as w @ x^T (_ragged_impls._column_form)
+# v4: the loop computes a float32 group of 2-8 rows as w @ x^T (_ragged_impls._column_form), gather_bmm prepared
 
 
 # ---- the public call's offsets ---------------------------------------------------------------------
