@@ -171,3 +171,47 @@ def test_cuda_autocast_gives_the_autocast_dtype_for_every_implementation(op, imp
         except grouped_ops.GroupedOpsError:
             pytest.skip(f"{impl} does not run this signature here")
     _check(out, shape, dtype, f"{op}/{impl}")
+
+
+LINEAR_CASES = [(op, impl) for op in ("grouped_linear", "grouped_linear_ragged") for impl in SPECS[op].registry]
+
+
+@pytest.mark.parametrize("storage", ["out_in", "in_out"])
+@pytest.mark.parametrize(("op", "impl"), LINEAR_CASES)
+def test_gradients_are_tensors_of_their_own_and_accumulate(op, impl, storage):
+    # One row per group, so a bias has the product's own shape: autograd would hand the incoming
+    # gradient itself back as the bias's (found: bmm's and bmm_weight_left's b.grad were views of it,
+    # two layers fed by one gradient shared one .grad buffer, and three backward passes gave 2x)
+    g = torch.Generator().manual_seed(0)
+    groups, inn, out = 4, 16, 8
+
+    def weight():
+        w = torch.randn(groups, inn, out, generator=g).transpose(1, 2) if storage == "in_out" else \
+            torch.randn(groups, out, inn, generator=g)
+        return w.requires_grad_()
+    w1, w2 = weight(), weight()
+    b1, b2 = (torch.randn(groups, out, generator=g, requires_grad=True) for _ in range(2))
+    if op == "grouped_linear":
+        x = torch.randn(1, groups, inn, generator=g)
+        kwargs = {}
+
+        def reference(x, w, b):
+            return torch.einsum("bni,noi->bno", x, w) + b
+    else:
+        x = torch.randn(groups, inn, generator=g)  # row t in group t
+        kwargs = {"offsets": torch.arange(1, groups + 1)}
+
+        def reference(x, w, b):
+            return torch.einsum("ti,toi->to", x, w) + b
+    upstream = torch.randn(reference(x, w1, b1).shape, generator=g)
+    results = []
+    for f in (lambda x, w, b: grouped_linear(x, w, b, impl=impl, **kwargs), reference):
+        for t in (w1, w2, b1, b2):
+            t.grad = None
+        for _ in range(3):
+            (f(x, w1, b1) + f(x, w2, b2)).backward(upstream)
+        storages = {t.grad.untyped_storage().data_ptr() for t in (w1, w2, b1, b2)}
+        assert len(storages) == 4 and upstream.untyped_storage().data_ptr() not in storages
+        results.append([t.grad.clone() for t in (w1, w2, b1, b2)])
+    for mine, want in zip(*results, strict=True):
+        torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)

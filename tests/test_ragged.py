@@ -194,6 +194,29 @@ def test_the_loops_column_form_gives_the_definition_and_its_gradients(monkeypatc
         torch.testing.assert_close(got.double(), expect, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fresh_mapping", [False, True])  # True: the weight's gradient counted as >= 32 MiB
+@pytest.mark.parametrize("rows", [9, 11])  # 11: two rows past the last offset
+def test_grouped_mm_gives_second_derivatives(monkeypatch, fresh_mapping, rows):
+    # its own Function runs where rows lie past the last offset or the weight's gradient goes into
+    # huge pages; its backward gives the loop's differentiable gradients under create_graph (it was
+    # once-differentiable: "trying to differentiate twice", found by trying a >= 32 MiB weight)
+    from grouped_ops.ops import _huge_pages
+    if fresh_mapping:
+        monkeypatch.setattr(_huge_pages, "FRESH_MAPPING_BYTES", 1)
+    sizes = (2, 3, 0, 4)
+    for _ in range(2):  # the first call, then the decided one (the prepared function)
+        x, w, b, offsets = args(sizes=sizes, rows=rows, grad=True)
+        y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl="grouped_mm")
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        y64 = torch.cat([expected_linear(x64[:9], w64, b64, offsets), x64.new_zeros(rows - 9, 8)])
+        (gx64,) = torch.autograd.grad(y64.square().sum(), x64, create_graph=True)
+        gx64.square().sum().backward()
+        for got, want in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 def expected_linear(x, w, b, offsets):
     """:func:`expected` as differentiable float64 ops, for the gradients."""
     ids = torch.repeat_interleave(torch.arange(len(offsets)), torch.diff(offsets, prepend=offsets.new_zeros(1)))
@@ -508,3 +531,15 @@ def test_the_split_class_is_in_the_key_and_the_tuner_times_a_split_of_that_class
         private = spec.make_inputs(sig, torch.Generator().manual_seed(0))[3]
         assert ragged.split_class(private.tolist()) == sig.layout_of("split")
     assert set(keys) == {"balanced", "skewed", "one"} and len(set(keys.values())) == 3
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "grouped_mm"])  # grouped_mm refuses empty features
+@pytest.mark.parametrize(("inn", "out"), [(5, 0), (0, 6)])
+def test_no_output_or_no_input_features(impl, inn, out):
+    # out=0 made dense_select's reshape(E*out, -1) ambiguous ("cannot reshape tensor of 0 elements")
+    x, w, b, offsets = args(sizes=(1, 2, 1), inn=inn, out=out, grad=True)
+    y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl=impl)
+    torch.testing.assert_close(y.double(), expected(x, w, b, offsets).to(y.dtype).double())
+    y.sum().backward()
+    assert w.grad.shape == w.shape and b.grad.shape == b.shape
+    torch.testing.assert_close(b.grad, torch.tensor([1.0, 2.0, 1.0]).unsqueeze(1).expand(3, out))

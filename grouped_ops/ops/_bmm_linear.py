@@ -15,7 +15,7 @@ import torch
 from ..registry import group_major, group_major_strides
 from . import _huge_pages
 from ._common import apply_function as _apply
-from ._common import direct_apply, plain_tensors, traced_plainly
+from ._common import bias_operand, direct_apply, plain_tensors, traced_plainly
 
 Tensor = torch.Tensor
 
@@ -82,7 +82,8 @@ def prepare_bmm(m: tuple[Any, ...], implementation: Callable[..., Tensor]) -> Ca
             # autograd's own graph: the product [n, rows, out] is the result's group-major memory,
             # re-labelled as a tensor of its own (no copy), as bmm and the contract do
             xt = (x if flat else x.reshape(rows, n, inn)).transpose(0, 1)
-            y = torch.bmm(xt, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xt, w.transpose(1, 2))
+            y = (torch.bmm(xt, w.transpose(1, 2)) if b is None else
+                 torch.baddbmm(bias_operand(b, rows, 1), xt, w.transpose(1, 2)))
             return torch.ops.aten._unsafe_view(y.transpose(0, 1) if flat else y.view(n, *lead, out).movedim(0, -2),
                                                shape)
 

@@ -198,3 +198,17 @@ def grad_tensors(arguments: tuple[Any, ...], sig: Any, args: tuple[Any, ...]) ->
         if a.name in sig.grad:
             out += list(value) if isinstance(value, (tuple, list)) else [value]
     return out
+
+
+def bias_operand(b: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+    """``b.unsqueeze(dim)``, the bias a ``baddbmm`` adds to a product of ``rows`` rows per group.
+
+    With one row the bias has the product's own shape, so autograd passes the incoming gradient
+    itself back as the bias's, and AccumulateGrad keeps that view as ``b.grad``: two layers fed by
+    one gradient then share one ``.grad`` buffer (accumulating a second micro-batch doubles both),
+    and a second ``backward(g)`` writes into the caller's ``g``. Multiplying by one there gives the
+    bias a gradient of its own (one small multiply, only where the bias is recorded).
+    """
+    bias = b.unsqueeze(dim)
+    return bias * 1 if rows == 1 and b.requires_grad and torch.is_grad_enabled() else bias
+

@@ -14,6 +14,7 @@ from ._common import apply_function, direct_apply, plain_eager
 from ._ragged_impls import (
     _checked,
     _composable_loop,
+    _differentiable_grads,
     _empty_groups,
     _group_ids,
     _loop_weight_grads,
@@ -120,10 +121,14 @@ class _RaggedGroupedMM(torch.autograd.Function):
         return _gmm_forward(x, w, b, offs, values)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:
         x, w, offs = ctx.saved_tensors
         values = ctx.values
+        if torch.is_grad_enabled():  # create_graph: the loop's differentiable gradients (a second backward)
+            need_x, need_w, need_b = ctx.needs_input_grad[:3]
+            grads = _differentiable_grads(gy, x, w, values if values is not None else offs.tolist(), need_x, need_w,
+                                          need_b and ctx.has_bias)
+            return (*grads, None, None)
         mm = _GROUPED_MM
         gy = _fit(gy)  # .sum()'s stride-0 gradient is not an operand grouped_mm takes
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

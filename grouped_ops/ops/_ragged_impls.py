@@ -419,7 +419,7 @@ def dense_select(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Ten
     if groups == 0 or rows == 0:
         return _empty_groups(x, w, b)
     gid = _group_ids(_on(offsets, x), rows)
-    every = F.linear(x, w.reshape(groups * out, -1), None if b is None else b.reshape(-1))  # [T, E*out]
+    every = F.linear(x, w.reshape(groups * out, w.shape[2]), None if b is None else b.reshape(-1))  # [T, E*out]
     index = gid.clamp(max=groups - 1).view(rows, 1, 1).expand(rows, 1, out)
     y = every.view(rows, groups, out).gather(1, index).squeeze(1)
     return y.masked_fill((gid == groups).unsqueeze(1), 0)

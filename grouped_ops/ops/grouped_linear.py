@@ -26,6 +26,7 @@ from ._block_diagonal_linear import (
 from ._bmm_linear import _BmmLinear, _split, own_group_major, takes_bmm_linear, written
 from ._common import (
     apply_function,
+    bias_operand,
     check_dtypes_devices,
     fail,
     is_contiguous,
@@ -69,7 +70,7 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         # the bias in a pass of its own)
         y = torch.bmm(xt, wt) + b.unsqueeze(1)
     elif b is not None:
-        y = torch.baddbmm(b.unsqueeze(1), xt, wt)
+        y = torch.baddbmm(bias_operand(b, rows, 1), xt, wt)
     else:
         y = torch.bmm(xt, wt)
     return y.transpose(0, 1) if len(lead) == 1 else y.view(n, *lead, out).movedim(0, -2)
@@ -83,7 +84,7 @@ def bmm_weight_left(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # at 128x32 32->32, so it is a candidate for the tuner, not a replacement.
     lead, rows, n, out, inn = _split(x, w)
     xt = x.reshape(rows, n, inn).permute(1, 2, 0)  # [n, in, rows]
-    yt = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)  # [n, out, rows]
+    yt = torch.bmm(w, xt) if b is None else torch.baddbmm(bias_operand(b, rows, 2), w, xt)  # [n, out, rows]
     # one copy into [n, rows, out], the result's group-major memory (the tuner times it)
     return yt.transpose(1, 2).reshape(n, *lead, out).movedim(0, -2)
 
