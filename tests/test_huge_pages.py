@@ -110,3 +110,14 @@ def test_advice_is_only_advice():
         assert t.shape == (1 << 13,)
         mp.setattr(_huge_pages, "_madvise", lambda: None)
         _huge_pages.advise(torch.empty(1 << 20))
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(_huge_pages.ENV, "0")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 1024, 512, generator=g, requires_grad=True)
+    x = torch.randn(3, 16, 512, generator=g)
+    with advice_recorded(_huge_pages.FRESH_MAPPING_BYTES) as calls:
+        grouped_ops.grouped_linear(x, w, impl="bmm").backward(torch.ones(3, 16, 1024))
+    assert not calls and not _huge_pages.fresh_mapping(w)
+    torch.testing.assert_close(w.grad, x.sum(0).unsqueeze(1).expand(16, 1024, 512))

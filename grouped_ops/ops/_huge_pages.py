@@ -12,6 +12,10 @@ Smaller buffers are left alone: glibc re-uses freed heap memory for them, with n
 torch's ``THP_MEM_ALLOC_ENABLE=1`` advises every CPU allocation of 2 MiB or more, process-wide
 (read once, at torch's first allocation); it was measured slower for heap-served buffers (a
 Qwen3-MoE-like training step, 7 -> 12 ms), which is why this advises only what glibc maps fresh.
+
+``GROUPED_OPS_HUGE_PAGES=0`` turns it off (read at each such allocation): on a host whose THP
+``defrag`` setting makes a fault in an advised region compact memory first, a fragmented machine
+could stall there instead.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 from typing import Any
 
@@ -31,9 +36,15 @@ _PAGE = 4096
 _MADV_HUGEPAGE = 14
 
 
+#: Set to 0 to allocate every buffer as torch does (no advice, and grouped_mm's own backward).
+ENV = "GROUPED_OPS_HUGE_PAGES"
+
+
 def fresh_mapping(like: torch.Tensor) -> bool:
-    """Whether a CPU buffer the size of ``like`` is a fresh mapping each time it is allocated."""
-    return like.device.type == "cpu" and like.numel() * like.element_size() >= FRESH_MAPPING_BYTES
+    """Whether a CPU buffer the size of ``like`` is a fresh mapping each time it is allocated, and
+    is to be advised huge pages (unless ``GROUPED_OPS_HUGE_PAGES=0``)."""
+    return (like.device.type == "cpu" and like.numel() * like.element_size() >= FRESH_MAPPING_BYTES
+            and os.environ.get(ENV, "1").strip() != "0")
 
 
 def empty_strided(shape: Any, stride: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
