@@ -215,3 +215,33 @@ def test_gradients_are_tensors_of_their_own_and_accumulate(op, impl, storage):
         results.append([t.grad.clone() for t in (w1, w2, b1, b2)])
     for mine, want in zip(*results, strict=True):
         torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("impl", "storage"), [("bmm", "out_in"), ("bmm", "in_out"), ("bmm_weight_left", "out_in")])
+def test_compiled_gradients_are_tensors_of_their_own_and_accumulate(impl, storage):
+    # the compiled bmm adds the bias after the GEMM (inductor fuses it): with one row that add handed
+    # the incoming gradient back as the bias's too (b.grad aliased the upstream gradient: 2x after
+    # three passes, as plain torch's `bmm(...) + b.unsqueeze(1)` does)
+    g = torch.Generator().manual_seed(0)
+    groups, inn, out = 4, 16, 8
+
+    def weight():
+        w = torch.randn(groups, inn, out, generator=g).transpose(1, 2) if storage == "in_out" else \
+            torch.randn(groups, out, inn, generator=g)
+        return w.requires_grad_()
+    w1, w2 = weight(), weight()
+    b1, b2 = (torch.randn(groups, out, generator=g, requires_grad=True) for _ in range(2))
+    x, upstream = torch.randn(1, groups, inn, generator=g), torch.randn(1, groups, out, generator=g)
+
+    torch._dynamo.reset()
+
+    @torch.compile(backend="aot_eager")  # AOTAutograd's backward, as inductor's, without its compile time
+    def both(x, w1, b1, w2, b2):
+        return grouped_linear(x, w1, b1, impl=impl) + grouped_linear(x, w2, b2, impl=impl)
+    for _ in range(3):
+        both(x, w1, b1, w2, b2).backward(upstream)
+    assert b1.grad.untyped_storage().data_ptr() not in (b2.grad.untyped_storage().data_ptr(),
+                                                        upstream.untyped_storage().data_ptr())
+    for b in (b1, b2):
+        torch.testing.assert_close(b.grad, 3 * upstream[0])
+    torch._dynamo.reset()

@@ -68,7 +68,7 @@ def bmm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     if b is not None and torch.compiler.is_compiling():
         # traced: inductor fuses this add into the gemm's epilogue or one pass (baddbmm would fill
         # the bias in a pass of its own)
-        y = torch.bmm(xt, wt) + b.unsqueeze(1)
+        y = torch.bmm(xt, wt) + bias_operand(b, rows, 1)
     elif b is not None:
         y = torch.baddbmm(bias_operand(b, rows, 1), xt, wt)
     else:
