@@ -73,12 +73,12 @@ def group_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     ``y.movedim(0, -2)`` of a contiguous ``[n, ..., out]`` (for ``[b, n, out]``: ``(out, b * out, 1)``).
     Shapes of fewer than 3 dims are contiguous."""
     if len(shape) < 3:
-        return _contiguous_strides(shape)
-    n_first = _contiguous_strides((shape[-2], *shape[:-2], shape[-1]))  # [n, ..., out]
+        return contiguous_strides(shape)
+    n_first = contiguous_strides((shape[-2], *shape[:-2], shape[-1]))  # [n, ..., out]
     return (*n_first[1:-1], n_first[0], 1)
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
         strides.append(step)

@@ -1,5 +1,5 @@
 """Time one group's product ``x @ w^T`` against ``(w @ x^T)^T`` (the ragged loop's column form,
-``grouped_ops/ops/_ragged_impls._column_form``) for a few rows, on the CPU, one thread.
+``grouped_ops/ops/_ragged_impls._column_rows``) for a few rows, on the CPU, one thread.
 
     python scripts/column_form.py [float32|bfloat16]
 

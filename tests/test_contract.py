@@ -173,6 +173,17 @@ def test_cuda_autocast_gives_the_autocast_dtype_for_every_implementation(op, imp
     _check(out, shape, dtype, f"{op}/{impl}")
 
 
+def _two_layers(storage: str, groups: int, inn: int, out: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Two layers' weights (``[groups, out, inn]``, stored so or transposed from ``[groups, inn, out]``)
+    and biases, all requiring grad."""
+    def weight():
+        w = torch.randn(groups, inn, out, generator=g).transpose(1, 2) if storage == "in_out" else \
+            torch.randn(groups, out, inn, generator=g)
+        return w.requires_grad_()
+    w1, w2 = weight(), weight()
+    return w1, w2, *(torch.randn(groups, out, generator=g, requires_grad=True) for _ in range(2))
+
+
 LINEAR_CASES = [(op, impl) for op in ("grouped_linear", "grouped_linear_ragged") for impl in SPECS[op].registry]
 
 
@@ -184,13 +195,7 @@ def test_gradients_are_tensors_of_their_own_and_accumulate(op, impl, storage):
     # two layers fed by one gradient shared one .grad buffer, and three backward passes gave 2x)
     g = torch.Generator().manual_seed(0)
     groups, inn, out = 4, 16, 8
-
-    def weight():
-        w = torch.randn(groups, inn, out, generator=g).transpose(1, 2) if storage == "in_out" else \
-            torch.randn(groups, out, inn, generator=g)
-        return w.requires_grad_()
-    w1, w2 = weight(), weight()
-    b1, b2 = (torch.randn(groups, out, generator=g, requires_grad=True) for _ in range(2))
+    w1, w2, b1, b2 = _two_layers(storage, groups, inn, out, g)
     if op == "grouped_linear":
         x = torch.randn(1, groups, inn, generator=g)
         kwargs = {}
@@ -224,13 +229,7 @@ def test_compiled_gradients_are_tensors_of_their_own_and_accumulate(impl, storag
     # three passes, as plain torch's `bmm(...) + b.unsqueeze(1)` does)
     g = torch.Generator().manual_seed(0)
     groups, inn, out = 4, 16, 8
-
-    def weight():
-        w = torch.randn(groups, inn, out, generator=g).transpose(1, 2) if storage == "in_out" else \
-            torch.randn(groups, out, inn, generator=g)
-        return w.requires_grad_()
-    w1, w2 = weight(), weight()
-    b1, b2 = (torch.randn(groups, out, generator=g, requires_grad=True) for _ in range(2))
+    w1, w2, b1, b2 = _two_layers(storage, groups, inn, out, g)
     x, upstream = torch.randn(1, groups, inn, generator=g), torch.randn(1, groups, out, generator=g)
 
     torch._dynamo.reset()

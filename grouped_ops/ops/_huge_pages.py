@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..registry import contiguous_strides
+
 #: glibc's mmap threshold ceiling on 64-bit (``DEFAULT_MMAP_THRESHOLD_MAX``): from this size an
 #: allocation is a fresh mapping every time.
 FRESH_MAPPING_BYTES = 32 << 20
@@ -57,7 +59,7 @@ def empty_strided(shape: Any, stride: Any, dtype: torch.dtype, device: torch.dev
 
 def empty(shape: Any, like: torch.Tensor) -> torch.Tensor:
     """A contiguous :func:`empty_strided` in ``like``'s dtype and device."""
-    return empty_strided(shape, torch.empty(shape, device="meta").stride(), like.dtype, like.device)
+    return empty_strided(shape, contiguous_strides(tuple(shape)), like.dtype, like.device)
 
 
 def advise(t: torch.Tensor) -> None:

@@ -183,7 +183,7 @@ def prepare_grouped_mm(m: tuple[Any, ...], implementation: Any) -> Any:
         values = offsets.tolist()
         check_values(x, w, b, offsets, values)
         offs = offsets.to(torch.int32) if cast else offsets
-        if recording and (values[-1] != rows or _huge_pages.fresh_mapping(w)):  # see _native_backward_will_do
+        if recording and not _native_backward_will_do(x, w, values):
             return function(x, w, b, offs, values)
         y = _gmm_product(x, w.transpose(1, 2), b, offs, values, row_index)
         if recording:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..registry import fresh_contiguous
+from ..registry import contiguous_strides, fresh_contiguous
 from . import _huge_pages
 from ._common import apply_function, direct_apply, fail, plain_eager, plain_tensors
 
@@ -95,7 +95,7 @@ def _like_weight(w: Tensor) -> Tensor:
     transposed storage), else contiguous: AccumulateGrad then keeps a gradient written there. Huge
     pages where it is a fresh mapping (:mod:`._huge_pages`)."""
     dense = w.is_contiguous() or w.transpose(1, 2).is_contiguous()
-    stride = w.stride() if dense else (w.shape[1] * w.shape[2], w.shape[2], 1)
+    stride = w.stride() if dense else contiguous_strides(tuple(w.shape))
     return _huge_pages.empty_strided(w.shape, stride, w.dtype, w.device)
 
 
@@ -111,13 +111,13 @@ CAT_LIMIT = 1 << 18
 def _loop_forward(x: Tensor, w: Tensor, b: Tensor | None, values: list[int]) -> Tensor:
     rows = x.shape[0]
     if rows * w.shape[1] <= CAT_LIMIT:
-        y = _concatenated(x, w, b, values, w.shape[1])
+        y = _concatenated(x, w, b, values, w.shape[1], _column_rows(x, w))
         return x.new_zeros(rows, w.shape[1]) if y is None else y
     y = x.new_empty(rows, w.shape[1])
-    start = 0
+    column, start = _column_rows(x, w), 0
     for g, end in enumerate(values):
-        if end > start and _column_form(x[start:end], w[g]):
-            y[start:end].copy_(_group_product(x[start:end], w[g], None if b is None else b[g]))
+        if end - start in column:
+            y[start:end].copy_(_column_product(x[start:end], w[g], None if b is None else b[g]))
         elif end > start:  # each group's product written into its rows of the result (out=)
             if b is None:
                 torch.mm(x[start:end], w[g].t(), out=y[start:end])
@@ -221,44 +221,50 @@ def _composable_loop(x: Tensor, w: Tensor, b: Tensor | None, values: list[int]) 
     that take neither: torch.func transforms, forward-mode AD, tracing, tensor subclasses. The
     weight is unbound once, so autograd stacks its groups' gradients in one node (zeros for the
     groups with no rows), not one full-size zero tensor per group."""
-    y = _concatenated(x, w.unbind(0), None if b is None else b.unbind(0), values, w.shape[1])
+    y = _concatenated(x, w.unbind(0), None if b is None else b.unbind(0), values, w.shape[1], _column_rows(x, w))
     return _empty_groups(x, w, b) if y is None else y  # (no row in any group: still in the graph)
 
 
-def _concatenated(x: Tensor, weights: Any, biases: Any, values: list[int], out: int) -> Tensor | None:
+def _concatenated(x: Tensor, weights: Any, biases: Any, values: list[int], out: int,
+                  column: range) -> Tensor | None:
     """The products ``F.linear(x[rows of g], weights[g], biases[g])`` of the groups with rows and
     zero rows past the last offset, concatenated; None where no group has a row. ``weights`` and
-    ``biases`` are indexed by group: the tensors, or their unbound slices."""
+    ``biases`` are indexed by group: the tensors, or their unbound slices. A group whose row count
+    is in ``column`` (:func:`_column_rows`) runs as :func:`_column_product`."""
     pieces, start = [], 0
     for g, end in enumerate(values):
         if end > start:
-            pieces.append(_group_product(x[start:end], weights[g], None if biases is None else biases[g]))
+            product = _column_product if end - start in column else F.linear
+            pieces.append(product(x[start:end], weights[g], None if biases is None else biases[g]))
         start = end
     if not pieces:
         return None
     if start < x.shape[0]:
         pieces.append(x.new_zeros(x.shape[0] - start, out))
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0].contiguous()  # a column-form product is a view
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0].contiguous()  # a column product is a view
 
 
-def _group_product(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``F.linear(x, w, b)`` for one group's rows, as ``(w @ x^T)^T`` (a transposed view) where
-    :func:`_column_form` says that is faster."""
-    if not _column_form(x, w):
-        return F.linear(x, w, b)
+def _column_product(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``F.linear(x, w, b)`` for one group's rows as ``(w @ x^T)^T`` (a transposed view)."""
     return (w @ x.t() if b is None else torch.addmm(b.unsqueeze(1), w, x.t())).t()
 
 
-def _column_form(x: Tensor, w: Tensor) -> bool:
-    """Whether one group's product is faster as ``w @ x^T``: float32 on the CPU, ``w [out, in]``
-    stored row by row, a few rows. CPU BLAS runs ``x @ w^T`` for 2 to 8 rows as a GEMM that
+#: No group runs in the column form.
+_NO_ROWS = range(0)
+
+
+def _column_rows(x: Tensor, w: Tensor) -> range:
+    """The row counts for which a group's product is faster as ``w @ x^T`` in this call (decided
+    once a call, read per group): float32 on the CPU, each ``w [E, out, in]`` group stored row by
+    row, a few rows. CPU BLAS runs ``x @ w^T`` for 2 to 8 rows as a GEMM that
     streams the weight slowly; ``w @ x^T`` reads it once, as a GEMV does for one row. Measured
     (MKL, AMD EPYC, one thread, weights out of cache, ``scripts/column_form.py``): 0.39-0.76x the
     time at 2-3 rows (128->256 to 1024->512), 0.65-0.96x at 4-8 rows up to 512 inputs, slower from
     1024 inputs and for 64->64; bfloat16 1.1-1.7x slower everywhere, so not there."""
-    rows, (out, inn) = x.shape[0], w.shape
-    return (x.dtype == torch.float32 and x.is_cpu and w.stride(1) == 1 and out * inn >= 1 << 15
-            and (2 <= rows <= 3 or (4 <= rows <= 8 and inn <= 512)))
+    _, out, inn = w.shape
+    if x.dtype != torch.float32 or not x.is_cpu or w.stride(2) != 1 or out * inn < 1 << 15:
+        return _NO_ROWS
+    return range(2, 9) if inn <= 512 else range(2, 4)
 
 
 def _empty_groups(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

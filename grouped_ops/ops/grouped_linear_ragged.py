@@ -71,7 +71,7 @@ REGISTRY = Registry(OP, [
                    extra_memory=lambda sig: sig.dim("batch") * sig.dim("n") * sig.dim("out") * sig.dtype.itemsize),
 ], version=4)  # v2: prepared grouped_mm and loop, the loop concatenating small results, gather_bmm a
 # candidate up to 1M T*out*in elements in bfloat16/float16; v3: gather_bmm gathers [E, in, out] storage as stored;
-# v4: the loop computes a float32 group of 2-8 rows as w @ x^T (_ragged_impls._column_form), gather_bmm prepared
+# v4: the loop computes a float32 group of 2-8 rows as w @ x^T (_ragged_impls._column_rows), gather_bmm prepared
 
 
 # ---- the public call's offsets ---------------------------------------------------------------------
