@@ -114,6 +114,61 @@ def test_experts_no_expert_hit_and_expert_parallel_sentinels():
     assert torch.equal(y[3], torch.zeros(H, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_one_token_inference_takes_the_decode_path_and_matches_eager(name, dtype, monkeypatch):
+    gt.register()
+    block = _block(name, dtype)
+    taken = []
+    one_token = gt._one_token
+    monkeypatch.setattr(gt, "_one_token", lambda *a: taken.append(1) or one_token(*a))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, H, generator=g).to(dtype)
+    w, idx = torch.topk(torch.randn(1, E, generator=g).softmax(-1), K)
+    w = w.to(torch.float64) if dtype == torch.float64 else w
+    for ids in (idx, idx.int(), idx.flip(1)):  # int32 ids too; the choices' order does not matter
+        with torch.no_grad():
+            block.config._experts_implementation = "eager"
+            y_ref = block(x, ids.long(), w)  # (eager takes int64 ids only)
+            block.config._experts_implementation = "grouped_ops"
+            y = block(x, ids, w)
+        assert y.shape == y_ref.shape and y.dtype == y_ref.dtype == dtype
+        rtol, atol = (0.05, 0.05) if dtype == torch.bfloat16 else (tolerance(dtype).rtol, tolerance(dtype).atol)
+        torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    assert len(taken) == 3
+    # expert-parallel sentinels (ids >= E) are skipped; all sentinels give zeros; a bad id is refused
+    block._is_expert_parallel = True
+    with torch.no_grad():
+        block.config._experts_implementation = "grouped_ops"
+        y_one = block(x, torch.tensor([[1, E + 2]]), w)
+        y_all = block(x, torch.tensor([[E, E + 1]]), w)
+        block.config._experts_implementation = "eager"
+        block._is_expert_parallel = False
+        y_ref = block(x, torch.tensor([[1, 1]]), w * torch.tensor([[1.0, 0.0]], dtype=w.dtype))
+    rtol, atol = (0.05, 0.05) if dtype == torch.bfloat16 else (tolerance(dtype).rtol, tolerance(dtype).atol)
+    torch.testing.assert_close(y_one, y_ref, rtol=rtol, atol=atol)
+    assert torch.equal(y_all, torch.zeros_like(y_all)) and len(taken) == 5
+    block.config._experts_implementation = "grouped_ops"
+    with torch.no_grad(), pytest.raises(GroupedOpsError, match="num_experts"):
+        block(x, torch.tensor([[0, E]]), w)
+
+
+def test_one_token_decode_path_refuses_what_the_general_path_refuses():
+    # the decode path must not accept inputs the routing refuses: hidden_states with one row but
+    # top_k_index with two (it returned [2, H] silently), non-floating routing weights; nor fail
+    # where the general path does not (top_k_index with no rows)
+    gt.register()
+    block = _block("mixtral", torch.float32)
+    block.config._experts_implementation = "grouped_ops"
+    x = torch.randn(1, H)
+    with torch.no_grad():
+        with pytest.raises((GroupedOpsError, IndexError)):
+            block(x, torch.tensor([[2, 5], [1, 3]]), torch.rand(2, 2))
+        with pytest.raises(GroupedOpsError, match="floating-point"):
+            block(x, torch.tensor([[2, 5]]), torch.tensor([[1, 2]]))
+        assert block(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)).shape == (0, H)
+
+
 def test_a_whole_model_switches_in_one_line():
     gt.register()
     cfg = MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K,

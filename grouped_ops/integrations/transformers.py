@@ -9,7 +9,8 @@ top_k_weights [T, k]) -> [T, H]`` for the backend their config names. This one r
 :func:`grouped_ops.moe_routing`, runs both projections as the ragged ``grouped_linear`` (its tuned
 implementation: a loop over the experts that got rows, a padded bmm, ...) and un-permutes and
 combines with :func:`grouped_ops.unpermute_combine`, in the hidden states' dtype (float32 routing
-weights included). docs/moe.md has the numbers.
+weights included). One token in inference on the CPU (a decode step) skips the routing: its k
+experts' products in turn, then one ``[1, k] @ [k, H]`` weighted sum. docs/moe.md has the numbers.
 
 The experts module's attributes are read as the installed transformers has them: ``gate_up_proj``
 (or ``up_proj`` without ``has_gate``), ``down_proj``, their ``*_bias`` with ``has_bias``,
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional import grouped_linear, unpermute_combine
@@ -37,11 +40,14 @@ def experts_forward(self: Any, hidden_states: Tensor, top_k_index: Tensor, top_k
     the routing weights and every expert parameter."""
     num_experts = int(self.num_experts)
     parallel = bool(getattr(self, "_is_expert_parallel", False))
+    if hidden_states.shape[0] == 1 and _decodes(self, hidden_states, top_k_index, top_k_weights):
+        ids = top_k_index.tolist()[0]  # (on the host: free)
+        if not ids or (min(ids) >= 0 and (parallel or max(ids) < num_experts)):  # (else the routing refuses)
+            return _one_token(self, hidden_states, ids, top_k_weights, num_experts)
     routing = moe_routing(top_k_index, num_experts, top_k_weights, expert_parallel=parallel)
     x = hidden_states[routing.token_index]  # [T*k, H] in expert order
     gated = getattr(self, "has_gate", True)
-    first = "gate_up_proj" if gated else "up_proj"
-    h = _project(self, first, x, routing.offsets)
+    h = _project(self, _first(self), x, routing.offsets)
     h = self._apply_gate(h) if gated else self.act_fn(h)
     y = _project(self, "down_proj", h, routing.offsets)
     if getattr(self, "has_post_expert_norm", False):
@@ -50,6 +56,51 @@ def experts_forward(self: Any, hidden_states: Tensor, top_k_index: Tensor, top_k
     if parallel:  # a sentinel's weight is zero already; masking keeps it out of the router's gradient
         weights = weights.masked_fill(top_k_index >= num_experts, 0.0)
     return unpermute_combine(y, routing.inverse, weights, out_dtype=hidden_states.dtype)
+
+
+def _first(self: Any) -> str:
+    """The first projection's weight: the fused gate and up projection, or the up projection alone."""
+    return "gate_up_proj" if getattr(self, "has_gate", True) else "up_proj"
+
+
+def _decodes(self: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> bool:
+    """Whether a one-token call may take :func:`_one_token`: inference on the CPU (its expert ids are
+    read on the host for free), plain tensors of agreeing shapes (anything else is the general
+    path's to refuse), no autocast, no tracing, weights in the hidden states' dtype. Training keeps the ragged op, whose backward gives the experts no token chose
+    zero gradients without a fill per expert."""
+    return (hidden_states.device.type == "cpu" and not torch.is_grad_enabled() and type(hidden_states) is Tensor
+            and type(top_k_index) is Tensor and top_k_index.dtype in (torch.int64, torch.int32)
+            and top_k_index.dim() == 2 and top_k_index.shape[0] == 1 and type(top_k_weights) is Tensor
+            and top_k_weights.shape == top_k_index.shape and top_k_weights.is_floating_point()
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and self.down_proj.dtype == hidden_states.dtype == getattr(self, _first(self)).dtype)
+
+
+def _one_token(self: Any, hidden_states: Tensor, ids: list[int], top_k_weights: Tensor, num_experts: int) -> Tensor:
+    """One token (a decode step): each chosen expert's two projections in turn, then the weighted
+    sum as one ``[1, k] @ [k, H]`` product. With one row per expert there is nothing to group: the
+    ragged op's loop would run these same products, after routing, un-permuting and per-call
+    bookkeeping that cost 60-100 us here (docs/moe.md). Sentinel ids ``>= E`` (expert parallelism)
+    are other ranks' and are left out."""
+    chosen = [j for j, e in enumerate(ids) if e < num_experts]
+    if not chosen:
+        return hidden_states.new_zeros(hidden_states.shape)
+    gated, first = getattr(self, "has_gate", True), _first(self)
+    h = torch.cat([_one_product(self, first, hidden_states, ids[j]) for j in chosen])
+    h = self._apply_gate(h) if gated else self.act_fn(h)
+    y = torch.cat([_one_product(self, "down_proj", h[i:i + 1], ids[j]) for i, j in enumerate(chosen)])
+    if getattr(self, "has_post_expert_norm", False):
+        y = self.post_expert_norm(y)
+    weights = top_k_weights if len(chosen) == len(ids) else top_k_weights[:, chosen]
+    return torch.mm(weights.to(y.dtype), y)  # (the sum over k accumulated as the combine's matmul does)
+
+
+def _one_product(self: Any, name: str, x: Tensor, expert: int) -> Tensor:
+    weight = getattr(self, name)[expert]
+    bias = getattr(self, name + "_bias")[expert] if getattr(self, "has_bias", False) else None
+    if getattr(self, "is_transposed", False):  # stored [in, out]: x @ W, the operand as stored
+        return x @ weight if bias is None else torch.addmm(bias, x, weight)
+    return F.linear(x, weight, bias)
 
 
 def _project(self: Any, name: str, x: Tensor, offsets: Tensor) -> Tensor:
