@@ -194,6 +194,47 @@ def test_the_loops_column_form_gives_the_definition_and_its_gradients(monkeypatc
         torch.testing.assert_close(got.double(), expect, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("stored", ["out_in", "in_out"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_weight_gradient_comes_in_the_weights_own_layout(impl, stored):
+    # else AccumulateGrad copies it element by element into the parameter's layout on every step
+    # (dense_select reshaped [E, in, out] storage, padded_bmm took autograd's [E, in, out] bmm gradient)
+    sizes = (3, 0, 4, 2)
+    x, w, b, offsets = args(sizes=sizes, rows=10, dtype=torch.bfloat16, grad=True)
+    if stored == "in_out":
+        w = w.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    sig = SPECS[OP].signature(SPECS[OP].meta(x, w, b, offsets))
+    if not ragged.REGISTRY[impl].supports(sig):
+        pytest.skip(f"{impl} does not support this call")
+    y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl=impl)
+    gw = torch.autograd.grad(y, w, torch.randn(y.shape, dtype=y.dtype))[0]
+    assert gw.stride() == w.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_padded_bmm_pads_further_in_bfloat16_on_the_cpu(monkeypatch, dtype):
+    # a slab 3x the grouped rows (4 groups, the largest of 3 rows, 4 rows in all): bfloat16 runs the
+    # slab (up to 4x), float32 the loop (up to 2x); both give the definition and its gradients
+    ran_loop = []
+    monkeypatch.setattr(impls, "loop", lambda *a: ran_loop.append(1) or impls._composable_loop(
+        a[0], a[1], a[2], a[3].tolist()))
+    sizes = (0, 3, 1, 0)
+    x, w, b, offsets = args(sizes=sizes, rows=5, grad=True, dtype=dtype)  # one row past the last offset
+    y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl="padded_bmm")
+    assert ran_loop == ([] if dtype == torch.bfloat16 else [1])
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    want = torch.cat([expected_linear(x64[:4], w64, b64, offsets), x64.new_zeros(1, w.shape[1])])
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y.double(), want, **tol)
+    grads = torch.autograd.grad((y.double() * r).sum(), (x, w, b))
+    for got, expect in zip(grads, torch.autograd.grad((want * r).sum(), (x64, w64, b64)), strict=True):
+        torch.testing.assert_close(got.double(), expect, **tol)
+    assert grads[1][0].abs().sum() == 0 and grads[2][3].abs().sum() == 0  # empty groups: exactly zero
+    if dtype == torch.bfloat16:  # the slab's weight gradient in the weight's own layout: no copy by AccumulateGrad
+        assert grads[1].is_contiguous()
+
+
 @pytest.mark.parametrize("fresh_mapping", [False, True])  # True: the weight's gradient counted as >= 32 MiB
 @pytest.mark.parametrize("rows", [9, 11])  # 11: two rows past the last offset
 def test_grouped_mm_gives_second_derivatives(monkeypatch, fresh_mapping, rows):

@@ -12,6 +12,7 @@ from helpers import FakeTimer
 import grouped_ops
 from grouped_ops import GroupedOpsError, dispatch
 from grouped_ops.dispatch import _LEAN
+from grouped_ops.ops import _ragged_gather as gather
 from grouped_ops.ops import _ragged_grouped_mm as gmm
 from grouped_ops.ops import _ragged_impls as impls
 from grouped_ops.ops import grouped_linear_ragged as ragged
@@ -95,10 +96,10 @@ def test_prepared_only_where_its_shortcuts_hold():
     assert impls.prepare_loop(SPEC.meta(*_args((), rows=3)), None) is None
     meta_args = [t.to("meta") if t is not None else None for t in (x, w, b)]
     assert impls.prepare_loop(SPEC.meta(*meta_args, offsets), None) is None
-    assert impls.prepare_gather_bmm(SPEC.meta(x, w, b, offsets), None) is not None
+    assert gather.prepare_gather_bmm(SPEC.meta(x, w, b, offsets), None) is not None
     for no_rows in (_args((0, 0)), _args((), rows=3)):
-        assert impls.prepare_gather_bmm(SPEC.meta(*no_rows), None) is None
-    assert impls.prepare_gather_bmm(SPEC.meta(*meta_args, offsets), None) is None
+        assert gather.prepare_gather_bmm(SPEC.meta(*no_rows), None) is None
+    assert gather.prepare_gather_bmm(SPEC.meta(*meta_args, offsets), None) is None
 
 
 def test_the_lean_key_holds_everything_the_memo_key_holds():

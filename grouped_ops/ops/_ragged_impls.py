@@ -1,5 +1,5 @@
-"""grouped_linear_ragged's implementations but ``grouped_mm`` (in :mod:`._ragged_grouped_mm`), and the
-per-call check of the offsets' values they share.
+"""grouped_linear_ragged's implementations but ``grouped_mm`` (in :mod:`._ragged_grouped_mm`) and
+``gather_bmm`` (in :mod:`._ragged_gather`), and the per-call check of the offsets' values they share.
 
 Each is a plain function ``fn(input [T, in], weight [E, out, in], bias [E, out] | None, offsets [E])
 -> [T, out]`` over structurally validated arguments. Each first calls :func:`ends`, which checks
@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..registry import contiguous_strides, fresh_contiguous
+from ..registry import contiguous_strides
 from . import _huge_pages
+from ._bmm_linear import _BmmLinear3d
 from ._common import apply_function, direct_apply, fail, plain_eager, plain_tensors
 
 OP = "grouped_linear_ragged"
@@ -288,6 +289,12 @@ def weight_grads(gy: Tensor, x: Tensor, w: Tensor, offsets: Tensor, need_w: bool
 
 #: padded_bmm runs the loop where its slab would hold more than this many times the grouped rows.
 PAD_LIMIT = 2
+#: ... or this many, for bfloat16 and float16 on the CPU, where each small product has a fixed cost
+#: (~20 us a call here) that one baddbmm pays once: measured (one thread, forward, against the fastest
+#: other implementation), a slab 2.5x the rows 0.50-0.84x the time (128 rows over 64 experts,
+#: 256->256 and 128->256), 3x 0.97x (64 rows over 32 experts, 256->512), 4x 0.63-1.55x, 8x 1.9-3.2x;
+#: float32 loses from 2.5x (1.5-2x the time). The tuner times it on its own split of the rows.
+PAD_LIMIT_LOW_PRECISION_CPU = 4
 
 
 def padded_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
@@ -302,7 +309,8 @@ def padded_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
     if longest == 0:
         return _empty_groups(x, w, b)
     end = values[-1]
-    if groups * longest > PAD_LIMIT * end:
+    low_precision = x.is_cpu and x.dtype in (torch.bfloat16, torch.float16)
+    if groups * longest > (PAD_LIMIT_LOW_PRECISION_CPU if low_precision else PAD_LIMIT) * end:
         # A skewed split: the slab would multiply the arithmetic (E times with every row in one
         # group). The tuner times balanced splits, so this keeps the pick sound on skewed ones.
         return loop(x, w, b, offsets)
@@ -313,71 +321,17 @@ def padded_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
     slot = gid * longest + torch.arange(end, device=device) - starts[gid]  # each row's place in the slab
     xp = x.new_zeros(groups * longest, x.shape[1]).index_copy(0, slot, x[:end])
     xp = xp.view(groups, longest, x.shape[1])
-    wt = w.transpose(1, 2)
-    yp = torch.bmm(xp, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xp, wt)
+    if w.stride(2) == 1 and _recording(x, w, b) and plain_eager(x, w, b):
+        # the dense op's bmm Function: the weight's gradient as grad^T @ x, in nn.Linear's layout;
+        # autograd's bmm gives it [E, in, out], which AccumulateGrad copies element by element.
+        # Measured (one thread, training step, .backward()): 0.46-0.56x the time at 64-256 rows over
+        # 32-64 experts of 128->256 to 512->256, bfloat16 and float32; 0.63-0.92x at 64->64
+        yp = apply_function(_BmmLinear3d, xp.transpose(0, 1), w, b).transpose(0, 1)
+    else:
+        wt = w.transpose(1, 2)
+        yp = torch.bmm(xp, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xp, wt)
     y = yp.reshape(groups * longest, -1).index_select(0, slot)
     return y if end == rows else torch.cat([y, y.new_zeros(rows - end, y.shape[1])])
-
-
-# ---- gather_bmm: each row's weight gathered, one bmm ---------------------------------------------------
-
-def gather_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
-    # No host sync: rows find their group with searchsorted on the device. Costs T*out*in extra
-    # memory (the gathered weights; their gradient too in training), so it is memory-gated.
-    ends(x, w, b, offsets, need=False)
-    groups, rows = w.shape[0], x.shape[0]
-    if groups == 0 or rows == 0:
-        return _empty_groups(x, w, b)
-    return _gathered_product(x, w, b, _group_ids(_on(offsets, x), rows), tail=True)
-
-
-def _gathered_product(x: Tensor, w: Tensor, b: Tensor | None, gid: Tensor, tail: bool) -> Tensor:
-    """gather_bmm's product for the rows' group ids ``gid`` (E for a row past the last offset, which
-    only occur where ``tail``: then clamped for the gather and zeroed after)."""
-    groups = w.shape[0]
-    g = gid.clamp(max=groups - 1) if tail else gid
-    bg = None if b is None else b.index_select(0, g)
-    # The weights are gathered as stored (gathering a transposed view copies every matrix
-    # transposed), and each row multiplies its [in, out] matrix as a row vector, the faster form of
-    # CPU BLAS's batched matrix-vector product; except that a weight gradient of the contiguous
-    # layout is then a transposed view, which the gather's backward index-adds 1.4-3.7x slower in
-    # bfloat16: there the matrix times the column vector (see _stored_in_out for the timings).
-    stored_in_out = _stored_in_out(w)
-    if not stored_in_out and torch.is_grad_enabled() and w.requires_grad:
-        wg, xc = w.index_select(0, g), x.unsqueeze(2)  # [T, out, in], [T, in, 1]
-        y = (torch.bmm(wg, xc) if bg is None else torch.baddbmm(bg.unsqueeze(2), wg, xc)).squeeze(2)
-    else:
-        wg = w.transpose(1, 2).index_select(0, g) if stored_in_out else w.index_select(0, g).transpose(1, 2)
-        xr = x.unsqueeze(1)  # [T, 1, in] @ [T, in, out]
-        y = (torch.bmm(xr, wg) if bg is None else torch.baddbmm(bg.unsqueeze(1), xr, wg)).squeeze(1)
-    if tail:  # rows past the last offset
-        return y.masked_fill((gid == groups).unsqueeze(1), 0)
-    return fresh_contiguous(y)  # the squeezed product, re-labelled as a tensor of its own (no copy)
-
-
-def prepare_gather_bmm(m: tuple[Any, ...], implementation: Any) -> Any:
-    """:func:`gather_bmm` for a CPU call with host offsets described by ``m``: the offsets read and
-    checked on the host (free there, as the loop's), ``arange(T)`` kept for the rows' group ids,
-    and no clamp or mask where every row is in a group. A Qwen3-MoE-like decode projection (8 rows
-    over 64 experts, bfloat16) spent ~40 us of ~200 in those small ops. None elsewhere."""
-    (x_shape, _, _, device), (w_shape, _, _, _), _, (_, o_dtype, o_device), _, _, _ = m
-    rows = x_shape[0]
-    if device.type != "cpu" or o_device.type != "cpu" or rows == 0 or w_shape[0] == 0 or rows > ROW_INDEX_LIMIT:
-        return None
-    row_index = torch.arange(rows, dtype=o_dtype)  # kept with the memo entry, read only
-
-    def bare(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
-        values = offsets.tolist()
-        check_values(x, w, b, offsets, values)
-        gid = torch.searchsorted(offsets, row_index, right=True)
-        return _gathered_product(x, w, b, gid, tail=values[-1] < rows)
-
-    return _checked(bare, implementation)
-
-
-#: Up to this T a prepared gather_bmm is made (it keeps ``arange(T)``); gather_bmm is a candidate on
-#: CPU only for a few rows anyway (:func:`gather_reasons`).
-ROW_INDEX_LIMIT = 1 << 16
 
 
 def _stored_in_out(w: Tensor) -> bool:
@@ -392,29 +346,6 @@ def _stored_in_out(w: Tensor) -> bool:
     return not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
 
 
-def gather_reasons(sig: Any) -> list[str]:
-    """gather_bmm is batched matrix-vector work: on CPU it only pays for a few small rows."""
-    size = sig.dim("batch") * sig.dim("out") * sig.dim("in")
-    limit = GATHER_CPU_LIMIT_LOW if sig.dtype in (torch.bfloat16, torch.float16) else GATHER_CPU_LIMIT
-    if sig.device_type == "cpu" and size > limit:
-        return [f"T*out*in={size} > {limit} on CPU: one matrix-vector product per row, measured "
-                "10-500x slower than the loop there (docs/benchmarks/ragged.md)"]
-    return []
-
-
-#: Above this T*out*in, gather_bmm is not a candidate on CPU (float32, float64).
-GATHER_CPU_LIMIT = 1 << 18
-#: ... in bfloat16 and float16, where CPU BLAS runs one row's product per expert slowly: measured (one
-#: thread) 8 rows over 64 experts, 256->256: gather_bmm 191 us, loop 217 us; 256->128: 134 vs 194 us (a
-#: Qwen3-MoE-like decode step); 4 rows of 512->256: 185 vs 136 us, so the tuner decides.
-GATHER_CPU_LIMIT_LOW = 1 << 20
-
-
-def gather_bytes(sig: Any) -> int:
-    """gather_bmm's workspace: the gathered ``[T, out, in]`` weights, and their gradient in training."""
-    per = sig.dim("batch") * sig.dim("out") * sig.dim("in") * sig.dtype.itemsize
-    return per * (2 if "weight" in sig.grad else 1)
-
 
 # ---- dense_select: every expert on every row, then each row picks its own ---------------------------
 
@@ -425,9 +356,18 @@ def dense_select(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Ten
     if groups == 0 or rows == 0:
         return _empty_groups(x, w, b)
     gid = _group_ids(_on(offsets, x), rows)
-    every = F.linear(x, w.reshape(groups * out, w.shape[2]), None if b is None else b.reshape(-1))  # [T, E*out]
-    index = gid.clamp(max=groups - 1).view(rows, 1, 1).expand(rows, 1, out)
-    y = every.view(rows, groups, out).gather(1, index).squeeze(1)
+    picked = gid.clamp(max=groups - 1)
+    if _stored_in_out(w):
+        # [E, in, out] storage multiplied as it is: a reshape copies it, and AccumulateGrad copies its
+        # gradient back. Measured (one thread, 4-64 rows over 4-8 experts): 0.73-0.94x the time, and
+        # 0.11-0.19x at 256->512 (a 4 MiB weight copied twice a step)
+        xe = x.expand(groups, rows, x.shape[1])
+        # [E, T, out]; bmm, not matmul, whose folded form gives the weight's gradient [E, out, in]
+        every = torch.bmm(xe, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), xe, w.transpose(1, 2))
+        y = every.gather(0, picked.view(1, rows, 1).expand(1, rows, out)).squeeze(0)
+    else:
+        every = F.linear(x, w.reshape(groups * out, w.shape[2]), None if b is None else b.reshape(-1))  # [T, E*out]
+        y = every.view(rows, groups, out).gather(1, picked.view(rows, 1, 1).expand(rows, 1, out)).squeeze(1)
     return y.masked_fill((gid == groups).unsqueeze(1), 0)
 
 

@@ -19,7 +19,7 @@ Decided here (docs/ragged.md says it for users):
 
 The public entry is ``grouped_ops.grouped_linear(input, weight, bias, offsets=... | group_sizes=...)``;
 the op's own arguments are ``(input, weight, bias, offsets)``. Its implementations live in
-:mod:`._ragged_impls` and (``grouped_mm``) :mod:`._ragged_grouped_mm`.
+:mod:`._ragged_impls`, (``grouped_mm``) :mod:`._ragged_grouped_mm` and (``gather_bmm``) :mod:`._ragged_gather`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from ..registry import Implementation, Registry
 from ..signature import Signature, bucket
+from . import _ragged_gather as gather
 from . import _ragged_grouped_mm as gmm
 from . import _ragged_impls as impls
 from ._common import check_dtypes_devices, fail, is_contiguous, random_like, tensor_meta
@@ -65,13 +66,16 @@ REGISTRY = Registry(OP, [
                    check=_grouped_mm_reasons, prepare=gmm.prepare_grouped_mm),
     Implementation("padded_bmm", impls.padded_bmm, syncs=_syncs),
     Implementation("loop", impls.loop, syncs=_syncs, prepare=impls.prepare_loop),
-    Implementation("gather_bmm", impls.gather_bmm, extra_memory=impls.gather_bytes, check=impls.gather_reasons,
-                   prepare=impls.prepare_gather_bmm),
+    Implementation("gather_bmm", gather.gather_bmm, extra_memory=gather.gather_bytes, check=gather.gather_reasons,
+                   prepare=gather.prepare_gather_bmm),
     Implementation("dense_select", impls.dense_select, check=_few_groups, work_factor=lambda sig: float(sig.dim("n")),
                    extra_memory=lambda sig: sig.dim("batch") * sig.dim("n") * sig.dim("out") * sig.dtype.itemsize),
-], version=4)  # v2: prepared grouped_mm and loop, the loop concatenating small results, gather_bmm a
+], version=5)  # v2: prepared grouped_mm and loop, the loop concatenating small results, gather_bmm a
 # candidate up to 1M T*out*in elements in bfloat16/float16; v3: gather_bmm gathers [E, in, out] storage as stored;
-# v4: the loop computes a float32 group of 2-8 rows as w @ x^T (_ragged_impls._column_rows), gather_bmm prepared
+# v4: the loop computes a float32 group of 2-8 rows as w @ x^T (_ragged_impls._column_rows), gather_bmm prepared;
+# v5: padded_bmm pads up to 4x the rows in bfloat16/float16 on the CPU (_ragged_impls.PAD_LIMIT_LOW_PRECISION_CPU)
+# and trains through the dense op's bmm Function (the weight's gradient in its own layout); dense_select
+# multiplies [E, in, out] storage as stored
 
 
 # ---- the public call's offsets ---------------------------------------------------------------------
