@@ -584,3 +584,20 @@ def test_no_output_or_no_input_features(impl, inn, out):
     y.sum().backward()
     assert w.grad.shape == w.shape and b.grad.shape == b.shape
     torch.testing.assert_close(b.grad, torch.tensor([1.0, 2.0, 1.0]).unsqueeze(1).expand(3, out))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sizes", [(2, 2), (0, 3, 1, 0)])
+def test_inference_mode_with_grad_enabled_gives_the_definition_and_records_no_graph(impl, sizes):
+    # inference mode with grad enabled records nothing (as the dense op's test_edge_contexts one):
+    # padded_bmm's slab took _BmmLinear3d there and failed ("Inference tensors cannot be saved for
+    # backward"); grouped_mm's native path failed registering its pre-hook on a None grad_fn; the
+    # loop's _LoopLinear recorded a graph on an inference tensor
+    x, w, b, offsets = args(sizes=sizes, inn=8, out=8, bias=False, dtype=torch.bfloat16)
+    w.requires_grad_(True)
+    if not supported(impl, x, w, b, offsets):
+        pytest.skip(f"{impl} does not run this signature")
+    with torch.inference_mode(), torch.enable_grad():
+        y = grouped_ops.grouped_linear(x, w, b, offsets=offsets, impl=impl)
+    assert not y.requires_grad and y.grad_fn is None
+    torch.testing.assert_close(y.double(), expected(x, w.detach(), b, offsets), rtol=2e-2, atol=2e-2)

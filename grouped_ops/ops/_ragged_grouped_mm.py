@@ -175,6 +175,7 @@ def prepare_grouped_mm(m: tuple[Any, ...], implementation: Any) -> Any:
             _mat_ok(torch.empty_strided(w_shape, w_stride, dtype=dtype, device="meta").transpose(1, 2))):
         return None
     rows, recording, cast = x_shape[0], bool(grad) and any(grad), o_dtype != torch.int32
+    inference = torch.is_inference_mode_enabled
     function = direct_apply(_RaggedGroupedMM)
     # the bias's row index, kept with the memo entry (read only; not kept for huge T)
     row_index = torch.arange(rows, dtype=torch.int32) if b_meta is not None and rows <= ROW_INDEX_LIMIT else None
@@ -183,10 +184,11 @@ def prepare_grouped_mm(m: tuple[Any, ...], implementation: Any) -> Any:
         values = offsets.tolist()
         check_values(x, w, b, offsets, values)
         offs = offsets.to(torch.int32) if cast else offsets
-        if recording and not _native_backward_will_do(x, w, values):
+        recorded = recording and not inference()  # (inference mode with grad enabled records nothing)
+        if recorded and not _native_backward_will_do(x, w, values):
             return function(x, w, b, offs, values)
         y = _gmm_product(x, w.transpose(1, 2), b, offs, values, row_index)
-        if recording:
+        if recorded:
             y.grad_fn.register_prehook(_operand_gradients)
         return y
 

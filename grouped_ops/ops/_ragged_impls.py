@@ -189,8 +189,11 @@ def _differentiable_grads(gy: Tensor, x: Tensor, w: Tensor, values: list[int], n
 
 
 def _recording(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
-    """Whether autograd records this call (else the forward runs without a Function's ~10 us)."""
-    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+    """Whether autograd records this call (else the forward runs without a Function's ~10 us). Not
+    in inference mode, even with grad enabled: nothing is recorded there, and a Function that
+    saves a tensor made there fails."""
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)) \
+        and not torch.is_inference_mode_enabled()
 
 
 def loop(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
@@ -385,12 +388,12 @@ def prepare_loop(m: tuple[Any, ...], implementation: Any) -> Any:
     (_, _, _, device), (w_shape, _, _, _), _, (_, _, o_device), _, _, grad = m
     if device.type == "meta" or o_device.type == "meta" or w_shape[0] == 0:
         return None
-    recording, function = bool(grad) and any(grad), direct_apply(_LoopLinear)
+    recording, function, inference = bool(grad) and any(grad), direct_apply(_LoopLinear), torch.is_inference_mode_enabled
 
     def bare(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
         values = offsets.tolist()
         check_values(x, w, b, offsets, values)
-        if recording:
+        if recording and not inference():  # (inference mode with grad enabled records nothing)
             return _recorded_loop(x, w, b, values, function)
         return _loop_forward(x, w, b, values)
 
