@@ -66,8 +66,9 @@ def _first(self: Any) -> str:
 def _decodes(self: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> bool:
     """Whether a one-token call may take :func:`_one_token`: inference on the CPU (its expert ids are
     read on the host for free), plain tensors of agreeing shapes (anything else is the general
-    path's to refuse), no autocast, no tracing, weights in the hidden states' dtype. Training keeps the ragged op, whose backward gives the experts no token chose
-    zero gradients without a fill per expert."""
+    path's to refuse), no autocast, no tracing, weights in the hidden states' dtype. Training keeps
+    the ragged op, whose backward gives the experts no token chose zero gradients without a fill
+    per expert."""
     return (hidden_states.device.type == "cpu" and not torch.is_grad_enabled() and type(hidden_states) is Tensor
             and type(top_k_index) is Tensor and top_k_index.dtype in (torch.int64, torch.int32)
             and top_k_index.dim() == 2 and top_k_index.shape[0] == 1 and type(top_k_weights) is Tensor
@@ -80,7 +81,7 @@ def _one_token(self: Any, hidden_states: Tensor, ids: list[int], top_k_weights: 
     """One token (a decode step): each chosen expert's two projections in turn, then the weighted
     sum as one ``[1, k] @ [k, H]`` product. With one row per expert there is nothing to group: the
     ragged op's loop would run these same products, after routing, un-permuting and per-call
-    bookkeeping that cost 60-100 us here (docs/moe.md). Sentinel ids ``>= E`` (expert parallelism)
+    bookkeeping that cost 120-160 us here (docs/moe.md). Sentinel ids ``>= E`` (expert parallelism)
     are other ranks' and are left out."""
     chosen = [j for j, e in enumerate(ids) if e < num_experts]
     if not chosen:

@@ -100,6 +100,12 @@ def _like_weight(w: Tensor) -> Tensor:
     return _huge_pages.empty_strided(w.shape, stride, w.dtype, w.device)
 
 
+def _stored_in_out(w: Tensor) -> bool:
+    """Whether ``w [E, out, in]`` is a transposed view of a dense ``[E, in, out]`` tensor (GPT-OSS and
+    PyG store their experts so), which gather_bmm and dense_select multiply as it is stored."""
+    return not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
+
+
 # ---- loop ------------------------------------------------------------------------------------------
 
 #: Up to this many result elements the loop concatenates its groups' products (F.linear each) rather
@@ -335,19 +341,6 @@ def padded_bmm(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tenso
         yp = torch.bmm(xp, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xp, wt)
     y = yp.reshape(groups * longest, -1).index_select(0, slot)
     return y if end == rows else torch.cat([y, y.new_zeros(rows - end, y.shape[1])])
-
-
-def _stored_in_out(w: Tensor) -> bool:
-    """Whether ``w [E, out, in]`` is a transposed view of a dense ``[E, in, out]`` tensor (GPT-OSS,
-    PyG), which gather_bmm gathers as it is stored. Measured (CPU, one thread, interleaved minima),
-    against the matrix times column vector that both layouts used to take (``bmm(W_g [T, out, in],
-    x [T, in, 1])``), gathering as stored and multiplying row vectors: transposed storage 0.09-0.43x
-    the time forward and 0.22-0.51x in training in float32, 0.32-0.87x and 0.29-0.90x in bfloat16
-    (4 rows over 32 experts 256->512 forward: float32 1690 -> 147 us); contiguous storage forward
-    0.24-0.53x in float32 and 0.68-1.02x in bfloat16, but training 1.4-3.7x in bfloat16 (0.8-1.3x
-    in float32), so contiguous training keeps the column form."""
-    return not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
-
 
 
 # ---- dense_select: every expert on every row, then each row picks its own ---------------------------
