@@ -88,10 +88,8 @@ def a_later_process(monkeypatch) -> None:
 
 
 def test_an_unsettled_tuning_is_stored_marked_noise_and_retuned_once_by_a_later_process(count_tunings, monkeypatch):
-    # The rounds end by their count, never by the clock: with the suite's 20 ms budget a busy
-    # machine ended the confirmation after its first 3 rounds, whose ratios (1.25, 1.25, 0.8) look
-    # settled (seen once in a fresh clone's full run)
-    monkeypatch.setenv("GROUPED_OPS_TUNE_BUDGET_S", "30")
+    # (its rounds end by count under a fake timer: tests/conftest.py; by the clock, a busy machine
+    # once ended the confirmation after 3 rounds, whose ratios 1.25, 1.25, 0.8 look settled)
     timer = Unsettled()
     with dispatch.use_timer(timer):
         d = grouped_ops.prewarm("grouped_linear", *args())
@@ -140,7 +138,6 @@ def test_a_noisy_timer_rarely_marks_noise_and_picks_the_true_best(monkeypatch):
     """1 sample in 20 slow by 20x (and 2% jitter on every sample): at most 1 decision in 10 is stored
     as noisy, and the pick is the true best in at least 95% of signatures."""
     monkeypatch.setenv("GROUPED_OPS_BUCKETS", "exact")
-    monkeypatch.setenv("GROUPED_OPS_TUNE_BUDGET_S", "30")  # rounds end by count, not by a busy machine's clock
     rng = random.Random(1)
     names = [n for n in SPECS["grouped_linear"].registry if n != "bmm_strided_out"]  # runs bmm's code here
     noisy = right = 0

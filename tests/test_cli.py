@@ -394,7 +394,6 @@ def test_cli_prewarm_says_what_it_could_not_store_and_what_is_noisy(capsys, tmp_
     assert code == 0 and "1 not stored:" in out and "is not writable" in out
 
     monkeypatch.setenv("GROUPED_OPS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("GROUPED_OPS_TUNE_BUDGET_S", "30")  # rounds end by count, not by a busy machine's clock
     dispatch.clear_memory()  # another process
     with dispatch.use_timer(Unsettled()):
         code, out, _ = run(capsys, "prewarm", "--no-progress", "--single-opinion", *GL_FLAGS)
