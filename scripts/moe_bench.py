@@ -272,11 +272,14 @@ def _pyg_cell(types: int, n: int, train: bool, args) -> str:
     offsets = torch.searchsorted(type_vec, torch.arange(types), right=True, out_int32=True)
     x, grad = torch.randn(n, 64), torch.randn(n, 64)
     types_ = torch.arange(types)
+
+    def from_type_vec(xx):  # what a forward(x, type_vec) written on F.grouped_mm runs: offsets made from type_vec
+        offs = torch.searchsorted(type_vec, types_, right=True, out_int32=True)
+        return F.grouped_mm(xx, lin.weight, offs=offs) + lin.bias[type_vec]
+
     calls = {"HeteroLinear": lambda xx: lin(xx, type_vec),
              "F.grouped_mm": lambda xx: F.grouped_mm(xx, lin.weight, offs=offsets) + lin.bias[type_vec],
-             # what a forward(x, type_vec) written on F.grouped_mm runs: the offsets made from type_vec
-             "F.grouped_mm from type_vec": lambda xx: F.grouped_mm(
-                 xx, lin.weight, offs=torch.searchsorted(type_vec, types_, right=True, out_int32=True)) + lin.bias[type_vec],
+             "F.grouped_mm from type_vec": from_type_vec,
              "re-routed": lambda xx: routed(xx, type_vec),
              "hetero_linear": lambda xx: pyg.hetero_linear(xx, lin.weight, lin.bias, offsets)}
 

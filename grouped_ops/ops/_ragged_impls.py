@@ -381,7 +381,8 @@ def prepare_loop(m: tuple[Any, ...], implementation: Any) -> Any:
     (_, _, _, device), (w_shape, _, _, _), _, (_, _, o_device), _, _, grad = m
     if device.type == "meta" or o_device.type == "meta" or w_shape[0] == 0:
         return None
-    recording, function, inference = bool(grad) and any(grad), direct_apply(_LoopLinear), torch.is_inference_mode_enabled
+    recording, function = bool(grad) and any(grad), direct_apply(_LoopLinear)
+    inference = torch.is_inference_mode_enabled
 
     def bare(x: Tensor, w: Tensor, b: Tensor | None, offsets: Tensor) -> Tensor:
         values = offsets.tolist()
