@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..functional import grouped_linear, weighted_combine
 from ..ops import SPECS
 from ..recording import prewarm
+from ..tuning.harness import as_accumulated
 from .cells import Cell, Env, Variant, _dname, _gib
 from .grids import GL, WC
 from .measurement import _grad_mode, _short
@@ -53,12 +54,7 @@ def _pass_fn(pass_: str, forward: Callable[[], Tensor], targets: list[Tensor],
         y = forward()
         if not grad_out:  # one fixed upstream gradient, made on the first call
             grad_out.append(_randn(y.shape, y.dtype, y.device, gen))
-        grads = torch.autograd.grad(y, targets, grad_out[0])
-        for g, t in zip(grads, targets, strict=True):
-            # what a .backward() step also pays, as the tuner times it (tuning/harness.py):
-            # AccumulateGrad copies a gradient whose strides differ from the tensor's
-            if g.stride() != t.stride():
-                torch.empty_like(t).copy_(g)
+        as_accumulated(torch.autograd.grad(y, targets, grad_out[0]), targets)  # as .backward(), and the tuner
         return y.detach()
     return fwd_bwd
 
