@@ -246,6 +246,74 @@ def test_hetero_linear_function_and_reroute_errors():
         pyg.hetero_linear(x, w, b[:, :4], offsets)
 
 
+def _twins(num_types: int, is_sorted: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A re-routed HeteroLinear and PyG's own, with the same float64 parameters (random bias)."""
+    ref = HeteroLinear(6, 4, num_types=num_types, is_sorted=is_sorted).double()
+    with torch.no_grad():
+        ref.bias.normal_()
+    lin = HeteroLinear(6, 4, num_types=num_types, is_sorted=is_sorted).double()
+    lin.load_state_dict(ref.state_dict())
+    return pyg.reroute(lin), ref
+
+
+@pytest.mark.parametrize("is_sorted", [True, False])
+def test_rerouted_hetero_linear_makes_the_offsets_again_when_type_vec_changes(is_sorted):
+    # the re-routed forward keeps the last type_vec's offsets: a type_vec written in place, another
+    # tensor, a changed is_sorted, and calls in and after inference mode must all give PyG's numbers
+    torch.manual_seed(0)
+    lin, ref = _twins(3, is_sorted)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    types = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2]) if is_sorted else torch.tensor([2, 0, 1, 2, 0, 2, 1, 0, 2])
+
+    def agree(t):
+        torch.testing.assert_close(lin(x, t), ref(x, t))
+    agree(types)
+    agree(types)  # from the memo
+    with torch.no_grad():
+        types[:] = torch.tensor([0, 1, 1, 1, 1, 1, 2, 2, 2]) if is_sorted else types.roll(1).clone()
+    agree(types)
+    agree(types.clone())
+    types.view(3, 3)[0, 0] = 1 if is_sorted else 0  # through a view: the shared version counter moves too
+    agree(types)
+    types = types.clone()  # a tensor first seen in inference mode
+    with torch.inference_mode():
+        agree(types)
+        agree(types)
+    # nothing made in inference mode was kept: a training step after it saves the offsets and the
+    # permutation for backward
+    xr = x.clone().requires_grad_()
+    out, out_ref = lin(xr, types), ref(xr, types)
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), [xr, *lin.parameters()]),
+                               torch.autograd.grad(out_ref.square().sum(), [xr, *ref.parameters()]))
+    lin.is_sorted = ref.is_sorted = False
+    shuffled = types[torch.randperm(9)]
+    agree(shuffled)
+    with pytest.raises(GroupedOpsError, match=r"type_vec holds types -1\.\.2 but num_types=3"):
+        lin(x, torch.tensor([-1, 0, 0, 1, 1, 1, 2, 2, 2]))
+
+
+def test_a_rerouted_model_saves_loads_and_copies_whole():
+    # torch.save(model) pickles the re-routed forward with its module (a bound method's pickle looked
+    # up an attribute the module does not have, and the load failed)
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    lin, ref = _twins(3, False)
+    model = torch.nn.Sequential(lin)
+    x, types = torch.randn(5, 6, dtype=torch.float64), torch.tensor([2, 0, 1, 0, 2])
+    out = model[0](x, types)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for back in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        assert back[0].forward.module is back[0]  # its own module, not the original's
+        torch.testing.assert_close(back[0](x, types), out)
+        pyg.undo(back)
+        assert "forward" not in back[0].__dict__
+        torch.testing.assert_close(back[0](x, types), ref(x, types))
+
+
 def test_import_grouped_ops_imports_neither_client():
     code = ("import sys, grouped_ops, grouped_ops.integrations\n"
             "bad = [m for m in ('transformers', 'torch_geometric') if m in sys.modules]\n"
