@@ -26,6 +26,7 @@ expert's weight gradient (a dense gradient has zeros for the experts no token ch
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -244,9 +245,9 @@ def _pyg(args) -> int:
              "`F.grouped_mm` is given the offsets, made before the clock starts; `F.grouped_mm from type_vec` "
              "makes them from `type_vec` in each call, as a `forward(x, type_vec)` written on it must (one "
              "`searchsorted`). The re-routed module makes them at its first call with a `type_vec` and keeps "
-             "them while that tensor is unchanged (the full-graph case); `re-routed, new type_vec` passes a "
-             "fresh copy each call (the mini-batch case), so it makes them every time, as `F.grouped_mm from "
-             "type_vec` does.", "",
+             "them for a `type_vec` of the same values (the full-graph case); `re-routed, new type_vec` "
+             "passes two `type_vec`s of other values in turn (the mini-batch case), so it makes them every "
+             "time, as `F.grouped_mm from type_vec` does.", "",
              "| types | N | pass | HeteroLinear ms | F.grouped_mm ms | F.grouped_mm from type_vec ms | "
              "re-routed HeteroLinear ms | re-routed, new type_vec ms | hetero_linear ms | "
              "re-routed vs fastest other | re-routed, new type_vec, vs the fastest taking type_vec | load |",
@@ -275,6 +276,9 @@ def _pyg_cell(types: int, n: int, train: bool, args) -> str:
     offsets = torch.searchsorted(type_vec, torch.arange(types), right=True, out_int32=True)
     x, grad = torch.randn(n, 64), torch.randn(n, 64)
     types_ = torch.arange(types)
+    # two type_vecs of other values in turn: the re-routed module, which keeps the last one's offsets,
+    # makes them on every call (as a mini-batch loader's new batches make it)
+    alternate = itertools.cycle([type_vec, torch.randint(0, types, (n,)).sort().values])
 
     def from_type_vec(xx):  # what a forward(x, type_vec) written on F.grouped_mm runs: offsets made from type_vec
         offs = torch.searchsorted(type_vec, types_, right=True, out_int32=True)
@@ -284,7 +288,7 @@ def _pyg_cell(types: int, n: int, train: bool, args) -> str:
              "F.grouped_mm": lambda xx: F.grouped_mm(xx, lin.weight, offs=offsets) + lin.bias[type_vec],
              "F.grouped_mm from type_vec": from_type_vec,
              "re-routed": lambda xx: routed(xx, type_vec),
-             "re-routed, new type_vec": lambda xx: routed(xx, type_vec.clone()),  # its kept offsets unused
+             "re-routed, new type_vec": lambda xx: routed(xx, next(alternate)),  # its kept offsets never reused
              "hetero_linear": lambda xx: pyg.hetero_linear(xx, lin.weight, lin.bias, offsets)}
 
     def step(call):

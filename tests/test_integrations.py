@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,24 +259,36 @@ def _twins(num_types: int, is_sorted: bool) -> tuple[torch.nn.Module, torch.nn.M
 
 @pytest.mark.parametrize("is_sorted", [True, False])
 def test_rerouted_hetero_linear_makes_the_offsets_again_when_type_vec_changes(is_sorted):
-    # the re-routed forward keeps the last type_vec's offsets: a type_vec written in place, another
-    # tensor, a changed is_sorted, and calls in and after inference mode must all give PyG's numbers
+    # the re-routed forward keeps the last type_vec's offsets: a type_vec written in place by any
+    # road (torch, a view, NumPy, .data, whose writes move no version counter), another tensor, a
+    # shorter one at the same address, a changed is_sorted, and calls in and after inference mode
+    # must all give PyG's numbers
     torch.manual_seed(0)
     lin, ref = _twins(3, is_sorted)
     x = torch.randn(9, 6, dtype=torch.float64)
-    types = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2]) if is_sorted else torch.tensor([2, 0, 1, 2, 0, 2, 1, 0, 2])
+    first = [0, 0, 0, 1, 1, 2, 2, 2, 2] if is_sorted else [2, 0, 1, 2, 0, 2, 1, 0, 2]
+    second = [0, 1, 1, 1, 1, 1, 2, 2, 2] if is_sorted else [1, 1, 1, 0, 0, 0, 2, 2, 0]
 
-    def agree(t):
-        torch.testing.assert_close(lin(x, t), ref(x, t))
+    def agree(t, rows=9):
+        torch.testing.assert_close(lin(x[:rows], t), ref(x[:rows], t.contiguous()))
+    types = torch.tensor(first)
     agree(types)
     agree(types)  # from the memo
-    with torch.no_grad():
-        types[:] = torch.tensor([0, 1, 1, 1, 1, 1, 2, 2, 2]) if is_sorted else types.roll(1).clone()
+    types[:] = torch.tensor(second)
     agree(types)
     agree(types.clone())
-    types.view(3, 3)[0, 0] = 1 if is_sorted else 0  # through a view: the shared version counter moves too
+    types.view(3, 3)[0, 0] = 1 if is_sorted else 0  # through a view
     agree(types)
-    types = types.clone()  # a tensor first seen in inference mode
+    array = np.array(first)
+    types = torch.from_numpy(array)
+    agree(types)
+    array[:] = second  # behind torch's back: no version counter moves
+    agree(types)
+    types.data[:] = torch.tensor(first)
+    agree(types)
+    types.data = types.data[:5]  # the same address, fewer rows
+    agree(types, rows=5)
+    types = torch.tensor(second)
     with torch.inference_mode():
         agree(types)
         agree(types)
@@ -288,8 +301,28 @@ def test_rerouted_hetero_linear_makes_the_offsets_again_when_type_vec_changes(is
     lin.is_sorted = ref.is_sorted = False
     shuffled = types[torch.randperm(9)]
     agree(shuffled)
-    with pytest.raises(GroupedOpsError, match=r"type_vec holds types -1\.\.2 but num_types=3"):
-        lin(x, torch.tensor([-1, 0, 0, 1, 1, 1, 2, 2, 2]))
+    torch.utils.swap_tensors(shuffled, torch.tensor(first))  # the memo holds no weak reference to it
+    agree(shuffled)
+
+
+@pytest.mark.parametrize("is_sorted", [True, False])
+def test_rerouted_hetero_linear_refuses_types_out_of_range_wherever_they_are(is_sorted):
+    lin, _ = _twins(3, is_sorted)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    for bad, low, high in (([0, 0, 3, 1, 1, 2, 2], 0, 3), ([0, 0, -5, 1, 1, 2, 2], -5, 2), ([0, 0, 1, 1, 2, 2, -1], -1, 2)):
+        with pytest.raises(GroupedOpsError, match=rf"type_vec holds types {low}\.\.{high} but num_types=3"):
+            lin(x, torch.tensor(bad))
+
+
+@pytest.mark.parametrize("is_sorted", [True, False])
+def test_rerouted_hetero_linear_compiles_whole(is_sorted):
+    torch.manual_seed(0)
+    lin, ref = _twins(3, is_sorted)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    types = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2] if is_sorted else [2, 0, 1, 2, 0, 2, 1, 0, 2])
+    torch._dynamo.reset()
+    compiled = torch.compile(lin, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, types), ref(x, types))
 
 
 def test_a_rerouted_model_saves_loads_and_copies_whole():

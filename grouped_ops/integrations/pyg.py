@@ -13,7 +13,6 @@ docs/moe.md ("PyG") has the timings.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -52,14 +51,21 @@ def hetero_linear(x_sorted: Tensor, weight: Tensor, bias: Tensor | None, offsets
     return grouped_linear(x_sorted, weight.transpose(1, 2), bias, offsets=offsets)
 
 
+#: Up to this many rows a sorted ``type_vec`` is compared with the last one (``torch.equal``) rather
+#: than searched again: the comparison reads every type, the search only ``log N`` of them, and
+#: the range check (``aminmax``) reads them all once (measured: 0.8 us against ~10 us at 256 rows,
+#: 0.8 ms against 0.25 ms at 1M). An unsorted one is always compared: it saves a sort (33 ms at 1M).
+SORTED_MEMO_ROWS = 1 << 14
+
+
 class _Rerouted:
     """The ``forward`` of a re-routed ``HeteroLinear`` (an instance attribute: the class stays
-    PyG's). It keeps the offsets (and the sort's permutation) of the last ``type_vec`` it saw,
-    which a full-graph model passes again on every call: they are made again when ``type_vec`` is
-    another tensor, or was written in place since (its version counter), or moved. Measured (one
-    thread, N=256, 8 types of 64->64, docs/benchmarks/moe-pyg.md): a forward 98 -> 81 us, 97 us with
-    a new ``type_vec`` each call; ``F.grouped_mm`` with offsets made beforehand and the bias 69 us,
-    HeteroLinear 151 us."""
+    PyG's). On the CPU it keeps the offsets (and the sort's permutation) of the last ``type_vec``
+    with a copy of it, and reuses them for a ``type_vec`` of equal values (a full-graph model
+    passes the same one on every call): compared by value, as a tensor's contents can change
+    behind its version counter (through NumPy, DLPack or ``.data``). Measured (one thread, N=256, 8
+    types of 64->64, docs/benchmarks/moe-pyg.md): a forward 98 -> 84 us; ``F.grouped_mm`` with
+    offsets made beforehand and the bias 69 us, HeteroLinear 151 us."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
@@ -94,39 +100,31 @@ class _Rerouted:
 
     def _offsets(self, x: Tensor, type_vec: Tensor) -> tuple[Tensor, Tensor | None]:
         """The offsets ``[num_types]`` of the rows sorted by type, and the sort's permutation (None
-        where the module's rows come sorted): the last ones where ``type_vec`` is unchanged."""
+        where the module's rows come sorted): the last ones where ``type_vec`` has the last values."""
         m = self.module
-        # not kept in inference mode (its tensors cannot be saved for a later backward), nor
-        # while compiling (dynamo traces the making)
-        keep = not (torch.is_inference_mode_enabled() or type_vec.is_inference() or torch.compiler.is_compiling())
-        state = (type_vec._version, type_vec.data_ptr(), m.is_sorted, m.num_types) if keep else None
-        last = self._last
-        if keep and last is not None and last[0]() is type_vec and last[1] == state:
+        compiling = torch.compiler.is_compiling()
+        # kept on the CPU only (a comparison on a GPU syncs), not while compiling (dynamo traces the
+        # making), nor in inference mode (its tensors cannot be saved for a later backward)
+        keep = type_vec.is_cpu and not compiling and not torch.is_inference_mode_enabled() and \
+            (not m.is_sorted or type_vec.shape[0] <= SORTED_MEMO_ROWS)
+        last, state = self._last, (m.is_sorted, m.num_types, type_vec.dtype)
+        if keep and last is not None and last[1] == state and last[0].shape == type_vec.shape and \
+                torch.equal(last[0], type_vec):
             return last[2], last[3]
-        k, perm, sorted_types = m.num_types, None, type_vec
+        k = m.num_types
+        if type_vec.is_cpu and type_vec.numel() and not compiling:
+            low, high = (int(v) for v in torch.aminmax(type_vec))  # free on the CPU; a sync elsewhere
+            if low < 0 or high >= k:
+                raise GroupedOpsError(f"HeteroLinear (grouped_ops): type_vec holds types {low}..{high} but "
+                                      f"num_types={k} (x.shape={tuple(x.shape)}, type_vec.shape={tuple(type_vec.shape)})")
+        perm, sorted_types = None, type_vec
         if not m.is_sorted:
             sorted_types, perm = torch.sort(type_vec, stable=True)
-        # the cumulative ends of types -1, 0, ..., k-1: the first counts the negative types, and the
-        # last falls short of N where some type is k or more. Read on the CPU (free there; a sync
-        # elsewhere), they check the range with no aminmax of their own
-        ends = torch.searchsorted(sorted_types, torch.arange(-1, k, device=type_vec.device, dtype=type_vec.dtype),
-                                  right=True, out_int32=True)
-        if type_vec.is_cpu and not torch.compiler.is_compiling():
-            bounds = ends.tolist()
-            if bounds[0] != 0 or bounds[-1] != type_vec.shape[0]:
-                _refuse_types(m, x, sorted_types)
-        offsets = ends[1:]
+        offsets = torch.searchsorted(sorted_types, torch.arange(k, device=type_vec.device, dtype=type_vec.dtype),
+                                     right=True, out_int32=True)
         if keep:
-            self._last = (weakref.ref(type_vec), state, offsets, perm)
+            self._last = (type_vec.clone(), state, offsets, perm)
         return offsets, perm
-
-
-def _refuse_types(m: Any, x: Tensor, sorted_types: Tensor) -> None:
-    # (the ends of -1 and k-1 count every row below 0 and up to k-1 whatever the order: only a type
-    # out of range gets here)
-    low, high = (int(v) for v in torch.aminmax(sorted_types))
-    raise GroupedOpsError(f"HeteroLinear (grouped_ops): type_vec holds types {low}..{high} but "
-                          f"num_types={m.num_types} (x.shape={tuple(x.shape)}, type_vec.shape={tuple(sorted_types.shape)})")
 
 
 def reroute(module: torch.nn.Module) -> torch.nn.Module:
