@@ -8,12 +8,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")  # an extra: CI installs it (scripts/install.sh test)
 torch_geometric = pytest.importorskip("torch_geometric")
+np = pytest.importorskip("numpy")  # (both extras require it)
 
 from torch_geometric.nn import HeteroLinear  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssConfig, GptOssExperts  # noqa: E402

@@ -64,7 +64,7 @@ class _Rerouted:
     with a copy of it, and reuses them for a ``type_vec`` of equal values (a full-graph model
     passes the same one on every call): compared by value, as a tensor's contents can change
     behind its version counter (through NumPy, DLPack or ``.data``). Measured (one thread, N=256, 8
-    types of 64->64, docs/benchmarks/moe-pyg.md): a forward 98 -> 84 us; ``F.grouped_mm`` with
+    types of 64->64, docs/benchmarks/moe-pyg.md): a forward 98 -> 83 us; ``F.grouped_mm`` with
     offsets made beforehand and the bias 69 us, HeteroLinear 151 us."""
 
     def __init__(self, module: torch.nn.Module) -> None:
