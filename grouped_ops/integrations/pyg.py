@@ -92,6 +92,8 @@ class _Rerouted:
             raise GroupedOpsError(f"HeteroLinear (grouped_ops): x must be [N, in_channels={m.weight.shape[1]}] and "
                                   f"type_vec a 1-D integer tensor with one type per row of x; x.shape={shape}, {got}")
         offsets, perm = self._offsets(x, type_vec)
+        if perm is not None and perm.device != x.device:  # a host type_vec for a GPU x, as indexing takes it
+            perm = perm.to(x.device)
         # the module's own weight and bias: their shapes agree (hetero_linear's checks are not repeated)
         out = ragged_grouped_linear(x if perm is None else x.index_select(0, perm), m.weight.transpose(1, 2),
                                     m.bias, offsets, "auto")
