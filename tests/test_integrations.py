@@ -154,6 +154,33 @@ def test_one_token_inference_takes_the_decode_path_and_matches_eager(name, dtype
         block(x, torch.tensor([[0, E]]), w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_two_tokens_take_the_decode_path_in_float32_and_match_eager(name, dtype, monkeypatch):
+    # two tokens in inference: each token's experts in turn in float32/float64 (gt.decode_tokens),
+    # the general path in bfloat16; the same numbers as eager either way, shared experts included
+    gt.register()
+    block = _block(name, dtype)
+    taken = []
+    one_token = gt._one_token
+    monkeypatch.setattr(gt, "_one_token", lambda *a: taken.append(1) or one_token(*a))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, H, generator=g).to(dtype)
+    w, idx = torch.topk(torch.randn(2, E, generator=g).softmax(-1), K)
+    w = w.to(torch.float64) if dtype == torch.float64 else w
+    shared = idx.clone()
+    shared[1] = shared[0]  # both tokens choose the same experts
+    for ids in (idx, idx.flip(1), shared, shared.int()):
+        with torch.no_grad():
+            block.config._experts_implementation = "eager"
+            y_ref = block(x, ids.long(), w)
+            block.config._experts_implementation = "grouped_ops"
+            y = block(x, ids, w)
+        rtol, atol = (0.05, 0.05) if dtype == torch.bfloat16 else (tolerance(dtype).rtol, tolerance(dtype).atol)
+        torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    assert len(taken) == (0 if dtype == torch.bfloat16 else 8)
+
+
 def test_one_token_decode_path_refuses_what_the_general_path_refuses():
     # the decode path must not accept inputs the routing refuses: hidden_states with one row but
     # top_k_index with two (it returned [2, H] silently), non-floating routing weights; nor fail
