@@ -165,12 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown")
     ap.add_argument("--plot")
     ap.add_argument("--pyg", help="instead: time the PyG HeteroLinear re-route, write this markdown file")
+    ap.add_argument("--pyg-unsorted", help="instead: the same with rows in no order (is_sorted=False)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     # tuning starts from an empty cache, as on a user's first run, and leaves the user's own alone
     os.environ.setdefault("GROUPED_OPS_CACHE_DIR", tempfile.mkdtemp(prefix="moe-bench-"))
     if args.pyg:
         return _pyg(args)
+    if args.pyg_unsorted:
+        return _pyg_unsorted(args)
     gt.register()
     blocks = _blocks()
     names = args.blocks or list(blocks)
@@ -305,6 +308,76 @@ def _pyg_cell(types: int, n: int, train: bool, args) -> str:
     same_inputs = min(times["HeteroLinear"], times["F.grouped_mm from type_vec"])
     return (f"| {types} | {n} | {'train' if train else 'forward'} | " + " | ".join(_ms(times[c]) for c in calls) +
             f" | x{other / times['re-routed']:.2f} | x{same_inputs / times['re-routed, new type_vec']:.2f}")
+
+
+def _pyg_unsorted(args) -> int:
+    """HeteroLinear(is_sorted=False) (in = out = 64, rows in no order) against F.grouped_mm written
+    for such rows and the re-route, forward and training step: each with one type_vec on every call,
+    and with two of other values in turn."""
+    lines = [f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`; one thread, CPU time per "
+             f"call, medians of {args.rounds} interleaved rounds; load average at start "
+             f"{tuple(round(v, 2) for v in os.getloadavg())}", "",
+             "Rows in random type order, `is_sorted=False`. `F.grouped_mm, sorting` sorts `type_vec` (stable), "
+             "gathers the rows (`index_select`), makes the offsets, adds the bias (`index_select`) and puts the "
+             "rows back (`index_copy_`) in each call: the fastest such code measured here (indexing, `x[perm]`, "
+             "was slower). Each runs with the same `type_vec` on every call (the full-graph case: the re-routed "
+             "module keeps its sort for a `type_vec` of the same values) and, `new type_vec`, with two of other "
+             "values in turn (the mini-batch case: everything is made every call).", "",
+             "| types | N | pass | HeteroLinear ms | F.grouped_mm, sorting ms | re-routed HeteroLinear ms | "
+             "HeteroLinear, new type_vec ms | F.grouped_mm, sorting, new type_vec ms | re-routed, new type_vec ms | "
+             "re-routed vs fastest other | re-routed vs fastest other, new type_vec | load |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for types in (8, 32):
+        for n in (256, 4096):
+            for pass_ in args.passes:
+                lines.append(_pyg_unsorted_cell(types, n, pass_ == "train", args) + f" | {os.getloadavg()[0]:.1f} |")
+                print(lines[-1], flush=True)
+    with open(args.pyg_unsorted, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _pyg_unsorted_cell(types: int, n: int, train: bool, args) -> str:
+    import torch.nn.functional as F
+    from torch_geometric.nn import HeteroLinear
+
+    from grouped_ops.integrations import pyg
+
+    torch.manual_seed(0)
+    lin, routed = HeteroLinear(64, 64, types, is_sorted=False), HeteroLinear(64, 64, types, is_sorted=False)
+    routed.load_state_dict(lin.state_dict())
+    pyg.reroute(routed)
+    type_vec, other_vec = torch.randint(0, types, (n,)), torch.randint(0, types, (n,))
+    x, grad = torch.randn(n, 64), torch.randn(n, 64)
+    types_ = torch.arange(types)
+
+    def sorting(xx, tv):  # what a forward(x, type_vec) written on F.grouped_mm runs for rows in no order
+        sorted_types, perm = torch.sort(tv, stable=True)
+        offs = torch.searchsorted(sorted_types, types_, right=True, out_int32=True)
+        out = F.grouped_mm(xx.index_select(0, perm), lin.weight, offs=offs) + lin.bias.index_select(0, sorted_types)
+        return torch.empty_like(out).index_copy_(0, perm, out)
+
+    def turns(call):  # two type_vecs of other values in turn
+        vecs = itertools.cycle([type_vec, other_vec])
+        return lambda xx: call(xx, next(vecs))
+    calls = {"HeteroLinear": lambda xx: lin(xx, type_vec), "F.grouped_mm, sorting": lambda xx: sorting(xx, type_vec),
+             "re-routed": lambda xx: routed(xx, type_vec), "HeteroLinear, new": turns(lin),
+             "F.grouped_mm, sorting, new": turns(sorting), "re-routed, new": turns(routed)}
+
+    def step(call):
+        if not train:
+            return _no_grad(lambda: call(x))
+
+        def run():
+            for p in (*lin.parameters(), *routed.parameters()):
+                p.grad = None
+            call(x.detach().requires_grad_()).backward(grad)
+        return run
+    times, _ = _time({name: step(c) for name, c in calls.items()}, args.rounds, args.min_sample_ms / 1e3)
+    same = min(times["HeteroLinear"], times["F.grouped_mm, sorting"])
+    new = min(times["HeteroLinear, new"], times["F.grouped_mm, sorting, new"])
+    return (f"| {types} | {n} | {'train' if train else 'forward'} | " + " | ".join(_ms(times[c]) for c in calls) +
+            f" | x{same / times['re-routed']:.2f} | x{new / times['re-routed, new']:.2f}")
 
 
 def _ms(s: float) -> str:
