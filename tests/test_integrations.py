@@ -182,19 +182,29 @@ def test_two_tokens_take_the_decode_path_in_float32_and_match_eager(name, dtype,
 
 
 def test_one_token_decode_path_refuses_what_the_general_path_refuses():
-    # the decode path must not accept inputs the routing refuses: hidden_states with one row but
-    # top_k_index with two (it returned [2, H] silently), non-floating routing weights; nor fail
-    # where the general path does not (top_k_index with no rows)
+    # the decode path must not accept inputs the routing refuses: hidden_states and top_k_index of
+    # different row counts (one row of hidden states with two of ids returned [2, H] silently, and
+    # two with one [1, H]), non-floating routing weights, a hidden size or a bias dtype the weights
+    # do not take (torch's RuntimeError there, where the general path says GroupedOpsError)
     gt.register()
     block = _block("mixtral", torch.float32)
     block.config._experts_implementation = "grouped_ops"
     x = torch.randn(1, H)
     with torch.no_grad():
-        with pytest.raises((GroupedOpsError, IndexError)):
-            block(x, torch.tensor([[2, 5], [1, 3]]), torch.rand(2, 2))
+        for hidden, ids in ((x, torch.tensor([[2, 5], [1, 3]])), (torch.randn(2, H), torch.tensor([[2, 5]])),
+                            (x, torch.zeros(0, 2, dtype=torch.long))):
+            with pytest.raises(GroupedOpsError, match=r"the same T; hidden_states.shape=\(\d, 16\)"):
+                block(hidden, ids, torch.rand(ids.shape))
         with pytest.raises(GroupedOpsError, match="floating-point"):
             block(x, torch.tensor([[2, 5]]), torch.tensor([[1, 2]]))
-        assert block(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)).shape == (0, H)
+        with pytest.raises(GroupedOpsError, match="input features"):
+            block(torch.randn(1, H + 1), torch.tensor([[2, 5]]), torch.rand(1, 2))
+        assert block(torch.randn(0, H), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)).shape == (0, H)
+    oss = _block("gpt_oss", torch.bfloat16)
+    oss.config._experts_implementation = "grouped_ops"
+    oss.gate_up_proj_bias.data = oss.gate_up_proj_bias.data.float()
+    with torch.no_grad(), pytest.raises(GroupedOpsError, match="dtype"):
+        oss(torch.randn(1, H, dtype=torch.bfloat16), torch.tensor([[2, 5]]), torch.rand(1, 2))
 
 
 def test_a_whole_model_switches_in_one_line():
@@ -339,6 +349,15 @@ def test_rerouted_hetero_linear_refuses_types_out_of_range_wherever_they_are(is_
     for bad, low, high in (([0, 0, 3, 1, 1, 2, 2], 0, 3), ([0, 0, -5, 1, 1, 2, 2], -5, 2), ([0, 0, 1, 1, 2, 2, -1], -1, 2)):
         with pytest.raises(GroupedOpsError, match=rf"type_vec holds types {low}\.\.{high} but num_types=3"):
             lin(x, torch.tensor(bad))
+
+
+@pytest.mark.parametrize("is_sorted", [True, False])
+def test_rerouted_hetero_linear_takes_small_integer_type_vecs_with_many_types(is_sorted):
+    # an int8 type_vec with 200 types: the types' range was made in its dtype and overflowed
+    lin = pyg.reroute(HeteroLinear(6, 4, num_types=200, is_sorted=is_sorted).double())
+    x = torch.randn(3, 6, dtype=torch.float64)
+    types = torch.tensor([0, 2, 127] if is_sorted else [2, 127, 0])
+    torch.testing.assert_close(lin(x, types.to(torch.int8)), lin(x, types))
 
 
 @pytest.mark.parametrize("is_sorted", [True, False])

@@ -108,6 +108,8 @@ class _Rerouted:
         last values."""
         m = self.module
         compiling = torch.compiler.is_compiling()
+        if type_vec.dtype not in (torch.int32, torch.int64):  # (arange(num_types) would overflow an int8)
+            type_vec = type_vec.long()
         # kept on the CPU only (a comparison on a GPU syncs), not while compiling (dynamo traces the
         # making), nor in inference mode (its tensors cannot be saved for a later backward)
         keep = type_vec.is_cpu and not compiling and not torch.is_inference_mode_enabled() and \
@@ -117,7 +119,7 @@ class _Rerouted:
                 torch.equal(last[0], type_vec):
             return last[2], last[3]
         k = m.num_types
-        order, sorted_types = None, type_vec
+        order, sorted_types = None, type_vec.contiguous()  # (searchsorted warns on a strided one)
         if not m.is_sorted:
             sorted_types, perm = torch.sort(type_vec, stable=True)
             order = perm, torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._errors import GroupedOpsError
 from ..functional import grouped_linear, unpermute_combine
 from ..routing import moe_routing
 
@@ -51,6 +52,12 @@ def experts_forward(self: Any, hidden_states: Tensor, top_k_index: Tensor, top_k
     the routing weights and every expert parameter."""
     num_experts = int(self.num_experts)
     parallel = bool(getattr(self, "_is_expert_parallel", False))
+    if isinstance(hidden_states, Tensor) and isinstance(top_k_index, Tensor) and \
+            (hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape[0] != hidden_states.shape[0]):
+        # (two rows of hidden states with one row of ids returned one row)
+        raise GroupedOpsError(f"grouped_ops experts backend: hidden_states must be [T, H] and top_k_index [T, k] "
+                              f"with the same T; hidden_states.shape={tuple(hidden_states.shape)}, "
+                              f"top_k_index.shape={tuple(top_k_index.shape)}")
     tokens = hidden_states.shape[0]
     if 0 < tokens <= decode_tokens(hidden_states.dtype) and _decodes(self, hidden_states, top_k_index, top_k_weights):
         rows = top_k_index.tolist()  # (on the host: free)
@@ -92,7 +99,15 @@ def _decodes(self: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weight
             and type(top_k_weights) is Tensor
             and top_k_weights.shape == top_k_index.shape and top_k_weights.is_floating_point()
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and self.down_proj.dtype == hidden_states.dtype == getattr(self, _first(self)).dtype)
+            and self.down_proj.dtype == hidden_states.dtype == getattr(self, _first(self)).dtype
+            and hidden_states.shape[1] == _in_features(getattr(self, _first(self)), self)
+            and (not getattr(self, "has_bias", False) or all(
+                getattr(self, name + "_bias").dtype == hidden_states.dtype for name in (_first(self), "down_proj"))))
+
+
+def _in_features(weight: Tensor, self: Any) -> int:
+    """The input features of an ``[E, out, in]`` expert weight (``[E, in, out]`` where transposed)."""
+    return weight.shape[1] if getattr(self, "is_transposed", False) else weight.shape[2]
 
 
 def _one_token(self: Any, hidden_states: Tensor, ids: list[int], top_k_weights: Tensor, num_experts: int) -> Tensor:
