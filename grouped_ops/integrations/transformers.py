@@ -88,10 +88,10 @@ def _first(self: Any) -> str:
 
 def _decodes(self: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> bool:
     """Whether a call of a few tokens may take :func:`_one_token` for each: inference on the CPU
-    (its ids are read on the host for free), plain tensors of agreeing shapes (anything else is the
-    general path's to refuse), no autocast, no tracing, weights in the hidden states' dtype. Training keeps
-    the ragged op, whose backward gives the experts no token chose zero gradients without a fill
-    per expert."""
+    (its ids are read on the host for free), plain tensors of agreeing shapes and the weights' input
+    size (anything else is the general path's to refuse), no autocast, no tracing, weights and
+    biases in the hidden states' dtype. Training keeps the ragged op, whose backward gives the
+    experts no token chose zero gradients without a fill per expert."""
     return (hidden_states.device.type == "cpu" and not torch.is_grad_enabled() and type(hidden_states) is Tensor
             and hidden_states.dim() == 2
             and type(top_k_index) is Tensor and top_k_index.dtype in (torch.int64, torch.int32)
@@ -100,13 +100,14 @@ def _decodes(self: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weight
             and top_k_weights.shape == top_k_index.shape and top_k_weights.is_floating_point()
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and self.down_proj.dtype == hidden_states.dtype == getattr(self, _first(self)).dtype
-            and hidden_states.shape[1] == _in_features(getattr(self, _first(self)), self)
+            and hidden_states.shape[1] == _in_features(self)
             and (not getattr(self, "has_bias", False) or all(
                 getattr(self, name + "_bias").dtype == hidden_states.dtype for name in (_first(self), "down_proj"))))
 
 
-def _in_features(weight: Tensor, self: Any) -> int:
-    """The input features of an ``[E, out, in]`` expert weight (``[E, in, out]`` where transposed)."""
+def _in_features(self: Any) -> int:
+    """The first projection's input features (its weight ``[E, out, in]``, ``[E, in, out]`` where transposed)."""
+    weight = getattr(self, _first(self))
     return weight.shape[1] if getattr(self, "is_transposed", False) else weight.shape[2]
 
 
