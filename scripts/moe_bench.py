@@ -239,12 +239,56 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _pyg_command(args) -> str:
+    return (f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`; one thread, CPU time per "
+            f"call, medians of {args.rounds} interleaved rounds; load average at start "
+            f"{tuple(round(v, 2) for v in os.getloadavg())}")
+
+
+def _pyg_table(args, path: str, lines: list, cell) -> int:
+    """The PyG grid (8 and 32 types, N = 256 and 4096, each pass) as rows of ``cell``, into ``path``."""
+    for types in (8, 32):
+        for n in (256, 4096):
+            for pass_ in args.passes:
+                lines.append(cell(types, n, pass_ == "train", args) + f" | {os.getloadavg()[0]:.1f} |")
+                print(lines[-1], flush=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _pyg_twins(types: int, is_sorted: bool):
+    """HeteroLinear(64, 64, types) and a re-routed copy with the same parameters."""
+    from torch_geometric.nn import HeteroLinear
+
+    from grouped_ops.integrations import pyg
+
+    torch.manual_seed(0)
+    lin, routed = HeteroLinear(64, 64, types, is_sorted=is_sorted), HeteroLinear(64, 64, types, is_sorted=is_sorted)
+    routed.load_state_dict(lin.state_dict())
+    return lin, pyg.reroute(routed)
+
+
+def _pyg_times(calls: dict, modules: tuple, x, grad, train: bool, args) -> dict:
+    """Median CPU time per call of each of ``calls`` (``fn(x)``), forward or training step
+    (gradients to x and every parameter of ``modules``, set to None before each step)."""
+    def step(call):
+        if not train:
+            return _no_grad(lambda: call(x))
+
+        def run():
+            for m in modules:
+                for p in m.parameters():
+                    p.grad = None
+            call(x.detach().requires_grad_()).backward(grad)
+        return run
+    return _time({name: step(c) for name, c in calls.items()}, args.rounds, args.min_sample_ms / 1e3)[0]
+
+
 def _pyg(args) -> int:
     """HeteroLinear (in = out = 64, sorted rows) against F.grouped_mm on the sorted rows and the
     re-route, forward and training step (gradients to x, weight and bias)."""
-    lines = [f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`; one thread, CPU time per "
-             f"call, medians of {args.rounds} interleaved rounds; load average at start "
-             f"{tuple(round(v, 2) for v in os.getloadavg())}", "",
+    lines = [_pyg_command(args), "",
              "`F.grouped_mm` is given the offsets, made before the clock starts; `F.grouped_mm from type_vec` "
              "makes them from `type_vec` in each call, as a `forward(x, type_vec)` written on it must (one "
              "`searchsorted`). The re-routed module makes them at its first call with a `type_vec` and keeps "
@@ -255,26 +299,15 @@ def _pyg(args) -> int:
              "re-routed HeteroLinear ms | re-routed, new type_vec ms | hetero_linear ms | "
              "re-routed vs fastest other | re-routed, new type_vec, vs the fastest taking type_vec | load |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for types in (8, 32):
-        for n in (256, 4096):
-            for pass_ in args.passes:
-                lines.append(_pyg_cell(types, n, pass_ == "train", args) + f" | {os.getloadavg()[0]:.1f} |")
-                print(lines[-1], flush=True)
-    with open(args.pyg, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return 0
+    return _pyg_table(args, args.pyg, lines, _pyg_cell)
 
 
 def _pyg_cell(types: int, n: int, train: bool, args) -> str:
     import torch.nn.functional as F
-    from torch_geometric.nn import HeteroLinear
 
     from grouped_ops.integrations import pyg
 
-    torch.manual_seed(0)
-    lin, routed = HeteroLinear(64, 64, types, is_sorted=True), HeteroLinear(64, 64, types, is_sorted=True)
-    routed.load_state_dict(lin.state_dict())
-    pyg.reroute(routed)
+    lin, routed = _pyg_twins(types, is_sorted=True)
     type_vec = torch.randint(0, types, (n,)).sort().values
     offsets = torch.searchsorted(type_vec, torch.arange(types), right=True, out_int32=True)
     x, grad = torch.randn(n, 64), torch.randn(n, 64)
@@ -294,16 +327,7 @@ def _pyg_cell(types: int, n: int, train: bool, args) -> str:
              "re-routed, new type_vec": lambda xx: routed(xx, next(alternate)),  # its kept offsets never reused
              "hetero_linear": lambda xx: pyg.hetero_linear(xx, lin.weight, lin.bias, offsets)}
 
-    def step(call):
-        if not train:
-            return _no_grad(lambda: call(x))
-
-        def run():
-            for p in (*lin.parameters(), *routed.parameters()):
-                p.grad = None
-            call(x.detach().requires_grad_()).backward(grad)
-        return run
-    times, _ = _time({name: step(c) for name, c in calls.items()}, args.rounds, args.min_sample_ms / 1e3)
+    times = _pyg_times(calls, (lin, routed), x, grad, train, args)
     other = min(times["HeteroLinear"], times["F.grouped_mm"])
     same_inputs = min(times["HeteroLinear"], times["F.grouped_mm from type_vec"])
     return (f"| {types} | {n} | {'train' if train else 'forward'} | " + " | ".join(_ms(times[c]) for c in calls) +
@@ -314,9 +338,7 @@ def _pyg_unsorted(args) -> int:
     """HeteroLinear(is_sorted=False) (in = out = 64, rows in no order) against F.grouped_mm written
     for such rows and the re-route, forward and training step: each with one type_vec on every call,
     and with two of other values in turn."""
-    lines = [f"- command: `{' '.join([os.path.basename(sys.executable), *sys.argv])}`; one thread, CPU time per "
-             f"call, medians of {args.rounds} interleaved rounds; load average at start "
-             f"{tuple(round(v, 2) for v in os.getloadavg())}", "",
+    lines = [_pyg_command(args), "",
              "Rows in random type order, `is_sorted=False`. `F.grouped_mm, sorting` sorts `type_vec` (stable), "
              "gathers the rows (`index_select`), makes the offsets, adds the bias (`index_select`) and puts the "
              "rows back (`index_copy_`) in each call: the fastest such code measured here (indexing, `x[perm]`, "
@@ -327,26 +349,14 @@ def _pyg_unsorted(args) -> int:
              "HeteroLinear, new type_vec ms | F.grouped_mm, sorting, new type_vec ms | re-routed, new type_vec ms | "
              "re-routed vs fastest other | re-routed vs fastest other, new type_vec | load |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for types in (8, 32):
-        for n in (256, 4096):
-            for pass_ in args.passes:
-                lines.append(_pyg_unsorted_cell(types, n, pass_ == "train", args) + f" | {os.getloadavg()[0]:.1f} |")
-                print(lines[-1], flush=True)
-    with open(args.pyg_unsorted, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return 0
+    return _pyg_table(args, args.pyg_unsorted, lines, _pyg_unsorted_cell)
 
 
 def _pyg_unsorted_cell(types: int, n: int, train: bool, args) -> str:
     import torch.nn.functional as F
-    from torch_geometric.nn import HeteroLinear
 
-    from grouped_ops.integrations import pyg
 
-    torch.manual_seed(0)
-    lin, routed = HeteroLinear(64, 64, types, is_sorted=False), HeteroLinear(64, 64, types, is_sorted=False)
-    routed.load_state_dict(lin.state_dict())
-    pyg.reroute(routed)
+    lin, routed = _pyg_twins(types, is_sorted=False)
     type_vec, other_vec = torch.randint(0, types, (n,)), torch.randint(0, types, (n,))
     x, grad = torch.randn(n, 64), torch.randn(n, 64)
     types_ = torch.arange(types)
@@ -364,16 +374,7 @@ def _pyg_unsorted_cell(types: int, n: int, train: bool, args) -> str:
              "re-routed": lambda xx: routed(xx, type_vec), "HeteroLinear, new": turns(lin),
              "F.grouped_mm, sorting, new": turns(sorting), "re-routed, new": turns(routed)}
 
-    def step(call):
-        if not train:
-            return _no_grad(lambda: call(x))
-
-        def run():
-            for p in (*lin.parameters(), *routed.parameters()):
-                p.grad = None
-            call(x.detach().requires_grad_()).backward(grad)
-        return run
-    times, _ = _time({name: step(c) for name, c in calls.items()}, args.rounds, args.min_sample_ms / 1e3)
+    times = _pyg_times(calls, (lin, routed), x, grad, train, args)
     same = min(times["HeteroLinear"], times["F.grouped_mm, sorting"])
     new = min(times["HeteroLinear, new"], times["F.grouped_mm, sorting, new"])
     return (f"| {types} | {n} | {'train' if train else 'forward'} | " + " | ".join(_ms(times[c]) for c in calls) +
