@@ -115,27 +115,42 @@ def test_experts_no_expert_hit_and_expert_parallel_sentinels():
     assert torch.equal(y[3], torch.zeros(H, dtype=torch.float64))
 
 
+def _decodes_counted(monkeypatch) -> list:
+    """A list that grows by one at each call of the decode path's per-token function."""
+    taken = []
+    one_token = gt._one_token
+    monkeypatch.setattr(gt, "_one_token", lambda *a: taken.append(1) or one_token(*a))
+    return taken
+
+
+def _inference_inputs(tokens: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states, top-K ids and routing weights (float32, float64 with float64 hidden states)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, H, generator=g).to(dtype)
+    w, idx = torch.topk(torch.randn(tokens, E, generator=g).softmax(-1), K)
+    return x, idx, w.to(torch.float64) if dtype == torch.float64 else w
+
+
+def _assert_matches_eager_in_inference(block, x, ids, w, dtype):
+    with torch.no_grad():
+        block.config._experts_implementation = "eager"
+        y_ref = block(x, ids.long(), w)  # (eager takes int64 ids only)
+        block.config._experts_implementation = "grouped_ops"
+        y = block(x, ids, w)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype == dtype
+    rtol, atol = (0.05, 0.05) if dtype == torch.bfloat16 else (tolerance(dtype).rtol, tolerance(dtype).atol)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_one_token_inference_takes_the_decode_path_and_matches_eager(name, dtype, monkeypatch):
     gt.register()
     block = _block(name, dtype)
-    taken = []
-    one_token = gt._one_token
-    monkeypatch.setattr(gt, "_one_token", lambda *a: taken.append(1) or one_token(*a))
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, H, generator=g).to(dtype)
-    w, idx = torch.topk(torch.randn(1, E, generator=g).softmax(-1), K)
-    w = w.to(torch.float64) if dtype == torch.float64 else w
+    taken = _decodes_counted(monkeypatch)
+    x, idx, w = _inference_inputs(1, dtype, seed=3)
     for ids in (idx, idx.int(), idx.flip(1)):  # int32 ids too; the choices' order does not matter
-        with torch.no_grad():
-            block.config._experts_implementation = "eager"
-            y_ref = block(x, ids.long(), w)  # (eager takes int64 ids only)
-            block.config._experts_implementation = "grouped_ops"
-            y = block(x, ids, w)
-        assert y.shape == y_ref.shape and y.dtype == y_ref.dtype == dtype
-        rtol, atol = (0.05, 0.05) if dtype == torch.bfloat16 else (tolerance(dtype).rtol, tolerance(dtype).atol)
-        torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+        _assert_matches_eager_in_inference(block, x, ids, w, dtype)
     assert len(taken) == 3
     # expert-parallel sentinels (ids >= E) are skipped; all sentinels give zeros; a bad id is refused
     block._is_expert_parallel = True
@@ -161,23 +176,12 @@ def test_two_tokens_take_the_decode_path_in_float32_and_match_eager(name, dtype,
     # the general path in bfloat16; the same numbers as eager either way, shared experts included
     gt.register()
     block = _block(name, dtype)
-    taken = []
-    one_token = gt._one_token
-    monkeypatch.setattr(gt, "_one_token", lambda *a: taken.append(1) or one_token(*a))
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, H, generator=g).to(dtype)
-    w, idx = torch.topk(torch.randn(2, E, generator=g).softmax(-1), K)
-    w = w.to(torch.float64) if dtype == torch.float64 else w
+    taken = _decodes_counted(monkeypatch)
+    x, idx, w = _inference_inputs(2, dtype, seed=4)
     shared = idx.clone()
     shared[1] = shared[0]  # both tokens choose the same experts
     for ids in (idx, idx.flip(1), shared, shared.int()):
-        with torch.no_grad():
-            block.config._experts_implementation = "eager"
-            y_ref = block(x, ids.long(), w)
-            block.config._experts_implementation = "grouped_ops"
-            y = block(x, ids, w)
-        rtol, atol = (0.05, 0.05) if dtype == torch.bfloat16 else (tolerance(dtype).rtol, tolerance(dtype).atol)
-        torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+        _assert_matches_eager_in_inference(block, x, ids, w, dtype)
     assert len(taken) == (0 if dtype == torch.bfloat16 else 8)
 
 
