@@ -257,6 +257,12 @@ def _pyg_table(args, path: str, lines: list, cell) -> int:
     return 0
 
 
+def _pyg_row(types: int, n: int, train: bool, times: dict, ratios: tuple) -> str:
+    """A table row: the cell, every column's time in ms, then the speed-ups (without the load column)."""
+    return (f"| {types} | {n} | {'train' if train else 'forward'} | " + " | ".join(_ms(t) for t in times.values()) +
+            "".join(f" | x{r:.2f}" for r in ratios))
+
+
 def _pyg_twins(types: int, is_sorted: bool):
     """HeteroLinear(64, 64, types) and a re-routed copy with the same parameters."""
     from torch_geometric.nn import HeteroLinear
@@ -330,8 +336,7 @@ def _pyg_cell(types: int, n: int, train: bool, args) -> str:
     times = _pyg_times(calls, (lin, routed), x, grad, train, args)
     other = min(times["HeteroLinear"], times["F.grouped_mm"])
     same_inputs = min(times["HeteroLinear"], times["F.grouped_mm from type_vec"])
-    return (f"| {types} | {n} | {'train' if train else 'forward'} | " + " | ".join(_ms(times[c]) for c in calls) +
-            f" | x{other / times['re-routed']:.2f} | x{same_inputs / times['re-routed, new type_vec']:.2f}")
+    return _pyg_row(types, n, train, times, (other / times["re-routed"], same_inputs / times["re-routed, new type_vec"]))
 
 
 def _pyg_unsorted(args) -> int:
@@ -355,7 +360,6 @@ def _pyg_unsorted(args) -> int:
 def _pyg_unsorted_cell(types: int, n: int, train: bool, args) -> str:
     import torch.nn.functional as F
 
-
     lin, routed = _pyg_twins(types, is_sorted=False)
     type_vec, other_vec = torch.randint(0, types, (n,)), torch.randint(0, types, (n,))
     x, grad = torch.randn(n, 64), torch.randn(n, 64)
@@ -377,8 +381,7 @@ def _pyg_unsorted_cell(types: int, n: int, train: bool, args) -> str:
     times = _pyg_times(calls, (lin, routed), x, grad, train, args)
     same = min(times["HeteroLinear"], times["F.grouped_mm, sorting"])
     new = min(times["HeteroLinear, new"], times["F.grouped_mm, sorting, new"])
-    return (f"| {types} | {n} | {'train' if train else 'forward'} | " + " | ".join(_ms(times[c]) for c in calls) +
-            f" | x{same / times['re-routed']:.2f} | x{new / times['re-routed, new']:.2f}")
+    return _pyg_row(types, n, train, times, (same / times["re-routed"], new / times["re-routed, new"]))
 
 
 def _ms(s: float) -> str:
